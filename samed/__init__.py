@@ -1,0 +1,45 @@
+"""samed: medical image segmentation with Segment Anything and LoRA adapters.
+
+The public API is imported lazily so that ``import samed`` stays cheap (no torch, never napari
+or Qt) and ``samed.registry`` facts can be read without loading a model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "build_model": "samed.model",
+    "build_tiny_model": "samed.model",
+    "SamModel": "samed.model",
+    "CheckpointError": "samed.model",
+    "apply_lora": "samed.lora",
+    "LoraConfig": "samed.lora",
+    "save_adapter": "samed.lora",
+    "load_adapter": "samed.lora",
+    "AdapterError": "samed.lora",
+    "Session": "samed.engine",
+    "PropagationStep": "samed.engine",
+    "Volume": "samed.io",
+    "load_volume": "samed.io",
+    "save_nifti": "samed.io",
+    "save_dicom_seg": "samed.io",
+    "MODEL_KINDS": "samed.registry",
+    "CT_WINDOWS": "samed.registry",
+    "find_adapters": "samed.registry",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'samed' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,16 @@
+"""Prompt engine: sessions with cached embeddings, prediction, propagation, automatic mode."""
+
+from .cpu import tune_cpu_allocator
+from .preprocess import SliceGeometry, mask_bbox, prepare_slices, slice_geometry
+from .session import Prediction, PropagationStep, Session
+
+__all__ = [
+    "Prediction",
+    "PropagationStep",
+    "Session",
+    "SliceGeometry",
+    "mask_bbox",
+    "prepare_slices",
+    "slice_geometry",
+    "tune_cpu_allocator",
+]

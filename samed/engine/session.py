@@ -1,0 +1,431 @@
+"""A segmentation session over one volume: cached embeddings, prompts -> masks, propagation.
+
+The model sees axial slices ``array[z]`` of a (Z, Y, X) volume. Every mask returned is on the
+slice's own pixel grid (Y, X); coordinates are (x, y) pixels of that grid (x = column).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model.sam import SamModel, upscale_logits
+from .preprocess import (
+    box_to_model,
+    mask_bbox,
+    points_to_model,
+    prepare_slices,
+    resolve_intensity,
+    slice_geometry,
+)
+
+__all__ = ["Session", "PropagationStep", "Prediction"]
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One prompt's result on one slice.
+
+    Attributes:
+        mask: (Y, X) bool on the slice grid.
+        score: the decoder's predicted IoU for the mask.
+        low_res_logits: (L, L) float32 logits (can be fed back as a mask prompt).
+    """
+
+    mask: np.ndarray
+    score: float
+    low_res_logits: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PropagationStep:
+    """One slice reached by :meth:`Session.propagate`.
+
+    Attributes:
+        z: slice index.
+        mask: (Y, X) bool mask of the object on slice z (empty on the step that stopped).
+        direction: +1 (increasing z) or -1.
+        score: predicted IoU.
+        done: number of slices processed so far (for progress bars).
+        total: upper bound of slices that may be processed.
+        stopped: True on the step where the object vanished (its mask is not kept).
+    """
+
+    z: int
+    mask: np.ndarray
+    direction: int
+    score: float
+    done: int
+    total: int
+    stopped: bool = False
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+class Session:
+    """Embeddings and prompt-based segmentation for one (Z, Y, X) volume.
+
+    Embeddings are computed once per slice (lazily, or in batches with :meth:`embed`), kept in
+    memory and optionally on disk keyed by the volume's content hash, the model checkpoint, the
+    adapter and the intensity mapping, so that a click costs only the prompt encoder and decoder.
+    Attaching another adapter to the model invalidates the cache automatically.
+
+    Args:
+        model: a :class:`samed.model.SamModel` (optionally carrying an adapter).
+        volume: (Z, Y, X) array (intensities in the modality's units: HU for CT), or an object with
+            ``.array`` and ``.modality`` (a :class:`samed.io.Volume`). Not modified.
+        intensity: see :func:`samed.engine.preprocess.resolve_intensity` (``"auto"`` default).
+        modality: ``"CT"``, ``"MR"`` or ``""`` (taken from ``volume.modality`` when present).
+        batch_size: slices per encoder batch.
+        cache_dir: folder for the on-disk embedding cache, or None (memory only).
+        amp: mixed precision for the encoder on CUDA (ignored on CPU, where bf16 is slow).
+    """
+
+    def __init__(
+        self,
+        model: SamModel,
+        volume: np.ndarray | object,
+        *,
+        intensity: object = "auto",
+        modality: str = "",
+        batch_size: int = 4,
+        cache_dir: str | os.PathLike | None = None,
+        amp: bool = True,
+    ) -> None:
+        array = getattr(volume, "array", volume)
+        modality = modality or str(getattr(volume, "modality", "") or "")
+        array = np.asarray(array)
+        if array.ndim == 2:
+            array = array[None]
+        if array.ndim != 3 or min(array.shape) < 1:
+            raise ValueError(f"volume must be a (Z, Y, X) array; got shape {array.shape}")
+        if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+            raise ValueError(f"volume dtype {array.dtype} is not a real number type")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.model = model
+        self.modality = modality
+        self.batch_size = int(batch_size)
+        self.amp = amp
+        self.intensity_name, fn = resolve_intensity(intensity, array, modality)
+        image = np.asarray(fn(array), dtype=np.float32)
+        if not np.all(np.isfinite(image)):
+            image = np.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
+        self.image = image
+        self.shape = tuple(int(s) for s in image.shape)
+        self.geometry = slice_geometry(self.shape[1:], model.image_size)
+        self._cache: dict[int, torch.Tensor] = {}
+        self._cache_key = ""
+        self._content_hash = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:32]
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._check_cache()
+        if self.cache_dir is not None:
+            self._load_disk_cache()
+
+    # ------------------------------------------------------------------ embeddings
+    @property
+    def cache_key(self) -> str:
+        """Hash of (volume content, intensity mapping, model checkpoint, adapter)."""
+        parts = [
+            self._content_hash,
+            self.intensity_name,
+            self.model.kind,
+            self.model.checkpoint_sha256,
+            getattr(self.model, "adapter_digest", "") or "",
+        ]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+    def _check_cache(self) -> None:
+        key = self.cache_key
+        if key != self._cache_key:
+            self._cache.clear()
+            self._cache_key = key
+
+    def _disk_path(self) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / f"emb-{self.cache_key}.safetensors"
+
+    def _load_disk_cache(self) -> None:
+        path = self._disk_path()
+        if path is None or not path.is_file():
+            return
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError):
+            return  # a damaged cache file is ignored and rewritten
+        for k, v in tensors.items():
+            if k.startswith("z") and k[1:].isdigit() and int(k[1:]) < self.shape[0]:
+                self._cache[int(k[1:])] = v
+
+    def save_cache(self) -> Path | None:
+        """Write the in-memory embeddings to the disk cache (atomically). Returns the path."""
+        path = self._disk_path()
+        if path is None or not self._cache:
+            return None
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        save_file({f"z{z}": t.contiguous() for z, t in self._cache.items()}, str(tmp))
+        os.replace(tmp, path)
+        return path
+
+    def is_embedded(self, z: int) -> bool:
+        self._check_cache()
+        return int(z) in self._cache
+
+    def _check_z(self, z: int) -> int:
+        if not isinstance(z, int | np.integer) or not 0 <= int(z) < self.shape[0]:
+            raise ValueError(f"slice index z={z!r} must be an integer in [0, {self.shape[0] - 1}]")
+        return int(z)
+
+    @torch.inference_mode()
+    def _encode(self, zs: list[int]) -> None:
+        dev = self.model.device
+        x = prepare_slices(self.image[zs], self.model.image_size).to(dev)
+        with _autocast(dev, self.amp):
+            emb = self.model.encode(x)
+        emb = emb.float()
+        if dev.type == "cuda":
+            emb = emb.cpu()
+        for z, e in zip(zs, emb, strict=True):
+            self._cache[z] = e.clone()
+
+    def embed_iter(self, slices: Iterable[int] | None = None) -> Iterator[tuple[int, int]]:
+        """Compute missing embeddings in batches; yields (slices done, slices to do) after each
+        batch so that callers can show progress or stop early (closing the generator stops)."""
+        self._check_cache()
+        todo = [self._check_z(z) for z in (range(self.shape[0]) if slices is None else slices)]
+        todo = [z for z in dict.fromkeys(todo) if z not in self._cache]
+        total = len(todo)
+        yield 0, total
+        for i in range(0, total, self.batch_size):
+            self._encode(todo[i : i + self.batch_size])
+            yield min(i + self.batch_size, total), total
+        if total and self.cache_dir is not None:
+            self.save_cache()
+
+    def embed(self, slices: Iterable[int] | None = None, progress: ProgressFn | None = None) -> None:
+        """Compute embeddings for ``slices`` (default: all); ``progress(done, total)``."""
+        for done, total in self.embed_iter(slices):
+            if progress is not None:
+                progress(done, total)
+
+    def embedding(self, z: int) -> torch.Tensor:
+        """(1, C, h, w) embedding of slice z on the model's device (computed if missing)."""
+        z = self._check_z(z)
+        self._check_cache()
+        if z not in self._cache:
+            self._encode([z])
+        return self._cache[z][None].to(self.model.device)
+
+    # ------------------------------------------------------------------ prompts
+    @torch.inference_mode()
+    def predict_full(
+        self,
+        z: int,
+        *,
+        box: np.ndarray | list[float] | None = None,
+        points: np.ndarray | list | None = None,
+        point_labels: np.ndarray | list | None = None,
+        mask_input: torch.Tensor | np.ndarray | None = None,
+        threshold: float = 0.0,
+    ) -> Prediction:
+        """Segment one object on slice z from a box, points and/or a previous low-res mask.
+
+        Args:
+            z: slice index.
+            box: (4,) XYXY in slice pixels (x = column), or None.
+            points: (N, 2) XY in slice pixels, or None.
+            point_labels: (N,) 1 = positive (object), 0 = negative (background).
+            mask_input: (L, L) low-resolution logits from an earlier :class:`Prediction`.
+            threshold: logit threshold (0.0 = probability 0.5).
+
+        Returns:
+            A :class:`Prediction` with the (Y, X) bool mask.
+        """
+        if box is None and points is None and mask_input is None:
+            raise ValueError("give at least one prompt: box, points or mask_input")
+        if points is not None and point_labels is None:
+            point_labels = np.ones(len(np.asarray(points).reshape(-1, 2)), dtype=np.int64)
+        geo = self.geometry
+        dev = self.model.device
+        emb = self.embedding(z)
+        boxes_t = None
+        if box is not None:
+            boxes_t = torch.as_tensor(box_to_model(box, geo), device=dev)[None]
+        pts = None
+        if points is not None:
+            p, lab = points_to_model(points, point_labels, geo)
+            if box is None:  # SAM pads point-only prompts with a "not a point" entry
+                p = np.concatenate([p, np.zeros((1, 2), np.float32)])
+                lab = np.concatenate([lab, [-1]])
+            pts = (torch.as_tensor(p, device=dev)[None], torch.as_tensor(lab, device=dev)[None])
+        masks_t = None
+        if mask_input is not None:
+            m = torch.as_tensor(mask_input, dtype=torch.float32, device=dev)
+            low = self.model.low_res_size
+            if m.shape[-2:] != (low, low):
+                raise ValueError(f"mask_input must be ({low}, {low}) low-res logits; got {tuple(m.shape)}")
+            masks_t = m.reshape(1, 1, low, low)
+        logits, iou = self.model.decode(emb, boxes=boxes_t, points=pts, mask_inputs=masks_t)
+        full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
+        mask = (full[0, 0] > threshold).cpu().numpy()
+        return Prediction(mask=mask, score=float(iou[0, 0]), low_res_logits=logits[0, 0].float().cpu())
+
+    def predict(self, z: int, **prompts: object) -> np.ndarray:
+        """Like :meth:`predict_full` but returns only the (Y, X) bool mask."""
+        return self.predict_full(z, **prompts).mask  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ propagation
+    def propagate(
+        self,
+        z: int,
+        mask: np.ndarray,
+        *,
+        direction: str = "both",
+        box_margin: float = 2.0,
+        use_mask_prompt: bool = False,
+        min_area: int = 10,
+        min_score: float = 0.0,
+        max_distance: int | None = None,
+    ) -> Iterator[PropagationStep]:
+        """Carry an object from slice z through the volume, slice by slice.
+
+        Each next slice is prompted with the previous slice's mask box (grown by ``box_margin``
+        px) and, if ``use_mask_prompt``, its low-resolution logits. A direction stops when the
+        mask has fewer than ``min_area`` pixels, its predicted IoU is below ``min_score``, or the
+        volume ends. Forward (+z) runs first, then backward. The starting slice itself is not
+        yielded. Embeddings are computed as needed (in batches ahead of the walk).
+
+        Args:
+            z: the prompted slice.
+            mask: (Y, X) bool mask of the object on slice z (e.g. from :meth:`predict`).
+            direction: ``"both"``, ``"forward"`` (+z) or ``"backward"`` (-z).
+            max_distance: at most this many slices from z in each direction (None: no limit).
+
+        Yields:
+            :class:`PropagationStep` per slice reached (the last one of a direction has
+            ``stopped=True`` when the object vanished).
+        """
+        z = self._check_z(z)
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != self.shape[1:]:
+            raise ValueError(f"mask shape {mask.shape} must equal the slice shape {self.shape[1:]}")
+        if not mask.any():
+            raise ValueError(f"the starting mask on slice {z} is empty; nothing to propagate")
+        dirs = {"both": (1, -1), "forward": (1,), "backward": (-1,)}
+        if direction not in dirs:
+            raise ValueError(f"direction={direction!r} must be one of {sorted(dirs)}")
+        limit = max_distance if max_distance is not None else self.shape[0]
+        total = sum(
+            min(limit, (self.shape[0] - 1 - z) if d > 0 else z) for d in dirs[direction]
+        )
+        done = 0
+        for d in dirs[direction]:
+            prev = mask
+            prev_logits = None
+            zz = z
+            steps = 0
+            while True:
+                zz += d
+                steps += 1
+                if zz < 0 or zz >= self.shape[0] or steps > limit:
+                    break
+                ahead = [
+                    k for k in range(zz, zz + d * self.batch_size, d)
+                    if 0 <= k < self.shape[0] and not self.is_embedded(k)
+                ]
+                if ahead:
+                    self.embed(ahead)
+                box = mask_bbox(prev, box_margin)
+                pred = self.predict_full(
+                    zz, box=box, mask_input=prev_logits if use_mask_prompt else None
+                )
+                done += 1
+                vanished = int(pred.mask.sum()) < min_area or pred.score < min_score
+                if vanished:
+                    yield PropagationStep(
+                        zz, np.zeros_like(pred.mask), d, pred.score, done, total, stopped=True
+                    )
+                    break
+                yield PropagationStep(zz, pred.mask, d, pred.score, done, total)
+                prev, prev_logits = pred.mask, pred.low_res_logits
+
+    def propagate_volume(
+        self, z: int, mask: np.ndarray, progress: ProgressFn | None = None, **kwargs: object
+    ) -> np.ndarray:
+        """Run :meth:`propagate` to the end; returns the (Z, Y, X) bool mask incl. slice z."""
+        out = np.zeros(self.shape, dtype=bool)
+        out[z] = np.asarray(mask, dtype=bool)
+        for step in self.propagate(z, mask, **kwargs):  # type: ignore[arg-type]
+            if not step.stopped:
+                out[step.z] = step.mask
+            if progress is not None:
+                progress(step.done, step.total)
+        return out
+
+    # ------------------------------------------------------------------ automatic
+    @torch.inference_mode()
+    def automatic_iter(
+        self, slices: Iterable[int] | None = None
+    ) -> Iterator[tuple[int, np.ndarray, int, int]]:
+        """Prompt-free multi-class segmentation with an automatic adapter.
+
+        Yields:
+            (z, labels (Y, X) int16 argmax over classes, done, total) per slice.
+
+        Raises:
+            ValueError: the model carries no automatic adapter.
+        """
+        cfg = getattr(self.model, "lora_config", None)
+        if cfg is None or cfg.mode != "automatic":
+            raise ValueError(
+                "automatic segmentation needs an automatic adapter (e.g. load_adapter(model, "
+                "'acdc-cardiac-mri')); this model has "
+                + ("none" if cfg is None else f"a {cfg.mode} adapter")
+            )
+        zs = [self._check_z(z) for z in (range(self.shape[0]) if slices is None else slices)]
+        geo = self.geometry
+        done = 0
+        for i in range(0, len(zs), self.batch_size):
+            batch = zs[i : i + self.batch_size]
+            missing = [z for z in batch if not self.is_embedded(z)]
+            if missing:
+                self._encode(missing)
+            emb = torch.cat([self.embedding(z) for z in batch])
+            logits, _ = self.model.decode(emb, multimask_output=True)
+            full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
+            labels = full.argmax(1).to(torch.int16).cpu().numpy()
+            for z, lab in zip(batch, labels, strict=True):
+                done += 1
+                yield z, lab, done, len(zs)
+
+    def automatic(
+        self, slices: Iterable[int] | None = None, progress: ProgressFn | None = None
+    ) -> np.ndarray:
+        """(Z, Y, X) int16 label map from an automatic adapter (slices not listed stay 0)."""
+        out = np.zeros(self.shape, dtype=np.int16)
+        for z, lab, done, total in self.automatic_iter(slices):
+            out[z] = lab
+            if progress is not None:
+                progress(done, total)
+        return out

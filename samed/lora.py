@@ -1,0 +1,558 @@
+"""LoRA adapters on the image encoder's attention (SAMed-style), saved as safetensors + JSON.
+
+An adapter is a folder::
+
+    adapter_model.safetensors   LoRA A/B matrices keyed by full module path, plus the prompt
+                                encoder and mask decoder weights trained with them
+    adapter_config.json         rank, alpha, dropout, targets, mode, base model kind + SHA-256,
+                                labels, samed version (sorted, indented)
+    metadata.json               intended use, labels, preprocessing, spacing, training data,
+                                metrics, licence (MONAI-bundle style)
+
+Loading never unpickles anything, refuses a base-model mismatch, unknown or missing keys and
+wrong shapes, and names the file and the offending keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .model.sam import SamModel
+
+__all__ = [
+    "AdapterError",
+    "LoraConfig",
+    "LoRAQKV",
+    "apply_lora",
+    "make_automatic_decoder",
+    "save_adapter",
+    "load_adapter",
+    "remove_adapter",
+    "merge_adapter",
+    "unmerge_adapter",
+    "trainable_parameters",
+    "read_adapter_config",
+]
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_METADATA = "metadata.json"
+_PROJECTIONS = ("q", "k", "v")
+_MODES = ("prompted", "automatic")
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be used with this model (names the file and the reason)."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """How LoRA is applied.
+
+    Attributes:
+        r: rank of the low-rank update (>= 1).
+        alpha: scaling numerator; the update is ``(alpha / r) * B @ A``.
+        dropout: dropout on the LoRA branch input during training, in [0, 1).
+        target_modules: regular expression matched (``re.fullmatch``) against module paths of
+            the fused ``qkv`` Linear layers to adapt.
+        projections: which of q, k, v get an update (SAMed: q and v).
+        mode: ``prompted`` (box/points -> one binary mask, MedSAM-style) or ``automatic``
+            (no prompt, one output per class, SAMed-style).
+        num_classes: number of output classes incl. background (automatic mode only, >= 2).
+        train_decoder: train the mask decoder in full (saved with the adapter).
+        train_prompt_encoder: train the prompt encoder in full (saved with the adapter).
+    """
+
+    r: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    target_modules: str = r"image_encoder\..*\.attn\.qkv"
+    projections: tuple[str, ...] = ("q", "v")
+    mode: str = "prompted"
+    num_classes: int = 0
+    train_decoder: bool = True
+    train_prompt_encoder: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA rank r={self.r!r} must be an integer >= 1")
+        if not (0.0 <= float(self.dropout) < 1.0):
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if not self.projections or any(p not in _PROJECTIONS for p in self.projections):
+            raise ValueError(f"projections={self.projections!r} must be a non-empty subset of q, k, v")
+        object.__setattr__(self, "projections", tuple(self.projections))
+        if self.mode not in _MODES:
+            raise ValueError(f"mode={self.mode!r} must be one of {_MODES}")
+        if self.mode == "automatic" and self.num_classes < 2:
+            raise ValueError(
+                f"automatic mode needs num_classes >= 2 (background included); got {self.num_classes}"
+            )
+        try:
+            re.compile(self.target_modules)
+        except re.error as exc:
+            raise ValueError(f"target_modules={self.target_modules!r} is not a valid regex: {exc}") from exc
+
+    @property
+    def scaling(self) -> float:
+        return float(self.alpha) / self.r
+
+
+def _qkv_layout(attn: nn.Module, qkv: nn.Linear) -> dict[str, torch.Tensor]:
+    """Output-channel indices of q, k and v inside a fused qkv Linear.
+
+    SAM ViT: [q (all heads) | k | v]. TinyViT: per head [q (key_dim) | k (key_dim) | v (d)].
+    """
+    out = qkv.out_features
+    if hasattr(attn, "key_dim") and hasattr(attn, "d"):  # TinyViT Attention
+        kd, d, nh = int(attn.key_dim), int(attn.d), int(attn.num_heads)
+        per_head = 2 * kd + d
+        if per_head * nh != out:
+            raise ValueError(f"unexpected TinyViT qkv width {out} for {nh} heads of {per_head}")
+        base = torch.arange(nh) * per_head
+        parts = {
+            "q": (base[:, None] + torch.arange(kd)).reshape(-1),
+            "k": (base[:, None] + kd + torch.arange(kd)).reshape(-1),
+            "v": (base[:, None] + 2 * kd + torch.arange(d)).reshape(-1),
+        }
+        return parts
+    if out % 3:
+        raise ValueError(f"qkv width {out} is not divisible by 3")
+    dim = out // 3
+    return {p: torch.arange(i * dim, (i + 1) * dim) for i, p in enumerate(_PROJECTIONS)}
+
+
+class LoRAQKV(nn.Module):
+    """A fused qkv Linear with low-rank updates on some of its q/k/v output channels.
+
+    ``y = W x + b + scaling * scatter_p(B_p A_p dropout(x))`` for each projection p.
+    The base Linear is frozen; ``lora_A[p]`` (r x in) starts Kaiming-uniform and ``lora_B[p]``
+    (|p| x r) starts at zero, so a fresh adapter leaves outputs unchanged.
+    """
+
+    def __init__(
+        self, base: nn.Linear, layout: dict[str, torch.Tensor], config: LoraConfig
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.scaling = config.scaling
+        self.projections = config.projections
+        self.merged = False
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        for p in config.projections:
+            idx = layout[p]
+            self.register_buffer(f"index_{p}", idx.clone(), persistent=False)
+            a = nn.Linear(base.in_features, config.r, bias=False)
+            b = nn.Linear(config.r, len(idx), bias=False)
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+            self.lora_A[p] = a.to(base.weight.device, base.weight.dtype)
+            self.lora_B[p] = b.to(base.weight.device, base.weight.dtype)
+        for prm in self.base.parameters():
+            prm.requires_grad_(False)
+
+    def delta_weight(self, p: str) -> torch.Tensor:
+        """(|p|, in) weight update for projection p."""
+        return (self.lora_B[p].weight @ self.lora_A[p].weight) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        xd = self.dropout(x)
+        for p in self.projections:
+            delta = self.lora_B[p](self.lora_A[p](xd)) * self.scaling
+            out = out.index_add(-1, getattr(self, f"index_{p}"), delta.to(out.dtype))
+        return out
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            for p in self.projections:
+                self.base.weight.index_add_(0, getattr(self, f"index_{p}"), self.delta_weight(p))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            for p in self.projections:
+                self.base.weight.index_add_(0, getattr(self, f"index_{p}"), -self.delta_weight(p))
+            self.merged = False
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), name
+
+
+def _keep_base_parts(model: SamModel) -> None:
+    if not hasattr(model, "_samed_base_parts"):
+        model._samed_base_parts = {  # type: ignore[attr-defined]
+            "mask_decoder": copy.deepcopy(model.mask_decoder).cpu(),
+            "prompt_encoder": copy.deepcopy(model.prompt_encoder).cpu(),
+        }
+
+
+def make_automatic_decoder(decoder: nn.Module, num_classes: int) -> nn.Module:
+    """A SAMed-style decoder with ``num_classes`` mask outputs, initialised from ``decoder``.
+
+    The transformer and upscaling are copied; each class token and its hypernetwork MLP start
+    from the pretrained single-mask token (plus small noise so classes can separate).
+    Call with ``multimask_output=True``: output channel c is class c's logit.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes} must be >= 2 (background included)")
+    new = copy.deepcopy(decoder)
+    n_tokens = num_classes + 1
+    dim = decoder.transformer_dim
+    new.num_multimask_outputs = num_classes
+    new.num_mask_tokens = n_tokens
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        tok = nn.Embedding(n_tokens, dim).to(decoder.mask_tokens.weight.device)
+        base = decoder.mask_tokens.weight[0]
+        noise = torch.randn(n_tokens, dim, generator=gen).to(base.device) * 0.02 * base.std()
+        tok.weight.copy_(base[None, :] + noise)
+        new.mask_tokens = tok
+        new.output_hypernetworks_mlps = nn.ModuleList(
+            [copy.deepcopy(decoder.output_hypernetworks_mlps[0]) for _ in range(n_tokens)]
+        )
+        head = new.iou_prediction_head
+        last = head.layers[-1]
+        new_last = nn.Linear(last.in_features, n_tokens).to(last.weight.device)
+        head.layers[-1] = new_last
+    return new
+
+
+def apply_lora(model: SamModel, config: LoraConfig | None = None) -> SamModel:
+    """Inject LoRA into ``model`` in place and set which parameters train.
+
+    Every ``qkv`` Linear whose module path fully matches ``config.target_modules`` is wrapped
+    in :class:`LoRAQKV`. All base weights are frozen; LoRA matrices train, and the mask decoder
+    / prompt encoder train when the config says so. An automatic config replaces the decoder by
+    :func:`make_automatic_decoder`. Returns ``model``.
+
+    Raises:
+        ValueError: no module matches, or the model already carries an adapter.
+    """
+    config = config or LoraConfig()
+    if getattr(model, "lora_config", None) is not None:
+        raise ValueError("model already carries an adapter; call remove_adapter(model) first")
+    _keep_base_parts(model)
+    targets = [
+        name
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and re.fullmatch(config.target_modules, name)
+    ]
+    if not targets:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matches no Linear layer of {model.kind}"
+        )
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    for name in targets:
+        parent, attr = _parent(model, name)
+        base = getattr(parent, attr)
+        setattr(parent, attr, LoRAQKV(base, _qkv_layout(parent, base), config))
+    if config.mode == "automatic":
+        model.mask_decoder = make_automatic_decoder(model.mask_decoder, config.num_classes)
+    for prm in model.mask_decoder.parameters():
+        prm.requires_grad_(config.train_decoder)
+    for prm in model.prompt_encoder.parameters():
+        prm.requires_grad_(config.train_prompt_encoder)
+    model.lora_config = config  # type: ignore[attr-defined]
+    model.lora_targets = targets  # type: ignore[attr-defined]
+    model.adapter_name = "unsaved"
+    model.adapter_digest = ""
+    return model
+
+
+def _lora_modules(model: nn.Module) -> dict[str, LoRAQKV]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRAQKV)}
+
+
+def remove_adapter(model: SamModel) -> SamModel:
+    """Restore the base model: unwrap LoRA layers, bring back the original decoder and
+    prompt encoder. A no-op on a model without adapter. Returns ``model``."""
+    for name, mod in _lora_modules(model).items():
+        mod.unmerge()
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, mod.base)
+    parts = getattr(model, "_samed_base_parts", None)
+    if parts is not None and getattr(model, "lora_config", None) is not None:
+        dev = model.device
+        model.mask_decoder = copy.deepcopy(parts["mask_decoder"]).to(dev)
+        model.prompt_encoder = copy.deepcopy(parts["prompt_encoder"]).to(dev)
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    model.lora_config = None  # type: ignore[attr-defined]
+    model.adapter_name = None
+    model.adapter_digest = ""
+    model.adapter_labels = {}  # type: ignore[attr-defined]
+    return model
+
+
+def merge_adapter(model: SamModel) -> None:
+    """Fold LoRA updates into the base qkv weights (faster inference; outputs equal within
+    float rounding). Reversible with :func:`unmerge_adapter`."""
+    for mod in _lora_modules(model).values():
+        mod.merge()
+
+
+def unmerge_adapter(model: SamModel) -> None:
+    """Undo :func:`merge_adapter`."""
+    for mod in _lora_modules(model).values():
+        mod.unmerge()
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """Counts of trainable parameters: ``lora``, ``mask_decoder``, ``prompt_encoder``, ``total``."""
+    counts = {"lora": 0, "mask_decoder": 0, "prompt_encoder": 0, "other": 0}
+    for name, prm in model.named_parameters():
+        if not prm.requires_grad:
+            continue
+        if ".lora_A." in name or ".lora_B." in name:
+            counts["lora"] += prm.numel()
+        elif name.startswith("mask_decoder."):
+            counts["mask_decoder"] += prm.numel()
+        elif name.startswith("prompt_encoder."):
+            counts["prompt_encoder"] += prm.numel()
+        else:
+            counts["other"] += prm.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _adapter_state(model: SamModel) -> dict[str, torch.Tensor]:
+    config: LoraConfig = model.lora_config  # type: ignore[attr-defined]
+    state = {}
+    for name, prm in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            state[name] = prm
+    if config.train_decoder or config.mode == "automatic":
+        state.update({f"mask_decoder.{k}": v for k, v in model.mask_decoder.state_dict().items()})
+    if config.train_prompt_encoder:
+        state.update(
+            {f"prompt_encoder.{k}": v for k, v in model.prompt_encoder.state_dict().items()}
+        )
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def save_adapter(
+    model: SamModel,
+    folder: str | os.PathLike,
+    *,
+    labels: dict[int, str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the model's adapter to ``folder`` atomically (temporary folder, then rename).
+
+    Args:
+        model: a model after :func:`apply_lora` (and training). Merged LoRA is saved unmerged.
+        folder: destination folder (its name becomes the adapter's name).
+        labels: class index -> name (automatic: 0 must be background; prompted: the structures
+            the adapter was tuned for, informational).
+        metadata: free-form metadata.json content (description, intended use, preprocessing,
+            spacing, training data, metrics, licence...).
+        overwrite: replace an existing folder.
+
+    Returns:
+        The folder path.
+    """
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    config: LoraConfig | None = getattr(model, "lora_config", None)
+    if config is None:
+        raise ValueError("model has no adapter to save; call apply_lora first")
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"adapter folder {folder} exists; pass overwrite=True to replace it")
+    labels = {int(k): str(v) for k, v in (labels or getattr(model, "adapter_labels", {}) or {}).items()}
+    if config.mode == "automatic" and len(labels) not in (0, config.num_classes):
+        raise ValueError(
+            f"labels has {len(labels)} entries but the automatic adapter has {config.num_classes} classes"
+        )
+    merged = [m for m in _lora_modules(model).values() if m.merged]
+    for m in merged:
+        m.unmerge()
+    try:
+        state = _adapter_state(model)
+    finally:
+        for m in merged:
+            m.merge()
+    cfg = {
+        "format": "samed-lora",
+        "format_version": 1,
+        "samed_version": __version__,
+        "base_model": model.kind,
+        "base_model_sha256": model.checkpoint_sha256,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": config.target_modules,
+        "targets": list(getattr(model, "lora_targets", [])),
+        "projections": list(config.projections),
+        "mode": config.mode,
+        "num_classes": config.num_classes,
+        "train_decoder": config.train_decoder,
+        "train_prompt_encoder": config.train_prompt_encoder,
+        "labels": {str(k): v for k, v in sorted(labels.items())},
+    }
+    meta = dict(metadata or {})
+    meta.setdefault("labels", cfg["labels"])
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "samed": __version__})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / ADAPTER_METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        if folder.exists():
+            backup = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            folder.rename(backup)
+            tmp.rename(folder)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``adapter_config.json`` (no weights). Raises :class:`AdapterError`."""
+    folder = Path(folder)
+    cfg_path = folder / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise AdapterError(f"{folder}: not an adapter folder ({ADAPTER_CONFIG} is missing)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{cfg_path}: not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict) or cfg.get("format") != "samed-lora":
+        raise AdapterError(f"{cfg_path}: 'format' must be 'samed-lora'")
+    required = ("base_model", "r", "lora_alpha", "target_modules", "projections", "mode")
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise AdapterError(f"{cfg_path}: missing fields {missing}")
+    return cfg
+
+
+def load_adapter(
+    model: SamModel, folder: str | os.PathLike, *, merge: bool = False, check_base: bool = True
+) -> SamModel:
+    """Attach the adapter in ``folder`` to ``model`` (replacing any adapter it carries).
+
+    The base model is not reloaded: LoRA layers are swapped and the decoder / prompt encoder
+    restored or replaced. Only safetensors is read (no pickle).
+
+    Args:
+        model: a base model from :func:`samed.build_model` (or one carrying another adapter).
+        folder: adapter folder (see module docstring).
+        merge: fold the LoRA update into the weights for speed (see :func:`merge_adapter`).
+        check_base: refuse an adapter trained on another base model kind or checkpoint SHA-256.
+
+    Raises:
+        AdapterError: base-model mismatch, missing/unknown keys, wrong shapes, not safetensors.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = read_adapter_config(folder)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise AdapterError(f"{folder}: {ADAPTER_WEIGHTS} is missing (only safetensors is accepted)")
+    if check_base:
+        if cfg["base_model"] != model.kind:
+            raise AdapterError(
+                f"{folder}: adapter was trained on base model {cfg['base_model']!r}, "
+                f"this model is {model.kind!r}"
+            )
+        want = cfg.get("base_model_sha256", "")
+        if want and model.checkpoint_sha256 and want != model.checkpoint_sha256:
+            raise AdapterError(
+                f"{folder}: adapter base checkpoint SHA-256 {want[:16]}... differs from this "
+                f"model's {model.checkpoint_sha256[:16]}..."
+            )
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{weights}: not a valid safetensors file ({exc})") from exc
+    try:
+        config = LoraConfig(
+            r=int(cfg["r"]),
+            alpha=float(cfg["lora_alpha"]),
+            dropout=float(cfg.get("lora_dropout", 0.0)),
+            target_modules=str(cfg["target_modules"]),
+            projections=tuple(cfg["projections"]),
+            mode=str(cfg["mode"]),
+            num_classes=int(cfg.get("num_classes", 0)),
+            train_decoder=bool(cfg.get("train_decoder", True)),
+            train_prompt_encoder=bool(cfg.get("train_prompt_encoder", False)),
+        )
+    except ValueError as exc:
+        raise AdapterError(f"{folder / ADAPTER_CONFIG}: {exc}") from exc
+    remove_adapter(model)
+    try:
+        apply_lora(model, config)
+        expected = _adapter_state(model)
+        missing = sorted(set(expected) - set(state))
+        unknown = sorted(set(state) - set(expected))
+        shapes = [
+            f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in sorted(set(state) & set(expected))
+            if state[k].shape != expected[k].shape
+        ]
+        if missing or unknown or shapes:
+            raise AdapterError(
+                f"{weights}: does not fit {model.kind}: missing keys {missing[:8]}, "
+                f"unknown keys {unknown[:8]}, shape mismatches {shapes[:4]}"
+            )
+        dev = model.device
+        own = dict(model.named_parameters())
+        own.update(dict(model.named_buffers()))
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v.to(dev, own[k].dtype))
+    except BaseException:
+        remove_adapter(model)
+        raise
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    model.eval()
+    digest = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    model.adapter_name = folder.name
+    model.adapter_digest = digest.hexdigest()
+    model.adapter_labels = {int(k): str(v) for k, v in (cfg.get("labels") or {}).items()}  # type: ignore[attr-defined]
+    if merge:
+        merge_adapter(model)
+    return model
+
+
+def config_as_dict(config: LoraConfig) -> dict[str, Any]:
+    """The config as a JSON-ready dict."""
+    d = asdict(config)
+    d["projections"] = list(config.projections)
+    return d

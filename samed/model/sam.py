@@ -1,0 +1,190 @@
+"""The SAM-family model wrapper shared by LiteMedSAM, SAM and MedSAM.
+
+Only nn.Modules and their tensor conventions live here; state (embeddings, prompts) lives in
+:mod:`samed.engine`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import ModelSpec
+
+__all__ = ["SamModel"]
+
+_IMAGENET_MEAN = (123.675, 116.28, 103.53)
+_IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+class SamModel(nn.Module):
+    """Image encoder + prompt encoder + mask decoder with explicit tensor contracts.
+
+    Args:
+        spec: the registry entry for this model kind (input size, normalisation).
+        image_encoder: maps (B, 3, S, S) to (B, C, S/16 or 64, ...) embeddings.
+        prompt_encoder: SAM ``PromptEncoder``.
+        mask_decoder: SAM ``MaskDecoder`` (a prompted decoder has 3 multimask outputs + 1;
+            an automatic one has ``num_classes`` multimask outputs, see :mod:`samed.lora`).
+        checkpoint_sha256: SHA-256 of the checkpoint the weights came from ("" for random).
+
+    Attributes:
+        image_size: S, the side of the square model input in pixels.
+        embedding_size: (h, w) of the image embedding grid.
+        low_res_size: side of the low-resolution mask logits (4 x embedding side).
+        adapter_name: name of the attached adapter, or None.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        image_encoder: nn.Module,
+        prompt_encoder: nn.Module,
+        mask_decoder: nn.Module,
+        checkpoint_sha256: str = "",
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.adapter_name: str | None = None
+        self.adapter_digest: str = ""
+        self.image_size = int(prompt_encoder.input_image_size[0])
+        self.embedding_size = tuple(int(s) for s in prompt_encoder.image_embedding_size)
+        self.low_res_size = 4 * self.embedding_size[0]
+        self.register_buffer(
+            "pixel_mean", torch.tensor(_IMAGENET_MEAN).view(-1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(_IMAGENET_STD).view(-1, 1, 1), persistent=False
+        )
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def num_mask_outputs(self) -> int:
+        """Number of multimask outputs of the decoder (3 for a prompted SAM decoder)."""
+        return int(self.mask_decoder.num_mask_tokens) - 1
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings.
+
+        Args:
+            images: (B, 3, S, S) float in [0, 1], already resized (longest side S) and padded
+                bottom/right with zeros, S = ``image_size``.
+
+        Returns:
+            (B, C, h, w) embeddings, (h, w) = ``embedding_size``.
+        """
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != self.image_size:
+            raise ValueError(
+                f"images must be (B, 3, {self.image_size}, {self.image_size}); got {tuple(images.shape)}"
+            )
+        if self.spec.normalisation == "sam_imagenet":
+            images = (images * 255.0 - self.pixel_mean) / self.pixel_std
+        return self.image_encoder(images)
+
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask_inputs: torch.Tensor | None = None,
+        multimask_output: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits for prompts on precomputed embeddings.
+
+        Args:
+            embeddings: (B, C, h, w) from :meth:`encode` (B = 1 is broadcast to the prompts).
+            boxes: (B, 4) XYXY in model-input pixels (0..S), or None.
+            points: ((B, N, 2) XY in model-input pixels, (B, N) labels 1 = positive,
+                0 = negative, -1 = padding), or None.
+            mask_inputs: (B, 1, L, L) low-resolution logits (L = ``low_res_size``), or None.
+            multimask_output: return all multimask outputs (prompted: 3; automatic: one per
+                class) instead of the single-mask output.
+
+        Returns:
+            (logits (B, K, L, L), iou predictions (B, K)).
+        """
+        sparse, dense = self.prompt_encoder(
+            points=points,
+            boxes=boxes[:, None, :] if boxes is not None and boxes.ndim == 2 else boxes,
+            masks=mask_inputs,
+        )
+        if embeddings.shape[0] == 1 and sparse.shape[0] > 1:
+            embeddings = embeddings.expand(sparse.shape[0], -1, -1, -1)
+        if embeddings.shape[0] != sparse.shape[0]:
+            # prompt encoder returns batch 1 when no prompt was given at all (automatic mode)
+            sparse = sparse.expand(embeddings.shape[0], -1, -1)
+            dense = dense.expand(embeddings.shape[0], -1, -1, -1)
+        image_pe = self.prompt_encoder.get_dense_pe()
+        if image_pe.dtype != embeddings.dtype:
+            image_pe = image_pe.to(embeddings.dtype)
+        logits, iou = self.mask_decoder(
+            image_embeddings=embeddings,
+            image_pe=image_pe,
+            sparse_prompt_embeddings=sparse.to(embeddings.dtype),
+            dense_prompt_embeddings=dense.to(embeddings.dtype),
+            multimask_output=multimask_output,
+        )
+        return logits, iou
+
+    def forward(
+        self, images: torch.Tensor, boxes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Encode then decode: (B, 3, S, S) + (B, 4) boxes -> (B, 1, L, L) logits
+        (automatic decoders without boxes: (B, num_classes, L, L))."""
+        emb = self.encode(images)
+        automatic = boxes is None and self.num_mask_outputs != 3
+        logits, _ = self.decode(emb, boxes=boxes, multimask_output=automatic)
+        return logits
+
+    @torch.no_grad()
+    def fuse_for_inference(self) -> SamModel:
+        """Fold eval-mode BatchNorm into the preceding convolutions (TinyViT ``Conv2d_BN``).
+
+        Saves about 10% of encoder time on CPU and changes no output beyond float rounding
+        (tested). Irreversible: do not train a fused model. Returns self.
+        """
+        def _swap(parent: nn.Module) -> None:
+            for name, child in parent.named_children():
+                if type(child).__name__ == "Conv2d_BN" and hasattr(child, "fuse"):
+                    setattr(parent, name, child.fuse())
+                else:
+                    _swap(child)
+
+        self.eval()
+        _swap(self.image_encoder)
+        return self
+
+
+def upscale_logits(
+    logits: torch.Tensor, input_hw: tuple[int, int], original_hw: tuple[int, int], image_size: int
+) -> torch.Tensor:
+    """Low-res logits -> logits on the original slice grid.
+
+    Args:
+        logits: (B, K, L, L) decoder output.
+        input_hw: (h, w) of the resized (unpadded) image inside the S x S model input.
+        original_hw: (H, W) of the source slice in pixels.
+        image_size: S.
+
+    Returns:
+        (B, K, H, W) float logits (bilinear, as LiteMedSAM's own post-processing).
+    """
+    logits = logits.float()
+    if logits.shape[-1] != image_size:  # SAM: 256 -> 1024 first, as segment-anything does
+        logits = F.interpolate(
+            logits, size=(image_size, image_size), mode="bilinear", align_corners=False
+        )
+    logits = logits[..., : input_hw[0], : input_hw[1]]
+    return F.interpolate(logits, size=original_hw, mode="bilinear", align_corners=False)

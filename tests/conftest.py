@@ -1,22 +1,17 @@
-"""Shared fixtures: the real data folder beside the checkout, and tiny random models."""
+"""Shared fixtures: the real data folder beside the checkout."""
 
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("SAMED_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from realdata import SHARED_DATA, shared_path  # noqa: E402
 
-def shared_path(*parts: str) -> Path:
-    """Path under ../shared/data; skips the test with a clear reason when it is absent."""
-    p = SHARED_DATA.joinpath(*parts)
-    if not p.exists():
-        pytest.skip(f"real data not available: {p} is absent (expected ../shared/data beside the checkout)")
-    return p
+__all__ = ["SHARED_DATA", "shared_path"]
 
 
 @pytest.fixture

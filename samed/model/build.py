@@ -221,6 +221,11 @@ def build_model(
     if kind not in MODEL_KINDS:
         raise ValueError(f"model kind {kind!r} is not known; choose one of {sorted(MODEL_KINDS)}")
     spec = MODEL_KINDS[kind]
+    if pretrained and checkpoint is None and not spec.bundled:
+        raise ValueError(
+            f"model kind {kind!r} needs checkpoint=PATH (no weights are bundled and "
+            f"nothing is downloaded); {spec.description}"
+        )
     if spec.family == "tinyvit":
         enc, pe, dec = _litemedsam_modules()
     else:
@@ -228,11 +233,6 @@ def build_model(
     model = SamModel(spec, enc, pe, dec)
     if pretrained:
         if checkpoint is None:
-            if not spec.bundled:
-                raise ValueError(
-                    f"model kind {kind!r} needs checkpoint=PATH (no weights are bundled and "
-                    f"nothing is downloaded); {spec.description}"
-                )
             path, sha = _bundled_litemedsam_checkpoint()
         else:
             path = Path(checkpoint).expanduser()

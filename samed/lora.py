@@ -155,7 +155,7 @@ class LoRAQKV(nn.Module):
         self.lora_B = nn.ModuleDict()
         for p in config.projections:
             idx = layout[p]
-            self.register_buffer(f"index_{p}", idx.clone(), persistent=False)
+            self.register_buffer(f"index_{p}", idx.clone().to(base.weight.device), persistent=False)
             a = nn.Linear(base.in_features, config.r, bias=False)
             b = nn.Linear(config.r, len(idx), bias=False)
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))

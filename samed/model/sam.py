@@ -126,9 +126,7 @@ class SamModel(nn.Module):
             # prompt encoder returns batch 1 when no prompt was given at all (automatic mode)
             sparse = sparse.expand(embeddings.shape[0], -1, -1)
             dense = dense.expand(embeddings.shape[0], -1, -1, -1)
-        image_pe = self.prompt_encoder.get_dense_pe()
-        if image_pe.dtype != embeddings.dtype:
-            image_pe = image_pe.to(embeddings.dtype)
+        image_pe = self._dense_pe(embeddings.dtype)
         logits, iou = self.mask_decoder(
             image_embeddings=embeddings,
             image_pe=image_pe,
@@ -147,6 +145,19 @@ class SamModel(nn.Module):
         automatic = boxes is None and self.num_mask_outputs != 3
         logits, _ = self.decode(emb, boxes=boxes, multimask_output=automatic)
         return logits
+
+    def _dense_pe(self, dtype: torch.dtype) -> torch.Tensor:
+        """The prompt encoder's (1, C, h, w) positional encoding, computed once per encoder
+        state (it depends only on a fixed random buffer), so a click does not recompute it."""
+        buf = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        key = (id(self.prompt_encoder), buf.data_ptr(), buf._version, buf.device, dtype)
+        cached = getattr(self, "_pe_cache", None)
+        if cached is None or cached[0] != key or torch.is_grad_enabled():
+            with torch.no_grad():
+                pe = self.prompt_encoder.get_dense_pe().to(dtype)
+            self._pe_cache = (key, pe)
+            return pe
+        return cached[1]
 
     @torch.no_grad()
     def fuse_for_inference(self) -> SamModel:

@@ -1,0 +1,727 @@
+"""Fine-tuning: LoRA on the image encoder + the mask decoder, automatic or prompted, resumable.
+
+``samed finetune --config configs/NAME.yaml [--out DIR] [--resume] [--device auto|cpu|cuda]``
+reads a :class:`samed.config.FinetuneConfig`, trains, validates (3D Dice per volume through the
+inference path: :meth:`samed.engine.Session.automatic` or box prompts through
+:meth:`samed.engine.Session.predict`), and writes to ``DIR``::
+
+    checkpoint.pt      trainable weights + optimiser + loop state (resume is bit-exact on CPU)
+    adapter/           the best adapter (safetensors + adapter_config.json + metadata.json)
+    metrics.json       loss per step, validation history, best step, timings
+    curve.png          training loss and validation Dice
+
+Python::
+
+    from samed.config import load_config
+    from samed.train import finetune
+    result = finetune(load_config("configs/acdc-cardiac-mri.yaml"), out="runs/acdc")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import FinetuneConfig, load_config
+from .train_data import SliceSet, VolumeCase, collate, load_cases, sample_rng
+
+__all__ = [
+    "finetune",
+    "validate",
+    "dice_3d",
+    "build_base_model",
+    "add_parser",
+    "run_finetune",
+    "FinetuneResult",
+]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+# ---------------------------------------------------------------------------------- model
+def build_base_model(cfg: FinetuneConfig, device: torch.device) -> Any:
+    """The configured base model (``tiny``: the random test model) on ``device``."""
+    from .model import build_model, build_tiny_model
+
+    if cfg.model.kind == "tiny":
+        return build_tiny_model("tinyvit", seed=cfg.train.seed, device=str(device))
+    return build_model(cfg.model.kind, cfg.model.checkpoint, device=device)
+
+
+def _attach_lora(model: Any, cfg: FinetuneConfig, num_classes: int) -> None:
+    from .lora import LoraConfig, apply_lora
+
+    lc = LoraConfig(
+        r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules, projections=cfg.lora.projections,
+        mode=cfg.mode, num_classes=num_classes if cfg.mode == "automatic" else 0,
+        train_decoder=cfg.lora.train_decoder,
+    )
+    apply_lora(model, lc)
+    k = cfg.train.cache_stages
+    if k:
+        if model.spec.family != "tinyvit":
+            raise ValueError("train.cache_stages needs a TinyViT encoder (litemedsam or tiny)")
+        early = [t for t in model.lora_targets if _stage_of(t) is not None and _stage_of(t) < k]
+        if early:
+            raise ValueError(
+                f"train.cache_stages={k} caches stages 0..{k - 1} but lora.target_modules adapts "
+                f"{early[:3]}; restrict the targets to layers.{k} and later"
+            )
+
+
+def _stage_of(name: str) -> int | None:
+    parts = name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        if i + 1 < len(parts) and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def _encoder_prefix(model: Any, images: torch.Tensor, k: int) -> torch.Tensor:
+    """Frozen TinyViT stages: patch embedding + ``layers[:k]`` of (B, 3, S, S) inputs."""
+    enc = model.image_encoder
+    x = enc.patch_embed(images)
+    for layer in enc.layers[:k]:
+        x = layer(x)
+    return x
+
+
+def _encoder_suffix(model: Any, feats: torch.Tensor, k: int) -> torch.Tensor:
+    """The remaining TinyViT stages + neck: cached features -> (B, 256, 64, 64) embeddings."""
+    enc = model.image_encoder
+    x = feats
+    for layer in enc.layers[k:]:
+        x = layer(x)
+    b, n, c = x.shape
+    side = int(round(math.sqrt(n)))
+    return enc.neck(x.view(b, side, side, c).permute(0, 3, 1, 2))
+
+
+def _set_train_mode(model: Any) -> None:
+    """Frozen parts stay in eval (BatchNorm statistics fixed); LoRA dropout and the decoder
+    train."""
+    from .lora import LoRAQKV
+
+    model.eval()
+    model.mask_decoder.train()
+    for m in model.modules():
+        if isinstance(m, LoRAQKV):
+            m.train()
+
+
+def _trainable(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------------- loss
+def loss_fn(
+    logits: torch.Tensor, targets: torch.Tensor, mode: str, dice_w: float, ce_w: float
+) -> torch.Tensor:
+    """Dice + cross-entropy on low-resolution logits.
+
+    Args:
+        logits: (B, C, L, L) (automatic, C classes incl. background) or (B, 1, L, L).
+        targets: (B, L, L) class indices (automatic) or {0, 1} (prompted).
+        mode: ``automatic`` or ``prompted``.
+        dice_w: weight of the soft Dice loss (foreground classes, batch-pooled).
+        ce_w: weight of the (binary) cross-entropy.
+
+    Returns:
+        Scalar loss (float32).
+    """
+    logits = logits.float()
+    if mode == "automatic":
+        ce = F.cross_entropy(logits, targets)
+        prob = logits.softmax(1)[:, 1:]
+        onehot = F.one_hot(targets, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    else:
+        t = targets.float()[:, None]
+        ce = F.binary_cross_entropy_with_logits(logits, t)
+        prob, onehot = logits.sigmoid(), t
+    inter = (prob * onehot).sum((0, 2, 3))
+    denom = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    dice = 1.0 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
+    return dice_w * dice + ce_w * ce
+
+
+def lr_factor(step: int, cfg: FinetuneConfig) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then the schedule."""
+    o, n = cfg.optim, cfg.train.iterations
+    if o.warmup and step < o.warmup:
+        return (step + 1) / o.warmup
+    if o.schedule == "constant":
+        return 1.0
+    frac = (step - o.warmup) / max(1, n - o.warmup)
+    frac = min(max(frac, 0.0), 1.0)
+    if o.schedule == "poly":
+        return (1.0 - frac) ** 0.9
+    return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+# ---------------------------------------------------------------------------------- metrics
+def dice_3d(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two (Z, Y, X) bool volumes; NaN when the ground truth is empty (not scored)."""
+    g = int(gt.sum())
+    if g == 0:
+        return float("nan")
+    return 2.0 * float(np.logical_and(pred, gt).sum()) / (float(pred.sum()) + g)
+
+
+def validate(
+    model: Any,
+    cases: list[VolumeCase],
+    labels: dict[int, str],
+    mode: str,
+    *,
+    box_margin: float = 0.0,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """3D Dice per volume and class through the inference path.
+
+    Args:
+        model: a model (automatic mode: carrying an automatic adapter; prompted: any, the
+            zero-shot base model included).
+        cases: volumes already intensity-mapped (the Session is told ``minmax`` = unchanged).
+        labels: class id -> name incl. 0 background.
+        mode: ``automatic`` (``Session.automatic``) or ``prompted`` (one ground-truth box per
+            class and slice, ``Session.predict``; each class scored on its own mask).
+        box_margin: prompted: pixels added to each side of the box.
+        limit: score at most this many volumes.
+        batch_size: encoder batch.
+
+    Returns:
+        ``{"per_case": [{"case", "dice": {name: v}}], "per_class": {name: mean},
+        "mean_dice": float}`` (means ignore classes absent from a volume's ground truth).
+    """
+    from .engine import Session, mask_bbox
+
+    fg = {k: v for k, v in labels.items() if k != 0}
+    rows = []
+    todo = cases[:limit] if limit else cases
+    for n, case in enumerate(todo):
+        sess = Session(model, case.image, intensity="minmax", batch_size=batch_size)
+        dice: dict[str, float] = {}
+        if mode == "automatic":
+            pred = sess.automatic()
+            for k, name in fg.items():
+                dice[name] = dice_3d(pred == k, case.label == k)
+        else:
+            for k, name in fg.items():
+                gt = case.label == k
+                out = np.zeros_like(gt)
+                for z in np.nonzero(gt.any((1, 2)))[0]:
+                    box = mask_bbox(gt[z], box_margin)
+                    out[z] = sess.predict(int(z), box=box)
+                dice[name] = dice_3d(out, gt)
+        rows.append({"case": case.case_id, "dice": dice})
+        if progress is not None:
+            progress(n + 1, len(todo))
+    per_class = {
+        name: float(np.nanmean([r["dice"][name] for r in rows])) if rows else float("nan")
+        for name in fg.values()
+    }
+    case_means = [float(np.nanmean(list(r["dice"].values()))) for r in rows]
+    return {
+        "per_case": rows,
+        "per_class": per_class,
+        "mean_dice": float(np.nanmean(case_means)) if case_means else float("nan"),
+    }
+
+
+# ---------------------------------------------------------------------------------- batches
+class _BatchSource(torch.utils.data.Dataset):
+    """Batch ``step`` as a pure function of (seed, step): workers cannot change the stream."""
+
+    def __init__(self, slices: SliceSet, seed: int, batch_size: int, mode: str) -> None:
+        self.slices, self.seed, self.bs, self.mode = slices, seed, batch_size, mode
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        if torch.utils.data.get_worker_info() is not None:
+            torch.set_num_threads(1)
+        return collate([self.slices.sample(self.seed, step, b) for b in range(self.bs)], self.mode)
+
+
+class _CachedBatches:
+    """CPU option: frozen early-stage features of ``copies`` augmented versions of each slice,
+    computed once; a step samples (slice, copy) pairs."""
+
+    def __init__(
+        self, model: Any, slices: SliceSet, cfg: FinetuneConfig, device: torch.device,
+        log: Callable[[str], None],
+    ) -> None:
+        self.slices, self.cfg, self.mode = slices, cfg, cfg.mode
+        k, copies = cfg.train.cache_stages, cfg.train.cache_copies
+        self.feats: list[list[torch.Tensor]] = []
+        self.labels: list[list[np.ndarray]] = []
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for i, (image, label) in enumerate(slices.slices):
+                fs, ls = [], []
+                for c in range(copies):
+                    if c == 0:
+                        im, lab = image, label
+                    else:
+                        im, lab = slices.augment(image, label, sample_rng(cfg.train.seed, 10**9 + c, i))
+                    x = _prepare(im, model.image_size).to(device)
+                    fs.append(_encoder_prefix(model, x, k)[0].cpu())
+                    ls.append(lab)
+                self.feats.append(fs)
+                self.labels.append(ls)
+        log(f"cached stages 0..{k - 1} for {len(slices)} slices x {copies} copies "
+            f"in {time.perf_counter() - t0:.1f} s")
+
+    def batch(self, step: int) -> dict[str, Any]:
+        s = self.slices
+        out_f, samples = [], []
+        for b in range(self.cfg.train.batch_size):
+            rng = sample_rng(self.cfg.train.seed, step, b)
+            if self.mode == "automatic":
+                pool = s.empty if (s.empty and rng.random() < s.empty_fraction) else s.foreground
+                i, cls = pool[int(rng.integers(len(pool)))], 0
+            else:
+                i, cls = s.pairs[int(rng.integers(len(s.pairs)))]
+            c = int(rng.integers(len(self.feats[i])))
+            lab = self.labels[i][c]
+            if self.mode == "prompted" and not (lab == cls).any():
+                c, lab = 0, self.labels[i][0]
+            from .train_data import Sample, prepare_targets
+
+            if self.mode == "automatic":
+                tgt = prepare_targets(lab[None], s.image_size, s.low_res)[0]
+                samples.append(Sample(torch.empty(0), tgt))
+            else:
+                mask = lab == cls
+                tgt = prepare_targets(mask[None].astype(np.int64), s.image_size, s.low_res)[0]
+                box, pts = s._prompt(mask, rng)
+                samples.append(Sample(torch.empty(0), tgt, box, pts))
+            out_f.append(self.feats[i][c])
+        batch = collate(samples, self.mode)
+        batch["features"] = torch.stack(out_f)
+        return batch
+
+
+def _prepare(image: np.ndarray, size: int) -> torch.Tensor:
+    from .engine.preprocess import prepare_slices
+
+    return prepare_slices(image[None], size)
+
+
+# ---------------------------------------------------------------------------------- loop
+class FinetuneResult(dict):
+    """``finetune`` result: out folder, adapter folder, best step and metrics (a dict)."""
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _metadata(
+    cfg: FinetuneConfig, labels: dict[int, str], summary: dict[str, Any],
+    val: dict[str, Any] | None, best_step: int, command: str, device: str, seconds: float,
+    model: Any,
+) -> dict[str, Any]:
+    from . import __version__
+    from .lora import trainable_parameters
+
+    prompt = "none: one output per class (argmax)" if cfg.mode == "automatic" else (
+        "a box (x0, y0, x1, y1) around one object per call; returns one binary mask"
+    )
+    return {
+        "name": cfg.name,
+        "description": cfg.description,
+        "intended_use": cfg.intended_use,
+        "mode": cfg.mode,
+        "labels": {str(k): v for k, v in sorted(labels.items())},
+        "base_model": model.kind,
+        "base_model_sha256": model.checkpoint_sha256,
+        "input": {
+            "axes": "2D axial slices (Y, X) of a (Z, Y, X) volume",
+            "prompt": prompt,
+        },
+        "preprocessing": {
+            "intensity": summary.get("intensity"),
+            "modality": summary.get("modality"),
+            "slice": (
+                f"resize longest side to {model.image_size} (bilinear, antialiased), per-slice "
+                f"min-max to [0, 1], zero-pad bottom/right, 3 channels "
+                "(samed.engine.preprocess.prepare_slices)"
+            ),
+        },
+        "spacing": "2D, in-plane; trained on the dataset's native grids (no resampling)",
+        "training_data": {
+            **summary,
+            "labels_source": cfg.data.label_source,
+            "licence": cfg.data.licence,
+        },
+        "validation": None if val is None else {
+            "split": cfg.data.val_split,
+            "metric": "3D Dice per volume, mean over classes then volumes"
+            + (f"; ground-truth boxes, margin {cfg.validation.box_margin:g} px"
+               if cfg.mode == "prompted" else ""),
+            "step": best_step,
+            "mean_dice": val["mean_dice"],
+            "per_class": val["per_class"],
+            "per_case": val["per_case"],
+        },
+        "training": {
+            "config": cfg.to_dict(),
+            "iterations_run": None,
+            "best_step": best_step,
+            "device": device,
+            "seconds": round(seconds, 1),
+            "trainable_parameters": trainable_parameters(model),
+        },
+        "command": command,
+        "samed_version": __version__,
+        "licence": "Apache-2.0 (adapter weights); base model LiteMedSAM Apache-2.0",
+    }
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    device: str | None = None,
+    command: str = "",
+    log: Callable[[str], None] = print,
+    stop_after: int | None = None,
+) -> FinetuneResult:
+    """Train an adapter as ``cfg`` says and export the best one to ``out/adapter``.
+
+    Args:
+        cfg: the run's configuration.
+        out: output folder (created).
+        resume: continue from ``out/checkpoint.pt`` (same config required).
+        device: overrides ``cfg.train.device``.
+        command: the command line recorded in the metadata.
+        log: where progress lines go.
+        stop_after: stop (with a checkpoint) after this step count, as if interrupted (tests).
+
+    Returns:
+        A :class:`FinetuneResult` with ``out``, ``adapter``, ``best_step``, ``best_mean_dice``,
+        ``steps``, ``validation``.
+
+    Raises:
+        ValueError: invalid data or a checkpoint from another config.
+    """
+    from .lora import save_adapter
+    from .model import resolve_device
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device or cfg.train.device)
+    if dev.type == "cpu":
+        from .engine import tune_cpu_allocator
+
+        tune_cpu_allocator()
+    train_cases, labels, summary = load_cases(cfg.data, cfg.data.train_split)
+    val_cases: list[VolumeCase] = []
+    if cfg.data.val_split:
+        val_cases, _, _ = load_cases(cfg.data, cfg.data.val_split)
+    num_classes = max(labels) + 1
+    log(f"train: {summary['num_volumes']} volumes, {summary['num_slices']} slices "
+        f"({cfg.data.train_split}); val: {len(val_cases)} volumes; classes {labels}")
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_base_model(cfg, dev)
+    _attach_lora(model, cfg, num_classes)
+    model.to(dev)  # apply_lora creates its q/k/v index buffers on the CPU
+    model.adapter_labels = dict(labels)
+    params = _trainable(model)
+    groups = [
+        {"params": [p for n, p in params.items() if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for n, p in params.items() if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    if cfg.optim.name == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    else:
+        opt = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9)
+    log(f"model {model.kind} on {dev}: trainable {sum(p.numel() for p in params.values()):,} "
+        f"parameters in {len(model.lora_targets)} LoRA layers + decoder={cfg.lora.train_decoder}")
+
+    state = {"step": 0, "best": -1.0, "best_step": -1, "bad": 0, "history": [], "val": [],
+             "seconds": 0.0, "best_val": None}
+    ckpt_path = out / CHECKPOINT
+    if resume:
+        if not ckpt_path.is_file():
+            raise ValueError(f"--resume: {ckpt_path} does not exist")
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved_cfg = json.loads(ck["config"])
+        if saved_cfg != cfg.to_dict():
+            diff = sorted(k for k in set(saved_cfg) | set(cfg.to_dict())
+                          if saved_cfg.get(k) != cfg.to_dict().get(k))
+            raise ValueError(f"{ckpt_path} was written with another config (sections {diff})")
+        with torch.no_grad():
+            for n, t in ck["trainable"].items():
+                params[n].copy_(t)
+        opt.load_state_dict(ck["optimizer"])
+        state = json.loads(ck["state"])
+        log(f"resumed at step {state['step']} from {ckpt_path}")
+
+    slices = SliceSet(train_cases, cfg.mode, cfg.augment, cfg.prompt, model.image_size,
+                      model.low_res_size, cfg.data.empty_slice_fraction)
+    cached = None
+    k = cfg.train.cache_stages
+    if k:
+        cached = _CachedBatches(model, slices, cfg, dev, log)
+        batches: Any = (cached.batch(s) for s in range(state["step"], cfg.train.iterations))
+    else:
+        src = _BatchSource(slices, cfg.train.seed, cfg.train.batch_size, cfg.mode)
+        w = cfg.train.workers
+        if w:
+            loader = torch.utils.data.DataLoader(
+                src, batch_size=None, sampler=range(state["step"], cfg.train.iterations),
+                num_workers=w, prefetch_factor=4, persistent_workers=False,
+            )
+            batches = iter(loader)
+        else:
+            batches = (src[s] for s in range(state["step"], cfg.train.iterations))
+
+    amp = cfg.train.amp and dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    val_iv = cfg.validation.interval
+
+    def run_validation(step: int) -> bool:
+        """Validate, export on improvement; returns True when early stopping triggers."""
+        model.eval()
+        t0 = time.perf_counter()
+        res = validate(model, val_cases, labels, cfg.mode, box_margin=cfg.validation.box_margin,
+                       limit=cfg.validation.limit, batch_size=32 if dev.type == "cuda" else 4)
+        state["val"].append({"step": step, "mean_dice": res["mean_dice"],
+                             "per_class": res["per_class"]})
+        cls = " ".join(f"{n}={v:.4f}" for n, v in res["per_class"].items())
+        improved = res["mean_dice"] > state["best"]
+        log(f"val step {step}: mean_dice={res['mean_dice']:.4f} ({cls}) "
+            f"{time.perf_counter() - t0:.1f}s{' *' if improved else ''}")
+        if improved:
+            state["best"], state["best_step"], state["bad"] = res["mean_dice"], step, 0
+            state["best_val"] = res
+            export(step, res)
+        else:
+            state["bad"] += 1
+        _set_train_mode(model)
+        p = cfg.validation.patience
+        return bool(p and state["bad"] >= p)
+
+    def export(step: int, val: dict[str, Any] | None) -> None:
+        meta = _metadata(cfg, labels, summary, val, step, command, str(dev),
+                         state["seconds"] + time.perf_counter() - t_run, model)
+        meta["training"]["iterations_run"] = step
+        save_adapter(model, out / "adapter", labels=labels, metadata=meta, overwrite=True)
+
+    def checkpoint(step: int) -> None:
+        state["step"] = step
+        state["seconds"] += time.perf_counter() - t_run
+        _atomic_torch_save(
+            {"trainable": {n: p.detach().cpu().clone() for n, p in params.items()},
+             "optimizer": opt.state_dict(), "state": json.dumps(state),
+             "config": json.dumps(cfg.to_dict())},
+            ckpt_path,
+        )
+        state["seconds"] -= time.perf_counter() - t_run
+
+    _set_train_mode(model)
+    t_run = time.perf_counter()
+    t_log, n_log = time.perf_counter(), 0
+    step = state["step"]
+    stopped_early = False
+    while step < cfg.train.iterations:
+        if stop_after is not None and step >= stop_after:
+            checkpoint(step)
+            return FinetuneResult(out=out, steps=step, interrupted=True)
+        batch = next(batches)
+        for g in opt.param_groups:
+            g["lr"] = cfg.optim.lr * lr_factor(step, cfg)
+        with torch.autocast("cuda", dtype=amp_dtype) if amp else torch.autocast("cpu", enabled=False):
+            if cached is not None:
+                emb = _encoder_suffix(model, batch["features"].to(dev), k)
+            else:
+                emb = model.encode(batch["images"].to(dev, non_blocking=True))
+            if cfg.mode == "automatic":
+                logits, _ = model.decode(emb, multimask_output=True)
+            else:
+                pts = batch.get("points")
+                if pts is not None:
+                    pts = (pts[0].to(dev), pts[1].to(dev))
+                logits, _ = model.decode(emb, boxes=batch["boxes"].to(dev), points=pts)
+        loss = loss_fn(logits, batch["targets"].to(dev), cfg.mode, cfg.loss.dice_weight,
+                       cfg.loss.ce_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.optim.grad_clip)
+        opt.step()
+        step += 1
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"loss became {lv} at step {step}; lower optim.lr")
+        state["history"].append([step, round(lv, 6)])
+        n_log += 1
+        if step % cfg.train.log_interval == 0 or step == cfg.train.iterations:
+            dt = (time.perf_counter() - t_log) / max(n_log, 1)
+            log(f"step {step}/{cfg.train.iterations} loss={lv:.4f} "
+                f"lr={opt.param_groups[0]['lr']:.2e} {dt:.3f} s/it")
+            t_log, n_log = time.perf_counter(), 0
+        last = step == cfg.train.iterations
+        mm = cfg.train.max_minutes
+        if mm is not None and time.perf_counter() - t_run > 60 * mm and not last:
+            log(f"train.max_minutes={mm:g} reached at step {step}: stopping")
+            last = stopped_early = True
+        if val_cases and ((val_iv and step % val_iv == 0) or last):
+            if run_validation(step) and not stopped_early:
+                log(f"early stop at step {step}: no improvement in "
+                    f"{cfg.validation.patience} validations")
+                stopped_early = True
+                last = True
+        if step % cfg.train.checkpoint_interval == 0 or last:
+            checkpoint(step)
+        if stopped_early:
+            break
+    if not val_cases:
+        export(step, None)
+        state["best_step"] = step
+    state["seconds"] += time.perf_counter() - t_run
+    metrics = {
+        "name": cfg.name, "mode": cfg.mode, "device": str(dev), "steps": step,
+        "stopped_early": stopped_early, "best_step": state["best_step"],
+        "best_mean_dice": state["best"] if val_cases else None,
+        "best_validation": state["best_val"], "validation": state["val"],
+        "loss": state["history"], "train_seconds": round(state["seconds"], 1),
+        "seconds_per_iteration": round(state["seconds"] / max(1, len(state["history"])), 4),
+        "train_data": summary, "command": command, "config": cfg.to_dict(),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    try:
+        plot_curve(metrics, out / "curve.png")
+    except ImportError:
+        log("matplotlib missing: no curve.png")
+    log(f"done: {step} steps, best mean_dice={state['best']:.4f} at step {state['best_step']}; "
+        f"adapter in {out / 'adapter'}")
+    return FinetuneResult(out=out, adapter=out / "adapter", steps=step,
+                          best_step=state["best_step"], best_mean_dice=state["best"],
+                          validation=state["best_val"])
+
+
+def plot_curve(metrics: dict[str, Any], path: Path) -> None:
+    """Training loss (left axis, smoothed) and validation mean Dice (right axis) -> PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    h = np.asarray(metrics["loss"], dtype=float).reshape(-1, 2)
+    if len(h):
+        w = max(1, len(h) // 50)
+        smooth = np.convolve(h[:, 1], np.ones(w) / w, mode="valid")
+        ax.plot(h[:, 0], h[:, 1], color="0.8", lw=0.5)
+        ax.plot(h[w - 1 :, 0], smooth, color="C0", label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (Dice + CE)")
+    if metrics["validation"]:
+        ax2 = ax.twinx()
+        v = metrics["validation"]
+        ax2.plot([r["step"] for r in v], [r["mean_dice"] for r in v], "o-", color="C1",
+                 label="val mean Dice")
+        ax2.set_ylabel("validation mean Dice")
+        ax2.set_ylim(0, 1)
+    ax.set_title(f"{metrics['name']} ({metrics['mode']})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- CLI
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise ValueError(f"--set {it!r} must be KEY=VALUE (e.g. train.iterations=100)")
+        k, v = it.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``samed finetune`` on an argparse sub-parser collection."""
+    p = subparsers.add_parser(
+        "finetune", help="fine-tune a LoRA adapter on labeled volumes (YAML config)",
+        description="Train LoRA + decoder on labeled data as configs/NAME.yaml says; writes "
+        "checkpoint.pt, metrics.json, curve.png and the best adapter to --out.",
+    )
+    p.add_argument("--config", required=True, help="YAML fine-tuning config (configs/*.yaml)")
+    p.add_argument("--out", default=None, help="output folder (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="overrides train.device")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.iterations=100 (repeatable)")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="also copy the best adapter to DIR/<name> (e.g. adapters)")
+    p.set_defaults(func=run_finetune)
+    return p
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """``samed finetune``: returns 0 on success, 2 on a configuration or data error."""
+    try:
+        cfg = load_config(args.config, _parse_set(getattr(args, "set", [])))
+    except ValueError as exc:
+        print(f"samed finetune: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path("runs") / cfg.name)
+    argv = sys.argv[1:]
+    if argv[:1] != ["finetune"]:  # python -m samed.train: arguments come without the verb
+        argv = ["finetune", *argv]
+    command = "samed " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        res = finetune(cfg, out, resume=args.resume, device=args.device, command=command)
+    except ValueError as exc:
+        print(f"samed finetune: {exc}", file=sys.stderr)
+        return 2
+    export = getattr(args, "export", None)
+    if export:
+        dst = Path(export) / cfg.name
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(res["adapter"], dst)
+        print(f"exported adapter to {dst}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m samed.train ...`` (same arguments as ``samed finetune``)."""
+    parser = argparse.ArgumentParser(prog="samed")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(["finetune", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""Fine-tuning on a tiny random model and a tiny synthetic dataset (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from samed.config import config_from_dict
+from samed.train import dice_3d, finetune, loss_fn, lr_factor, validate
+from samed.train_data import load_cases, prepare_targets
+
+LATE = r"image_encoder\.layers\.3\..*\.attn\.qkv"
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 volumes of 2 slices (40 x 48): a bright disk (class 1) and a square (class 2)."""
+    nib = pytest.importorskip("nibabel")
+    root = tmp_path_factory.mktemp("tinyds")
+    (root / "imagesTr").mkdir()
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    training = []
+    yy, xx = np.mgrid[:40, :48]
+    for i in range(4):
+        lab = np.zeros((2, 40, 48), np.uint8)
+        cy, cx = 20 + rng.integers(-4, 5), 16 + rng.integers(-4, 5)
+        lab[:, (yy - cy) ** 2 + (xx - cx) ** 2 < 49] = 1
+        lab[:, 10:22, 30:42] = 2
+        img = 0.1 + 0.5 * (lab == 1) + 0.8 * (lab == 2) + 0.03 * rng.standard_normal(lab.shape)
+        # files store (x, y, z); samed reads them as (z, y, x)
+        nib.save(nib.Nifti1Image(img.astype(np.float32).T, np.eye(4)), root / f"imagesTr/c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(lab.T, np.eye(4)), root / f"labelsTr/c{i}.nii.gz")
+        training.append({"image": f"imagesTr/c{i}.nii.gz", "label": f"labelsTr/c{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "tiny", "labels": {"0": "background", "1": "disk", "2": "square"},
+        "training": training, "splits": {"train": ["c0", "c1", "c2"], "val": ["c3"]},
+    }))
+    return root
+
+
+def _cfg(root: Path, **over: dict) -> object:
+    raw = {
+        "name": "tiny-adapter", "mode": "automatic", "model": {"kind": "tiny"},
+        "data": {"root": str(root), "train_split": "train", "val_split": None,
+                 "empty_slice_fraction": 0.0},
+        "lora": {"r": 2, "alpha": 2, "target_modules": LATE},
+        "augment": {"enabled": False},
+        "optim": {"lr": 1e-3, "warmup": 0, "schedule": "constant"},
+        "train": {"iterations": 6, "batch_size": 1, "cache_stages": 3, "cache_copies": 1,
+                  "log_interval": 100, "checkpoint_interval": 100, "device": "cpu"},
+        "validation": {"interval": 0},
+    }
+    for k, v in over.items():
+        raw.setdefault(k, {}).update(v) if isinstance(v, dict) else raw.__setitem__(k, v)
+    return config_from_dict(raw)
+
+
+def test_loss_falls_and_exported_adapter_reloads(tiny_dataset: Path, tmp_path: Path) -> None:
+    from samed.lora import load_adapter
+    from samed.model import build_tiny_model
+
+    cfg = _cfg(tiny_dataset, data={"val_split": "val"})
+    res = finetune(cfg, tmp_path / "run", log=lambda s: None)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    losses = [v for _, v in m["loss"]]
+    assert res["steps"] == 6 and len(losses) == 6
+    assert np.mean(losses[-2:]) < np.mean(losses[:2])
+    assert (tmp_path / "run" / "curve.png").stat().st_size > 1000
+    folder = res["adapter"]
+    meta = json.loads((folder / "metadata.json").read_text())
+    for key in ("description", "labels", "preprocessing", "training_data", "validation",
+                "command", "samed_version", "intended_use"):
+        assert key in meta
+    assert meta["training_data"]["cases"] == ["c0", "c1", "c2"]
+    assert meta["validation"]["per_class"].keys() == {"disk", "square"}
+    # the reloaded adapter predicts exactly what the exported (best) model scored
+    cases, labels, _ = load_cases(cfg.data, "val")
+    m1 = build_tiny_model(seed=cfg.train.seed)
+    load_adapter(m1, folder)
+    r1 = validate(m1, cases, labels, "automatic")
+    assert r1["mean_dice"] == pytest.approx(meta["validation"]["mean_dice"], abs=1e-9)
+    with pytest.raises(ValueError, match="SHA-256"):  # another random base model is refused
+        load_adapter(build_tiny_model(seed=123), folder)
+
+
+def test_resume_continues_identically(tiny_dataset: Path, tmp_path: Path) -> None:
+    # on-the-fly MONAI augmentation, full encoder path
+    over = {"augment": {"enabled": True, "noise_prob": 0.5},
+            "train": {"iterations": 3, "cache_stages": 0}}
+    cfg = _cfg(tiny_dataset, **over)
+    finetune(cfg, tmp_path / "a", log=lambda s: None)
+    part = finetune(cfg, tmp_path / "b", log=lambda s: None, stop_after=1)
+    assert part["interrupted"] and part["steps"] == 1
+    finetune(cfg, tmp_path / "b", resume=True, log=lambda s: None)
+    ca = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ca["trainable"].keys() == cb["trainable"].keys()
+    for k, v in ca["trainable"].items():
+        assert torch.equal(v, cb["trainable"][k]), k
+    la = json.loads((tmp_path / "a" / "metrics.json").read_text())["loss"]
+    lb = json.loads((tmp_path / "b" / "metrics.json").read_text())["loss"]
+    assert la == lb
+
+
+def test_resume_refuses_another_config(tiny_dataset: Path, tmp_path: Path) -> None:
+    finetune(_cfg(tiny_dataset), tmp_path / "r", log=lambda s: None, stop_after=0)
+    other = _cfg(tiny_dataset, optim={"lr": 1e-2})
+    with pytest.raises(ValueError, match="another config"):
+        finetune(other, tmp_path / "r", resume=True, log=lambda s: None)
+
+
+def test_prompted_mode_trains_and_validates(tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_dataset, mode="prompted", data={"val_split": "val"},
+               prompt={"point_prob": 0.5, "max_points": 2}, train={"iterations": 1})
+    res = finetune(cfg, tmp_path / "p", log=lambda s: None)
+    assert 0.0 <= res["best_mean_dice"] <= 1.0
+    cfgj = json.loads((res["adapter"] / "adapter_config.json").read_text())
+    assert cfgj["mode"] == "prompted"
+
+
+def test_cache_stages_refuses_early_lora(tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_dataset, lora={"target_modules": r"image_encoder\..*\.attn\.qkv"})
+    with pytest.raises(ValueError, match="cache_stages"):
+        finetune(cfg, tmp_path / "x", log=lambda s: None)
+
+
+def test_loss_and_targets() -> None:
+    t = torch.zeros(1, 8, 8, dtype=torch.long)
+    t[0, 2:5, 2:5] = 1
+    perfect = torch.full((1, 2, 8, 8), -20.0)
+    perfect[:, 0][t == 0] = 20
+    perfect[:, 1][t == 1] = 20
+    assert float(loss_fn(perfect, t, "automatic", 0.8, 0.2)) < 1e-3
+    assert float(loss_fn(-perfect, t, "automatic", 0.8, 0.2)) > 0.5
+    lab = np.zeros((1, 20, 40), np.int64)
+    lab[0, :, :20] = 3
+    out = prepare_targets(lab, 16, 8)
+    assert out.shape == (1, 8, 8)
+    assert out[0, :4, :4].eq(3).all() and out[0, 5:].eq(0).all()  # padded rows are background
+
+
+def test_dice_and_schedule() -> None:
+    a = np.zeros((2, 4, 4), bool)
+    a[0, :2] = True
+    assert dice_3d(a, a) == 1.0
+    assert np.isnan(dice_3d(a, np.zeros_like(a)))
+    cfg = config_from_dict({"name": "x", "data": {"root": "r"}, "optim": {"warmup": 10},
+                            "train": {"iterations": 100}})
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(99, cfg) < 0.01

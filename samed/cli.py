@@ -24,6 +24,7 @@ _COMMANDS = {
     "convert": "samed.io.cli",
     "finetune": "samed.train",
     "evaluate": "samed.evaluate",
+    "demo": "samed.demo",
 }
 
 

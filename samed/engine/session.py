@@ -248,6 +248,7 @@ class Session:
         point_labels: np.ndarray | list | None = None,
         mask_input: torch.Tensor | np.ndarray | None = None,
         threshold: float = 0.0,
+        mask_output: int | None = None,
     ) -> Prediction:
         """Segment one object on slice z from a box, points and/or a previous low-res mask.
 
@@ -258,6 +259,9 @@ class Session:
             point_labels: (N,) 1 = positive (object), 0 = negative (background).
             mask_input: (L, L) low-resolution logits from an earlier :class:`Prediction`.
             threshold: logit threshold (0.0 = probability 0.5).
+            mask_output: None for the single-mask output (what MedSAM/LiteMedSAM were trained
+                for); k in 0..2 picks SAM's k-th multimask output instead (0 is the coarsest:
+                with LiteMedSAM it fits large objects such as the whole brain better).
 
         Returns:
             A :class:`Prediction` with the (Y, X) bool mask.
@@ -286,7 +290,16 @@ class Session:
             if m.shape[-2:] != (low, low):
                 raise ValueError(f"mask_input must be ({low}, {low}) low-res logits; got {tuple(m.shape)}")
             masks_t = m.reshape(1, 1, low, low)
-        logits, iou = self.model.decode(emb, boxes=boxes_t, points=pts, mask_inputs=masks_t)
+        if mask_output is None:
+            logits, iou = self.model.decode(emb, boxes=boxes_t, points=pts, mask_inputs=masks_t)
+        else:
+            n = self.model.num_mask_outputs
+            if not isinstance(mask_output, int) or not 0 <= mask_output < n:
+                raise ValueError(f"mask_output={mask_output!r} must be None or an integer in [0, {n - 1}]")
+            logits, iou = self.model.decode(
+                emb, boxes=boxes_t, points=pts, mask_inputs=masks_t, multimask_output=True
+            )
+            logits, iou = logits[:, mask_output : mask_output + 1], iou[:, mask_output : mask_output + 1]
         full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
         mask = (full[0, 0] > threshold).cpu().numpy()
         return Prediction(mask=mask, score=float(iou[0, 0]), low_res_logits=logits[0, 0].float().cpu())
@@ -306,14 +319,18 @@ class Session:
         use_mask_prompt: bool = False,
         min_area: int = 10,
         min_score: float = 0.0,
+        max_intensity_shift: float | None = 0.2,
         max_distance: int | None = None,
+        mask_output: int | None = None,
     ) -> Iterator[PropagationStep]:
         """Carry an object from slice z through the volume, slice by slice.
 
         Each next slice is prompted with the previous slice's mask box (grown by ``box_margin``
         px) and, if ``use_mask_prompt``, its low-resolution logits. A direction stops when the
-        mask has fewer than ``min_area`` pixels, its predicted IoU is below ``min_score``, or the
-        volume ends. Forward (+z) runs first, then backward. The starting slice itself is not
+        mask has fewer than ``min_area`` pixels, its predicted IoU is below ``min_score``, the
+        mean intensity inside it (model intensity scale, [0, 1] after windowing) moved more than
+        ``max_intensity_shift`` from the starting mask's (SAM always finds *something* in a box;
+        a different tissue there means the object has ended), or the volume ends. Forward (+z) runs first, then backward. The starting slice itself is not
         yielded. Embeddings are computed as needed (in batches ahead of the walk).
 
         Args:
@@ -321,6 +338,7 @@ class Session:
             mask: (Y, X) bool mask of the object on slice z (e.g. from :meth:`predict`).
             direction: ``"both"``, ``"forward"`` (+z) or ``"backward"`` (-z).
             max_distance: at most this many slices from z in each direction (None: no limit).
+            mask_output: which decoder output to use (see :meth:`predict_full`).
 
         Yields:
             :class:`PropagationStep` per slice reached (the last one of a direction has
@@ -340,6 +358,7 @@ class Session:
             min(limit, (self.shape[0] - 1 - z) if d > 0 else z) for d in dirs[direction]
         )
         done = 0
+        ref_mean = float(self.image[z][mask].mean())
         for d in dirs[direction]:
             prev = mask
             prev_logits = None
@@ -358,10 +377,14 @@ class Session:
                     self.embed(ahead)
                 box = mask_bbox(prev, box_margin)
                 pred = self.predict_full(
-                    zz, box=box, mask_input=prev_logits if use_mask_prompt else None
+                    zz, box=box, mask_input=prev_logits if use_mask_prompt else None,
+                    mask_output=mask_output,
                 )
                 done += 1
                 vanished = int(pred.mask.sum()) < min_area or pred.score < min_score
+                if not vanished and max_intensity_shift is not None:
+                    shift = abs(float(self.image[zz][pred.mask].mean()) - ref_mean)
+                    vanished = shift > max_intensity_shift
                 if vanished:
                     yield PropagationStep(
                         zz, np.zeros_like(pred.mask), d, pred.score, done, total, stopped=True

@@ -1,0 +1,123 @@
+"""``samed demo``: the whole pipeline on data that installed packages ship (no download).
+
+The MNI152 T1 template (ICBM 2009a, skull-stripped, 2 mm; shipped inside ``nilearn``) is segmented
+headlessly with the bundled LiteMedSAM weights: one box in world millimetres on the central
+axial slice (as a user would draw it), propagation through the volume, the label map written as
+NIfTI on the template's grid with a QC montage, and the Dice against the brain mask that nilearn
+ships with the template printed last.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["add_parser", "run_demo", "sample_mni152"]
+
+# The brain's extent on the axial plane z = +10 mm of MNI space (RAS mm), with a small margin.
+BRAIN_BOX_MM = (-72.0, -108.0, 72.0, 74.0)
+BRAIN_SLICE_MM = 10.0
+
+
+def sample_mni152(folder: str | Path) -> tuple[Path, Path]:
+    """Write the MNI152 T1 template and its brain mask (2 mm) from nilearn as NIfTI files.
+
+    Returns:
+        (template path, brain-mask path) inside ``folder``.
+
+    Raises:
+        ValueError: nilearn is not installed.
+    """
+    try:
+        from nilearn import datasets
+    except ImportError as exc:  # pragma: no cover - nilearn is a core dependency
+        raise ValueError("the demo needs nilearn (pip install nilearn)") from exc
+    import nibabel as nib
+
+    from .io import atomic_write
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    t1, mask = folder / "mni152_t1_2mm.nii.gz", folder / "mni152_brain_mask_2mm.nii.gz"
+    for path, img in (
+        (t1, datasets.load_mni152_template(resolution=2)),
+        (mask, datasets.load_mni152_brain_mask(resolution=2)),
+    ):
+        if not path.exists():
+            with atomic_write(path) as tmp:
+                nib.save(img, str(tmp) + ".nii.gz")
+                Path(str(tmp) + ".nii.gz").replace(tmp)
+    return t1, mask
+
+
+def run_demo(args: Any) -> int:
+    """Segment the MNI152 brain from one box; returns the exit code (0 when it ran)."""
+    from tqdm import tqdm
+
+    from .engine import Session, tune_cpu_allocator
+    from .io import load_label_map, load_volume, save_nifti
+    from .model import build_model
+    from .qc import save_qc_png
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    t1_path, mask_path = sample_mni152(out / "input")
+    vol = load_volume(t1_path)
+    gt = load_label_map(mask_path, reference=vol).array > 0
+    model = build_model(device=args.device)
+    if model.device.type == "cpu":
+        tune_cpu_allocator()
+    inv = np.linalg.inv(vol.affine)
+    x0, y0, x1, y1 = BRAIN_BOX_MM
+    a = inv @ [x0, y0, BRAIN_SLICE_MM, 1.0]
+    b = inv @ [x1, y1, BRAIN_SLICE_MM, 1.0]
+    z = int(round(a[2]))
+    box = [min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]), max(a[1], b[1])]
+    print(f"model {model.kind} on {model.device}; volume {vol.shape} (z, y, x), "
+          f"{vol.orientation}, spacing {tuple(round(s, 2) for s in vol.spacing)} mm")
+    print(f"box on slice z={z}: x {box[0]:.0f}-{box[2]:.0f}, y {box[1]:.0f}-{box[3]:.0f} px "
+          f"(world {BRAIN_BOX_MM} mm at z={BRAIN_SLICE_MM} mm)")
+    session = Session(model, vol, intensity="percentile")
+    # the coarsest of SAM's three outputs fits a whole organ; LiteMedSAM's single output picks
+    # an inner part of the brain (measured: Dice 0.53 vs 0.87 on the key slice)
+    start = session.predict(z, box=box, mask_output=0)
+    seg = np.zeros(vol.shape, dtype=np.uint8)
+    seg[z] = start
+    with tqdm(desc="propagate", unit="slice", file=sys.stderr, disable=None) as bar:
+        for step in session.propagate(z, start, mask_output=0, box_margin=3):
+            if not step.stopped:
+                seg[step.z] = step.mask
+            bar.total = step.total
+            bar.update(1)
+    seg_path = save_nifti(seg, vol, out / "brain_seg.nii.gz")
+    qc_path = save_qc_png(out / "brain_qc.png", vol.array, seg)
+    dice = 2.0 * float((seg.astype(bool) & gt).sum()) / float(seg.astype(bool).sum() + gt.sum())
+    ml = float(seg.sum()) * float(np.prod(vol.spacing)) / 1000.0
+    summary = {
+        "input": str(t1_path), "output": str(seg_path), "qc": str(qc_path),
+        "brain_volume_ml": round(ml, 1), "reference_volume_ml":
+        round(float(gt.sum()) * float(np.prod(vol.spacing)) / 1000.0, 1),
+        "dice_vs_nilearn_brain_mask": round(dice, 4),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for k, v in summary.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``samed demo``."""
+    p = subparsers.add_parser(
+        "demo",
+        help="segment the MNI152 brain (shipped in nilearn) with the bundled model",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
+    p.add_argument("--out", default="samed-demo", help="output folder (default ./samed-demo)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.set_defaults(func=run_demo)

@@ -1,0 +1,172 @@
+"""The widget's one session object: model, engine sessions and annotators, without Qt.
+
+Everything here is plain Python over :mod:`samed` so that the widget only wires buttons and layers
+to these calls (and the logic is testable without a display).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Settings", "PluginSession", "default_cache_dir"]
+
+
+def default_cache_dir() -> Path | None:
+    """Embedding cache folder: ``$SAMED_CACHE_DIR`` (``"none"`` disables), else
+    ``~/.cache/samed/embeddings``."""
+    env = os.environ.get("SAMED_CACHE_DIR")
+    if env is not None:
+        return None if env.strip().lower() in ("", "none", "0") else Path(env)
+    return Path.home() / ".cache" / "samed" / "embeddings"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the model and the embeddings depend on.
+
+    Attributes:
+        model_kind: a key of :data:`samed.registry.MODEL_KINDS`.
+        checkpoint: checkpoint path for models without bundled weights ("" otherwise).
+        adapter: adapter name or folder ("" for none).
+        intensity: engine intensity spec (``"auto"``, a CT window preset name, ``"percentile"``,
+            ``"minmax"``).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    """
+
+    model_kind: str = "litemedsam"
+    checkpoint: str = ""
+    adapter: str = ""
+    intensity: str = "auto"
+    device: str = "auto"
+
+    @property
+    def model_key(self) -> tuple[str, str, str, str]:
+        return (self.model_kind, self.checkpoint, self.adapter, self.device)
+
+
+class PluginSession:
+    """Loads models lazily and keeps engine sessions (embedding caches) per image.
+
+    Args:
+        model_factory: ``f(settings) -> SamModel``; default builds through
+            :func:`samed.model.build_model` and :func:`samed.lora.load_adapter`. Tests pass a tiny
+            random model here.
+        cache_dir: on-disk embedding cache (None: memory only).
+        max_engines: engine sessions kept in memory (each holds its embeddings: ~4 MB per
+            slice for LiteMedSAM).
+    """
+
+    def __init__(
+        self,
+        model_factory: Callable[[Settings], Any] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        max_engines: int = 2,
+    ) -> None:
+        self.settings = Settings()
+        self.model_factory = model_factory or _build_model
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.max_engines = int(max_engines)
+        self._model: Any = None
+        self._model_key: tuple | None = None
+        self._engines: OrderedDict[tuple, Any] = OrderedDict()
+        self._annotators: dict[tuple, Any] = {}
+
+    # ------------------------------------------------------------------ settings and model
+    def update(self, **changes: Any) -> None:
+        """Change settings; a changed model drops the loaded model and its engines."""
+        new = Settings(**{**self.settings.__dict__, **changes})
+        if new.model_key != self.settings.model_key:
+            self._model = None
+            self._model_key = None
+            self._engines.clear()
+            self._annotators.clear()
+        self.settings = new
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._model is not None
+
+    def model(self) -> Any:
+        """The model for the current settings (built on first use; seconds)."""
+        if self._model is None or self._model_key != self.settings.model_key:
+            self._model = self.model_factory(self.settings)
+            self._model_key = self.settings.model_key
+        return self._model
+
+    # ------------------------------------------------------------------ engines and annotators
+    def engine(self, image: np.ndarray, modality: str = "") -> Any:
+        """The :class:`samed.engine.Session` for an image array under the current settings.
+
+        Sessions are keyed by the array's identity, the model and the intensity mapping; the
+        embeddings live in the session (and in :attr:`cache_dir` when set).
+        """
+        from samed.engine import Session
+
+        key = (id(image), self.settings.model_key, self.settings.intensity)
+        eng = self._engines.get(key)
+        if eng is not None and eng.shape == tuple(image.shape[-3:]):
+            self._engines.move_to_end(key)
+            return eng
+        model = self.model()
+        batch = 8 if str(getattr(model, "device", "cpu")).startswith("cuda") else 2
+        eng = Session(
+            model,
+            np.asarray(image),
+            intensity=self.settings.intensity,
+            modality=modality,
+            batch_size=batch,
+            cache_dir=self.cache_dir,
+        )
+        self._engines[key] = eng
+        while len(self._engines) > self.max_engines:
+            _key, dropped = self._engines.popitem(last=False)
+            for k in [k for k in self._annotators if k[0] == id(dropped)]:
+                del self._annotators[k]
+        return eng
+
+    def annotator(self, engine: Any, labels: np.ndarray) -> Any:
+        """The :class:`samed.annotation.Annotator` for an engine and a label array (one per pair,
+        so undo history survives switching layers back and forth)."""
+        from samed.annotation import Annotator
+
+        key = (id(engine), id(labels))
+        ann = self._annotators.get(key)
+        if ann is None or ann.labels is not labels:
+            ann = Annotator(engine, labels)
+            self._annotators[key] = ann
+        return ann
+
+    def save_cache(self, engine: Any) -> None:
+        """Write an engine's embeddings to the disk cache (no-op without a cache folder)."""
+        if engine is not None and engine.cache_dir is not None:
+            engine.save_cache()
+
+
+def _build_model(settings: Settings) -> Any:
+    from samed.engine import tune_cpu_allocator
+    from samed.model import build_model
+    from samed.registry import MODEL_KINDS
+
+    spec = MODEL_KINDS.get(settings.model_kind)
+    if spec is None:
+        raise ValueError(
+            f"unknown model {settings.model_kind!r}; choose one of {sorted(MODEL_KINDS)}"
+        )
+    if not spec.bundled and not settings.checkpoint:
+        raise ValueError(f"{settings.model_kind} needs a checkpoint file ({spec.description})")
+    model = build_model(settings.model_kind, settings.checkpoint or None, device=settings.device)
+    if str(model.device) == "cpu":
+        tune_cpu_allocator()
+    if settings.adapter:
+        from samed.lora import load_adapter
+        from samed.registry import resolve_adapter
+
+        load_adapter(model, resolve_adapter(settings.adapter))
+    return model

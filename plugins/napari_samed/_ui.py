@@ -1,0 +1,139 @@
+"""Qt layout of the samed dock widget (no behaviour: :mod:`napari_samed._widget` wires it)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+__all__ = ["build_ui"]
+
+_BUTTONS = (
+    # attribute, text, shortcut hint, tooltip
+    ("embed", "Embed volume", "Shift-E", "Compute image embeddings for every slice (cached)"),
+    ("stop", "Stop", "Shift-X", "Stop embedding / propagation / automatic after this step"),
+    (
+        "accept",
+        "Accept",
+        "Shift-A",
+        "Write the object into the labels layer under the active label",
+    ),
+    ("propagate", "Propagate", "Shift-P", "Carry the object through the volume"),
+    ("clear_object", "Clear object", "Shift-C", "Drop the current prompts and preview"),
+    ("automatic", "Automatic", "", "Segment all classes with an automatic adapter"),
+    ("undo", "Undo", "Shift-U", "Undo the last prompt, propagation, clear or accept"),
+    ("redo", "Redo", "Shift-R", "Redo"),
+    ("export", "Export...", "", "Save labels: NIfTI on the source grid, or DICOM SEG (.dcm)"),
+)
+
+
+def build_ui(parent: QWidget) -> SimpleNamespace:
+    """Create the widget's controls inside ``parent``; returns them by name."""
+    from samed.registry import CT_WINDOWS, DEFAULT_MODEL, MODEL_KINDS, find_adapters
+
+    ui = SimpleNamespace()
+    root = QVBoxLayout(parent)
+
+    model_box = QGroupBox("Model")
+    form = QFormLayout(model_box)
+    ui.model_combo = QComboBox()
+    for kind, spec in MODEL_KINDS.items():
+        ui.model_combo.addItem(kind, kind)
+        ui.model_combo.setItemData(ui.model_combo.count() - 1, spec.description, 3)  # tooltip
+    ui.model_combo.setCurrentText(DEFAULT_MODEL)
+    ui.checkpoint_edit = QLineEdit()
+    ui.checkpoint_edit.setPlaceholderText("checkpoint .pth (not needed for litemedsam)")
+    ui.checkpoint_edit.setEnabled(not MODEL_KINDS[DEFAULT_MODEL].bundled)
+    ui.adapter_combo = QComboBox()
+    ui.adapter_combo.addItem("(none)", "")
+    adapters = {a.name: a for a in find_adapters()}
+    for a in adapters.values():
+        ui.adapter_combo.addItem(f"{a.name} [{a.mode}]", a.name)
+    form.addRow("Model", ui.model_combo)
+    form.addRow("Checkpoint", ui.checkpoint_edit)
+    form.addRow("Adapter", ui.adapter_combo)
+    root.addWidget(model_box)
+
+    data_box = QGroupBox("Data")
+    form = QFormLayout(data_box)
+    ui.image_combo = QComboBox()
+    ui.window_combo = QComboBox()
+    ui.window_combo.addItem("auto (CT: abdomen)", "auto")
+    for name, w in CT_WINDOWS.items():
+        ui.window_combo.addItem(f"CT {name} (L {w.center:g} / W {w.width:g})", name)
+    ui.window_combo.addItem("percentile 0.5-99.5 (MR)", "percentile")
+    ui.window_combo.addItem("min-max per slice", "minmax")
+    ui.labels_combo = QComboBox()
+    ui.new_labels_btn = QPushButton("New")
+    row = QHBoxLayout()
+    row.addWidget(ui.labels_combo, 1)
+    row.addWidget(ui.new_labels_btn)
+    ui.label_spin = QSpinBox()
+    ui.label_spin.setRange(1, 65535)
+    ui.preserve_check = QCheckBox("Preserve other labels")
+    ui.preserve_check.setChecked(True)
+    ui.preserve_check.setToolTip("Accept never overwrites voxels that carry another label")
+    form.addRow("Image", ui.image_combo)
+    form.addRow("Window", ui.window_combo)
+    form.addRow("Labels", row)
+    form.addRow("Active label", ui.label_spin)
+    form.addRow("", ui.preserve_check)
+    root.addWidget(data_box)
+
+    act_box = QGroupBox("Segment")
+    grid = QGridLayout(act_box)
+    for i, (attr, text, key, tip) in enumerate(_BUTTONS):
+        btn = QPushButton(f"{text} ({key})" if key else text)
+        btn.setToolTip(tip)
+        setattr(ui, f"{attr}_btn", btn)
+        grid.addWidget(btn, i // 2, i % 2)
+    ui.direction_combo = QComboBox()
+    ui.direction_combo.addItems(["both", "forward", "backward"])
+    n = len(_BUTTONS)
+    grid.addWidget(QLabel("Propagate direction"), (n + 1) // 2, 0)
+    grid.addWidget(ui.direction_combo, (n + 1) // 2, 1)
+    ui.stop_btn.setEnabled(False)
+    ui.undo_btn.setEnabled(False)
+    ui.redo_btn.setEnabled(False)
+    root.addWidget(act_box)
+
+    ui.progress = QProgressBar()
+    ui.progress.setVisible(False)
+    ui.status = QLabel("Open a volume, then draw a box on 'samed boxes' or click points.")
+    ui.status.setWordWrap(True)
+    help_text = QLabel(
+        "Prompts: rectangles in 'samed boxes', points in 'samed positive' / 'samed negative'. "
+        "Shortcuts: " + ", ".join(f"{k} {t.lower()}" for _, t, k, _ in _BUTTONS if k)
+    )
+    help_text.setWordWrap(True)
+    root.addWidget(ui.progress)
+    root.addWidget(ui.status)
+    root.addWidget(help_text)
+    root.addStretch(1)
+
+    def model_bundled(kind: str) -> bool:
+        spec = MODEL_KINDS.get(kind)
+        return bool(spec and spec.bundled)
+
+    def adapter_labels() -> dict[int, str]:
+        info: Any = adapters.get(ui.adapter_combo.currentData() or "")
+        return dict(info.labels) if info is not None else {}
+
+    ui.model_bundled = model_bundled
+    ui.adapter_labels = adapter_labels
+    return ui

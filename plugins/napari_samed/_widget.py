@@ -1,0 +1,524 @@
+"""The samed dock widget: a thin Qt layer over :class:`~napari_samed._session.PluginSession` and
+:class:`samed.annotation.Annotator`.
+
+Slow work (embedding, propagation, automatic mode, embedding one slice on demand) runs in thread
+workers with a progress bar and a stop button; clicks on embedded slices run the decoder only,
+synchronously. Errors become napari notifications (``show_error``), never traceback dialogs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from napari.layers import Image, Labels, Points, Shapes
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QFileDialog, QWidget
+from superqt.utils import create_worker
+
+from samed.annotation import SlicePrompts
+
+from ._layers import prompt_layer_data, prompts_from_layers
+from ._session import PluginSession, default_cache_dir
+from ._tasks import TaskMixin, _catching, _guarded
+from ._ui import build_ui
+from ._writer import reference_volume, save_labels
+
+__all__ = ["SamedWidget", "PREVIEW", "POSITIVE", "NEGATIVE", "BOXES", "KEYS"]
+
+log = logging.getLogger(__name__)
+
+PREVIEW = "samed preview"
+POSITIVE = "samed positive"
+NEGATIVE = "samed negative"
+BOXES = "samed boxes"
+_OWN = (PREVIEW, POSITIVE, NEGATIVE, BOXES)
+
+#: Keyboard shortcuts (bound on the viewer) -> widget method name.
+KEYS = {
+    "Shift-A": "accept",
+    "Shift-P": "propagate",
+    "Shift-X": "stop",
+    "Shift-C": "clear_object",
+    "Shift-U": "undo",
+    "Shift-R": "redo",
+    "Shift-E": "embed",
+    "Shift-N": "next_label",
+}
+
+
+class SamedWidget(TaskMixin, QWidget):
+    """Interactive segmentation dock widget.
+
+    Args:
+        napari_viewer: the viewer (injected by napari).
+        session: the session object (tests pass one with a tiny model); default loads models
+            from :mod:`samed.registry` choices and caches embeddings in
+            :func:`~napari_samed._session.default_cache_dir`.
+    """
+
+    def __init__(self, napari_viewer: Any, session: PluginSession | None = None) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = session or PluginSession(cache_dir=default_cache_dir())
+        #: Keyword arguments for propagation (see :meth:`samed.engine.Session.propagate`).
+        self.propagate_options: dict[str, Any] = {"box_margin": 2.0, "min_area": 10, "max_step_px": 2}
+        #: Last measured times (click -> preview in ms, embed / propagate in s).
+        self.timings: dict[str, float] = {}
+        self.last_error: str = ""
+        self._annotator: Any = None
+        self._image: Image | None = None
+        self._labels: Labels | None = None
+        self._layers: dict[str, Any] = {}
+        self._worker: Any = None
+        self._task = ""
+        self._stop = threading.Event()
+        self._embedding_now: set[int] = set()
+        self._syncing = False
+        self._dirty = False
+        self._then: Callable[[], Any] | None = None
+        self.ui = build_ui(self)
+        self._connect()
+        self._refresh_choices()
+        self._bind_keys()
+
+    # ------------------------------------------------------------------ wiring
+    def _connect(self) -> None:
+        ui = self.ui
+        for name in (
+            "embed",
+            "stop",
+            "accept",
+            "propagate",
+            "automatic",
+            "undo",
+            "redo",
+            "clear_object",
+            "export",
+        ):
+            getattr(ui, f"{name}_btn").clicked.connect(functools.partial(self._click, name))
+        ui.model_combo.currentIndexChanged.connect(self._on_settings)
+        ui.adapter_combo.currentIndexChanged.connect(self._on_settings)
+        ui.checkpoint_edit.editingFinished.connect(self._on_settings)
+        ui.window_combo.currentIndexChanged.connect(self._on_window)
+        ui.image_combo.currentIndexChanged.connect(self._on_layer_choice)
+        ui.labels_combo.currentIndexChanged.connect(self._on_layer_choice)
+        ui.new_labels_btn.clicked.connect(lambda: self.new_labels_layer())
+        ui.label_spin.valueChanged.connect(self._on_label_spin)
+        ui.preserve_check.toggled.connect(self._on_preserve)
+        self.viewer.layers.events.inserted.connect(self._refresh_choices)
+        self.viewer.layers.events.removed.connect(self._refresh_choices)
+
+    def _click(self, name: str, *_: Any) -> None:
+        getattr(self, name)()
+
+    def _bind_keys(self) -> None:
+        for key, name in KEYS.items():
+            self.viewer.bind_key(key, functools.partial(self._key, name), overwrite=True)
+
+    def _key(self, name: str, _viewer: Any) -> None:
+        getattr(self, name)()
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
+        self.stop()
+        for key in KEYS:
+            self.viewer.bind_key(key, None, overwrite=True)
+        super().closeEvent(event)
+
+    # ------------------------------------------------------------------ messages
+    def _error(self, exc: BaseException | str) -> None:
+        msg = str(exc) if str(exc) else type(exc).__name__
+        self.last_error = msg
+        log.debug("samed widget error", exc_info=isinstance(exc, BaseException))
+        self.ui.status.setText(f"error: {msg}")
+        show_error(f"samed: {msg}")
+
+    def _status(self, text: str) -> None:
+        self.ui.status.setText(text)
+
+    # ------------------------------------------------------------------ layer choices
+    def _refresh_choices(self, *_: Any) -> None:
+        ui = self.ui
+        for combo, kind in ((ui.image_combo, Image), (ui.labels_combo, Labels)):
+            current = combo.currentText()
+            names = [
+                ly.name for ly in self.viewer.layers if isinstance(ly, kind) and ly.name not in _OWN
+            ]
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+        self._on_layer_choice()
+
+    def _chosen(self, combo: Any, kind: type) -> Any:
+        name = combo.currentText()
+        if name in self.viewer.layers and isinstance(self.viewer.layers[name], kind):
+            return self.viewer.layers[name]
+        return None
+
+    def _on_layer_choice(self, *_: Any) -> None:
+        image = self._chosen(self.ui.image_combo, Image)
+        labels = self._chosen(self.ui.labels_combo, Labels)
+        if image is not self._image or labels is not self._labels:
+            if self._labels is not None:
+                self._labels.events.selected_label.disconnect(self._on_layer_label)
+            self._image, self._labels, self._annotator = image, labels, None
+            if labels is not None:
+                labels.events.selected_label.connect(self._on_layer_label)
+                self.ui.label_spin.setValue(int(labels.selected_label))
+                labels.preserve_labels = self.ui.preserve_check.isChecked()
+            if self._layers:
+                self._sync_layers()
+
+    def _on_layer_label(self, *_: Any) -> None:
+        if self._labels is not None:
+            self.ui.label_spin.setValue(int(self._labels.selected_label))
+
+    def _on_label_spin(self, value: int) -> None:
+        if self._labels is not None and int(self._labels.selected_label) != value:
+            self._labels.selected_label = value
+
+    def _on_preserve(self, checked: bool) -> None:
+        if self._labels is not None:
+            self._labels.preserve_labels = checked
+
+    @_guarded
+    def new_labels_layer(self) -> Labels:
+        """Add an empty uint16 Labels layer on the chosen image's grid and select it."""
+        image = self._require_image()
+        shape = tuple(np.shape(image.data))
+        ref = reference_volume(image.metadata)
+        layer = self.viewer.add_labels(
+            np.zeros(shape, dtype=np.uint16),
+            name=f"{image.name} labels",
+            scale=image.scale,
+            translate=image.translate,
+            metadata={"samed_volume": ref} if ref is not None else {},
+        )
+        self.ui.labels_combo.setCurrentText(layer.name)
+        self._on_layer_choice()
+        return layer
+
+    # ------------------------------------------------------------------ settings
+    def _on_settings(self, *_: Any) -> None:
+        ui = self.ui
+        kind = ui.model_combo.currentData() or ui.model_combo.currentText()
+        adapter = ui.adapter_combo.currentData() or ""
+        ui.checkpoint_edit.setEnabled(not ui.model_bundled(kind))
+        self.session.update(
+            model_kind=kind, adapter=adapter, checkpoint=ui.checkpoint_edit.text().strip()
+        )
+        self._annotator = None
+
+    def _on_window(self, *_: Any) -> None:
+        from samed.registry import CT_WINDOWS
+
+        name = self.ui.window_combo.currentData() or "auto"
+        preset = CT_WINDOWS.get(name)
+        if preset is not None and self._image is not None:
+            self._image.contrast_limits = (preset.low, preset.high)
+        if name != self.session.settings.intensity:
+            self.session.update(intensity=name)
+            self._annotator = None
+            self._status(f"intensity '{name}': slices will be embedded again for the model")
+
+    # ------------------------------------------------------------------ session plumbing
+    def _require_image(self) -> Image:
+        if self._image is None:
+            raise ValueError("no image layer: open a volume (File > Open) or a samed sample first")
+        return self._image
+
+    @property
+    def busy(self) -> bool:
+        """Whether a long task (embedding, propagation, automatic) is running."""
+        return self._worker is not None
+
+    @property
+    def annotator(self) -> Any:
+        """The current :class:`samed.annotation.Annotator` (created on demand)."""
+        return self._ensure()
+
+    def _ensure(self) -> Any:
+        image = self._require_image()
+        data = image.data
+        if image.rgb or np.ndim(data) not in (2, 3):
+            raise ValueError(f"samed segments grey-level 2D/3D images; {image.name!r} is not one")
+        if np.ndim(data) == 2:
+            raise ValueError(f"{image.name!r} is 2D; samed needs a (Z, Y, X) volume (Z may be 1)")
+        if self._labels is None:
+            self.new_labels_layer()
+            if self._labels is None:
+                raise ValueError("could not create a labels layer")
+        labels = self._labels
+        if tuple(labels.data.shape) != tuple(np.shape(data)):
+            raise ValueError(
+                f"labels layer {labels.name!r} has shape {labels.data.shape} but image "
+                f"{image.name!r} has {np.shape(data)}; choose or create a matching labels layer"
+            )
+        arr = labels.data
+        if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
+            labels.data = np.ascontiguousarray(np.asarray(arr))
+        ref = reference_volume(image.metadata)
+        engine = self.session.engine(image.data, getattr(ref, "modality", "") or "")
+        ann = self.session.annotator(engine, labels.data)
+        missing = any(name not in self.viewer.layers for name in _OWN)
+        if ann is not self._annotator or missing:
+            self._annotator = ann
+            self._ensure_prompt_layers()
+            self._sync_layers()
+        return ann
+
+    def _ensure_prompt_layers(self) -> None:
+        image = self._image
+        shape = tuple(np.shape(image.data))
+        common = {"scale": image.scale, "translate": image.translate}
+        lay = self._layers
+        if PREVIEW not in self.viewer.layers or self.viewer.layers[PREVIEW].data.shape != shape:
+            if PREVIEW in self.viewer.layers:
+                self.viewer.layers.remove(PREVIEW)
+            lay[PREVIEW] = self.viewer.add_labels(
+                np.zeros(shape, np.uint8), name=PREVIEW, opacity=0.6, **common
+            )
+            _set_preview_colour(lay[PREVIEW])
+        else:
+            lay[PREVIEW] = self.viewer.layers[PREVIEW]
+            lay[PREVIEW].scale, lay[PREVIEW].translate = image.scale, image.translate
+        specs = (
+            (POSITIVE, Points, {"face_color": "lime", "size": 4, "ndim": 3}),
+            (NEGATIVE, Points, {"face_color": "red", "size": 4, "ndim": 3}),
+            (
+                BOXES,
+                Shapes,
+                {"edge_color": "yellow", "face_color": "transparent", "edge_width": 1, "ndim": 3},
+            ),
+        )
+        for name, kind, kw in specs:
+            if name in self.viewer.layers:
+                layer = self.viewer.layers[name]
+                layer.scale, layer.translate = image.scale, image.translate
+            else:
+                layer = kind(name=name, **kw, **common)
+                self.viewer.add_layer(layer)
+                layer.events.data.connect(self._on_prompt_data)
+                if name == BOXES:  # ready to draw the first box
+                    layer.mode = "add_rectangle"
+            lay[name] = layer
+        if self._labels is not None:
+            self.ui.labels_combo.setCurrentText(self._labels.name)
+
+    def _current_z(self) -> int:
+        image = self._require_image()
+        depth = np.shape(image.data)[0]
+        z = float(image.world_to_data(self.viewer.dims.point)[-3])
+        return int(np.clip(np.floor(z + 0.5), 0, depth - 1))
+
+    # ------------------------------------------------------------------ layer <-> state sync
+    def _sync_layers(self) -> None:
+        """Rewrite the prompt layers and the preview from the annotator's state."""
+        ann = self._annotator
+        lay = self._layers
+        if ann is None or not lay:
+            return
+        pos, neg, rects = prompt_layer_data(ann.prompts)
+        self._syncing = True
+        try:
+            lay[POSITIVE].data = pos
+            lay[NEGATIVE].data = neg
+            boxes = lay[BOXES]
+            if len(boxes.data):
+                boxes.selected_data = set(range(len(boxes.data)))
+                boxes.remove_selected()
+            if rects:
+                boxes.add_rectangles(rects)
+        finally:
+            self._syncing = False
+        preview = lay[PREVIEW]
+        preview.data[:] = 0
+        for z, m in ann.masks.items():
+            preview.data[z][m] = 1
+        preview.refresh()
+
+    def _show_mask(self, z: int, mask: np.ndarray | None) -> None:
+        preview = self._layers[PREVIEW]
+        preview.data[z] = 0 if mask is None else np.asarray(mask, dtype=np.uint8)
+        preview.refresh()
+
+    def _on_prompt_data(self, event: Any = None) -> None:
+        action = str(getattr(event, "action", "") or "")
+        if self._syncing or action in ("adding", "removing", "changing"):
+            return
+        if self.busy and self._task in ("propagate", "automatic"):
+            self._dirty = True  # applied when the task ends
+            return
+        self.update_prompts()
+
+    @_guarded
+    def update_prompts(self) -> list[int]:
+        """Read the prompt layers and re-predict every slice whose prompts changed.
+
+        Returns:
+            The slices whose mask was updated now (slices not yet embedded are embedded in a
+            worker first and updated when it returns).
+        """
+        t0 = time.perf_counter()
+        ann = self._ensure()
+        shape = tuple(np.shape(self._image.data))
+        new = prompts_from_layers(
+            self._image,
+            self._layers[POSITIVE],
+            self._layers[NEGATIVE],
+            self._layers[BOXES],
+            shape,
+        )
+        old = ann.prompts
+        changed = [
+            z
+            for z in sorted(set(new) | set(old))
+            if new.get(z, SlicePrompts()) != old.get(z, SlicePrompts())
+        ]
+        done = []
+        for z in changed:
+            p = new.get(z, SlicePrompts())
+            if not p.empty and not ann.engine.is_embedded(z):
+                self._embed_slice(z)
+                continue
+            mask = ann.set_prompts(z, p)
+            self._show_mask(z, mask)
+            done.append(z)
+        if done:
+            ms = (time.perf_counter() - t0) * 1000.0
+            self.timings["click_to_preview_ms"] = ms
+            area = sum(int(ann.masks[z].sum()) for z in done if z in ann.masks)
+            self._status(f"preview on slice {done[-1]}: {area} px ({ms:.0f} ms)")
+        self._update_buttons()
+        return done
+
+    def _embed_slice(self, z: int) -> None:
+        """Embed one slice in a worker, then apply its prompts (first click on a new slice)."""
+        if z in self._embedding_now:
+            return
+        self._embedding_now.add(z)
+        engine = self._annotator.engine
+        self._status(f"embedding slice {z} ...")
+        worker = create_worker(_catching(lambda: engine.embedding(z)))
+
+        def done(result: Any) -> None:
+            self._embedding_now.discard(z)
+            if isinstance(result, BaseException):
+                self._error(result)
+            elif self._annotator is not None and self._annotator.engine is engine:
+                self.update_prompts()
+
+        worker.returned.connect(done)
+        worker.start()
+
+    # ------------------------------------------------------------------ edits
+    def _idle_annotator(self) -> Any:
+        if self.busy and self._task != "embed":
+            raise RuntimeError(f"busy with {self._task}; press Stop (Shift-X) first")
+        return self._ensure()
+
+    @_guarded
+    def accept(self) -> None:
+        """Write the current object into the labels layer under the active label."""
+        ann = self._idle_annotator()
+        label = int(self.ui.label_spin.value())
+        edit = ann.accept(label, preserve=self.ui.preserve_check.isChecked())
+        if edit is None:
+            show_info("samed: nothing to accept (the object is empty)")
+            return
+        self._labels.refresh()
+        self._sync_layers()
+        self._status(f"accepted {edit.size} voxels as label {label}")
+        self._update_buttons()
+
+    @_guarded
+    def clear_object(self) -> None:
+        """Drop the current object's prompts and preview (undoable)."""
+        if self._idle_annotator().clear_object():
+            self._sync_layers()
+            self._status("object cleared")
+        self._update_buttons()
+
+    @_guarded
+    def undo(self) -> None:
+        """Undo the last prompt step, propagation, clear or accept."""
+        self._history("undo")
+
+    @_guarded
+    def redo(self) -> None:
+        """Redo the last undone step."""
+        self._history("redo")
+
+    def _history(self, which: str) -> None:
+        ann = self._idle_annotator()
+        step = getattr(ann, which)()
+        if step is None:
+            self._status(f"nothing to {which}")
+            return
+        if step.edit is not None:
+            self._labels.refresh()
+        self._sync_layers()
+        self._status(f"{which}: {step.description}")
+        self._update_buttons()
+
+    def next_label(self) -> None:
+        """Make the next label value active (a new object class)."""
+        self.ui.label_spin.setValue(self.ui.label_spin.value() + 1)
+
+    @_guarded
+    def export(self, path: str | None = None) -> list[str] | None:
+        """Save the labels layer: NIfTI on the source grid, or DICOM SEG (``.dcm``) for DICOM.
+
+        Args:
+            path: destination; None asks with a file dialog.
+        """
+        if self._labels is None:
+            raise ValueError("no labels layer to export")
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(
+                self,
+                "Export labels",
+                f"{self._labels.name}.nii.gz",
+                "NIfTI (*.nii.gz *.nii);;DICOM SEG (*.dcm)",
+            )
+            if not path:
+                return None
+        ref = reference_volume(self._labels.metadata)
+        if ref is None and self._image is not None:
+            ref = reference_volume(self._image.metadata)
+        out = save_labels(
+            path,
+            np.asarray(self._labels.data),
+            ref,
+            label_names=self._labels.metadata.get("samed_label_names"),
+            attributes={"scale": self._labels.scale, "translate": self._labels.translate},
+        )
+        self._status(f"saved {out[0]}")
+        show_info(f"samed: saved {out[0]}")
+        return out
+
+    def _update_buttons(self) -> None:
+        ann = self._annotator
+        ui = self.ui
+        ui.stop_btn.setEnabled(self.busy)
+        ui.undo_btn.setEnabled(ann is not None and ann.can_undo)
+        ui.redo_btn.setEnabled(ann is not None and ann.can_redo)
+
+
+def _set_preview_colour(layer: Labels) -> None:
+    try:
+        from napari.utils.colormaps import DirectLabelColormap
+
+        layer.colormap = DirectLabelColormap(
+            color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: (1.0, 0.85, 0.0, 1.0)}
+        )
+    except (ImportError, TypeError, ValueError):  # older napari: keep the default colours
+        pass

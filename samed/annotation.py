@@ -1,0 +1,598 @@
+"""GUI-free annotation state: a label editor and an interactive object with undo/redo.
+
+A front end (the napari widget, a notebook, a test) keeps one :class:`Annotator` per image and
+label map. It holds
+
+* the *current object*: per-slice prompts (one box and any number of positive/negative points)
+  and the per-slice masks predicted from them or propagated through the volume; nothing in the
+  label map changes until the object is accepted;
+* a :class:`LabelEditor` that writes masks into the label map **in place** under one label and,
+  by default, never over voxels that carry another label;
+* one history of steps (prompt changes, propagations, clears, accepts, automatic fills) that
+  :meth:`Annotator.undo` / :meth:`Annotator.redo` walk. Label edits are stored as the changed
+  voxels' indices with their old and new values, so undo restores the label map exactly.
+
+Conventions: arrays are ``(Z, Y, X)``; slice masks are ``(Y, X)`` bool; a point is ``(x, y)`` and a
+box ``(x0, y0, x1, y1)`` in pixels of slice ``z`` (x = column, y = row), as in
+:class:`samed.engine.Session`. Nothing here imports torch, napari or Qt; the engine session is
+passed in (any object with ``predict`` and ``propagate`` of the same signatures works).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LabelEdit", "LabelEditor", "SlicePrompts", "Annotator", "HistoryStep"]
+
+
+# ---------------------------------------------------------------------------------- label editor
+@dataclass(frozen=True)
+class LabelEdit:
+    """One change of a label map, stored as a sparse difference.
+
+    Attributes:
+        index: (N,) int64 flat indices (C order) of the voxels that changed.
+        before: (N,) their values before the edit.
+        after: (N,) their values after the edit.
+        description: what the edit was (for history menus and messages).
+    """
+
+    index: np.ndarray
+    before: np.ndarray
+    after: np.ndarray
+    description: str = ""
+
+    @property
+    def size(self) -> int:
+        """Number of voxels changed."""
+        return int(self.index.size)
+
+    def slices(self, shape: Sequence[int]) -> np.ndarray:
+        """Sorted unique z indices touched by the edit, for a (Z, Y, X) ``shape``."""
+        plane = int(np.prod(shape[1:]))
+        return np.unique(self.index // plane)
+
+
+class LabelEditor:
+    """Writes masks into an integer label map in place, with undo/redo.
+
+    Args:
+        labels: (Z, Y, X) integer label map (e.g. a napari Labels layer's ``data``). Modified in
+            place; never copied.
+        max_history: edits kept for :meth:`undo` (oldest dropped first).
+
+    Raises:
+        ValueError: if ``labels`` is not a 3D integer array.
+    """
+
+    def __init__(self, labels: np.ndarray, max_history: int = 100) -> None:
+        if not isinstance(labels, np.ndarray) or labels.ndim != 3:
+            raise ValueError(
+                f"labels must be a (Z, Y, X) numpy array; got {type(labels).__name__} "
+                f"{getattr(labels, 'shape', '')}"
+            )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must have an integer dtype; got {labels.dtype}")
+        self.labels = labels
+        self.max_history = int(max_history)
+        self._undo: list[LabelEdit] = []
+        self._redo: list[LabelEdit] = []
+
+    # ------------------------------------------------------------------ edits
+    def _check_label(self, label: int) -> int:
+        info = np.iinfo(self.labels.dtype)
+        if not isinstance(label, int | np.integer) or not 1 <= int(label) <= info.max:
+            raise ValueError(
+                f"label {label!r} must be an integer in [1, {info.max}] for a {self.labels.dtype} "
+                "label map (0 is background)"
+            )
+        return int(label)
+
+    def _volume_mask(self, mask: np.ndarray, z: int | None) -> tuple[np.ndarray, int]:
+        """Return (mask as bool, flat offset) for a slice mask on z or a whole-volume mask."""
+        mask = np.asarray(mask, dtype=bool)
+        if z is None:
+            if mask.shape != self.labels.shape:
+                raise ValueError(
+                    f"mask shape {mask.shape} must equal the label map's {self.labels.shape}"
+                )
+            return mask, 0
+        if not 0 <= int(z) < self.labels.shape[0]:
+            raise ValueError(f"z={z} is outside the label map (0..{self.labels.shape[0] - 1})")
+        if mask.shape != self.labels.shape[1:]:
+            raise ValueError(
+                f"slice mask shape {mask.shape} must equal the slice shape {self.labels.shape[1:]}"
+            )
+        return mask, int(z) * int(np.prod(self.labels.shape[1:]))
+
+    def _commit(self, index: np.ndarray, after: np.ndarray, description: str, record: bool):
+        flat = self.labels.reshape(-1)  # a view: labels is contiguous or reshape would copy
+        before = flat[index].copy()
+        changed = before != after
+        index, before, after = index[changed], before[changed], after[changed]
+        if index.size == 0:
+            return None
+        flat[index] = after
+        edit = LabelEdit(index, before, after.astype(self.labels.dtype), description)
+        if record:
+            self._push(edit)
+        return edit
+
+    def paint(
+        self,
+        mask: np.ndarray,
+        label: int,
+        *,
+        z: int | None = None,
+        preserve: bool = True,
+        replace: bool = False,
+        description: str = "",
+        record: bool = True,
+    ) -> LabelEdit | None:
+        """Write ``label`` where ``mask`` is true.
+
+        Args:
+            mask: (Y, X) bool mask of slice ``z``, or (Z, Y, X) when ``z`` is None.
+            label: the label value (>= 1).
+            z: slice index for a slice mask; None for a volume mask.
+            preserve: only voxels that are background (0) or already ``label`` change, so other
+                labels are never overwritten. False: the mask overwrites everything.
+            replace: also clear voxels of ``label`` outside the mask (within slice ``z``, or the
+                whole volume when ``z`` is None), i.e. the mask *becomes* the label there.
+            description: stored with the edit.
+            record: push the edit on this editor's undo stack (False when a caller keeps its
+                own history, like :class:`Annotator`).
+
+        Returns:
+            The :class:`LabelEdit`, or None when no voxel changed.
+        """
+        label = self._check_label(label)
+        mask, offset = self._volume_mask(mask, z)
+        region = self.labels[z] if z is not None else self.labels
+        if not self.labels.flags.c_contiguous:
+            raise ValueError("labels must be C-contiguous to be edited in place")
+        write = mask & ((region == 0) | (region == label)) if preserve else mask.copy()
+        idx_on = np.flatnonzero(write)
+        parts_idx = [idx_on]
+        parts_val = [np.full(idx_on.size, label, dtype=self.labels.dtype)]
+        if replace:
+            idx_off = np.flatnonzero((region == label) & ~mask)
+            parts_idx.append(idx_off)
+            parts_val.append(np.zeros(idx_off.size, dtype=self.labels.dtype))
+        index = np.concatenate(parts_idx).astype(np.int64) + offset
+        after = np.concatenate(parts_val)
+        return self._commit(index, after, description or f"paint label {label}", record)
+
+    def erase(
+        self, label: int, *, z: int | None = None, description: str = "", record: bool = True
+    ) -> LabelEdit | None:
+        """Set every voxel of ``label`` (on slice ``z``, or everywhere) to 0."""
+        label = self._check_label(label)
+        region = self.labels[z] if z is not None else self.labels
+        offset = 0 if z is None else int(z) * int(np.prod(self.labels.shape[1:]))
+        index = np.flatnonzero(region == label).astype(np.int64) + offset
+        after = np.zeros(index.size, dtype=self.labels.dtype)
+        return self._commit(index, after, description or f"erase label {label}", record)
+
+    def fill(
+        self,
+        label_map: np.ndarray,
+        *,
+        preserve: bool = True,
+        description: str = "",
+        record: bool = True,
+    ) -> LabelEdit | None:
+        """Write every non-zero voxel of a (Z, Y, X) label map (e.g. an automatic result).
+
+        Args:
+            label_map: (Z, Y, X) integer map; 0 voxels leave the label map unchanged.
+            preserve: only background voxels (0) of the current label map change.
+        """
+        new = np.asarray(label_map)
+        if new.shape != self.labels.shape:
+            raise ValueError(f"label map shape {new.shape} must equal {self.labels.shape}")
+        write = new != 0
+        if preserve:
+            write &= self.labels == 0
+        index = np.flatnonzero(write).astype(np.int64)
+        after = new.reshape(-1)[index].astype(self.labels.dtype)
+        return self._commit(index, after, description or "fill", record)
+
+    # ------------------------------------------------------------------ history
+    def apply(self, edit: LabelEdit) -> None:
+        """Re-apply an edit (redo)."""
+        self.labels.reshape(-1)[edit.index] = edit.after
+
+    def revert(self, edit: LabelEdit) -> None:
+        """Undo an edit: the changed voxels get their old values back exactly."""
+        self.labels.reshape(-1)[edit.index] = edit.before
+
+    def _push(self, edit: LabelEdit) -> None:
+        self._undo.append(edit)
+        del self._undo[: max(0, len(self._undo) - self.max_history)]
+        self._redo.clear()
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    def undo(self) -> LabelEdit | None:
+        """Revert the last recorded edit; returns it (None when there is nothing to undo)."""
+        if not self._undo:
+            return None
+        edit = self._undo.pop()
+        self.revert(edit)
+        self._redo.append(edit)
+        return edit
+
+    def redo(self) -> LabelEdit | None:
+        """Re-apply the last undone edit; returns it (None when there is nothing to redo)."""
+        if not self._redo:
+            return None
+        edit = self._redo.pop()
+        self.apply(edit)
+        self._undo.append(edit)
+        return edit
+
+
+# ---------------------------------------------------------------------------------- annotator
+@dataclass(frozen=True)
+class SlicePrompts:
+    """The prompts of the current object on one slice.
+
+    Attributes:
+        box: (x0, y0, x1, y1) in slice pixels, or None.
+        points: ((x, y), ...) in slice pixels.
+        labels: (1 | 0, ...) one per point: 1 positive (object), 0 negative (background).
+    """
+
+    box: tuple[float, float, float, float] | None = None
+    points: tuple[tuple[float, float], ...] = ()
+    labels: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.points) != len(self.labels):
+            raise ValueError(
+                f"{len(self.points)} points but {len(self.labels)} point labels; give one each"
+            )
+        if any(v not in (0, 1) for v in self.labels):
+            raise ValueError(f"point labels {self.labels} must be 1 (positive) or 0 (negative)")
+
+    @property
+    def empty(self) -> bool:
+        return self.box is None and not self.points
+
+
+@dataclass
+class _State:
+    """Snapshot of the current object (arrays are never mutated once stored, so snapshots
+    share them)."""
+
+    prompts: dict[int, SlicePrompts] = field(default_factory=dict)
+    masks: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def copy(self) -> _State:
+        return _State(dict(self.prompts), dict(self.masks))
+
+
+@dataclass(frozen=True)
+class HistoryStep:
+    """One undoable step.
+
+    Attributes:
+        description: e.g. ``"box on slice 40"``, ``"propagate from slice 40"``, ``"accept label 5"``.
+        before: the object before the step.
+        after: the object after the step.
+        edit: the label-map change made by the step (accept / automatic), or None.
+    """
+
+    description: str
+    before: _State
+    after: _State
+    edit: LabelEdit | None = None
+
+
+class Annotator:
+    """Interactive segmentation state for one volume and one label map.
+
+    Args:
+        engine: a :class:`samed.engine.Session` over the image (or any object with its
+            ``predict(z, box=, points=, point_labels=)`` and ``propagate(z, mask, ...)``).
+        labels: (Z, Y, X) integer label map edited in place (same Z, Y, X as the engine's volume).
+        max_history: steps kept for undo.
+    """
+
+    def __init__(self, engine: Any, labels: np.ndarray, max_history: int = 100) -> None:
+        self.engine = engine
+        self.editor = LabelEditor(labels, max_history=max_history)
+        shape = tuple(getattr(engine, "shape", labels.shape))
+        if shape != labels.shape:
+            raise ValueError(
+                f"label map shape {labels.shape} does not match the image shape {shape} (Z, Y, X)"
+            )
+        self.shape: tuple[int, int, int] = labels.shape  # type: ignore[assignment]
+        self.max_history = int(max_history)
+        self._state = _State()
+        self._undo: list[HistoryStep] = []
+        self._redo: list[HistoryStep] = []
+
+    # ------------------------------------------------------------------ state access
+    @property
+    def labels(self) -> np.ndarray:
+        return self.editor.labels
+
+    @property
+    def prompts(self) -> dict[int, SlicePrompts]:
+        """Slice index -> prompts of the current object (a copy)."""
+        return dict(self._state.prompts)
+
+    @property
+    def masks(self) -> dict[int, np.ndarray]:
+        """Slice index -> (Y, X) bool mask of the current object (a copy of the dict)."""
+        return dict(self._state.masks)
+
+    def object_mask(self) -> np.ndarray:
+        """(Z, Y, X) bool mask of the current (not yet accepted) object."""
+        out = np.zeros(self.shape, dtype=bool)
+        for z, m in self._state.masks.items():
+            out[z] = m
+        return out
+
+    def seed_slice(self, preferred: int | None = None) -> int | None:
+        """The slice propagation starts from: ``preferred`` if the object has a mask there, else
+        the prompted slice with the largest mask, else None."""
+        masks = self._state.masks
+        if preferred is not None and preferred in masks and masks[preferred].any():
+            return int(preferred)
+        prompted = [z for z in self._state.prompts if z in masks and masks[z].any()]
+        if not prompted:
+            return None
+        return int(max(prompted, key=lambda z: int(masks[z].sum())))
+
+    # ------------------------------------------------------------------ history
+    def _record(self, description: str, before: _State, edit: LabelEdit | None = None) -> None:
+        step = HistoryStep(description, before, self._state.copy(), edit)
+        self._undo.append(step)
+        del self._undo[: max(0, len(self._undo) - self.max_history)]
+        self._redo.clear()
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    @property
+    def history(self) -> list[str]:
+        """Descriptions of the undoable steps, oldest first."""
+        return [s.description for s in self._undo]
+
+    def undo(self) -> HistoryStep | None:
+        """Undo the last step (prompt, propagation, clear or label edit). Returns it or None."""
+        if not self._undo:
+            return None
+        step = self._undo.pop()
+        if step.edit is not None:
+            self.editor.revert(step.edit)
+        self._state = step.before.copy()
+        self._redo.append(step)
+        return step
+
+    def redo(self) -> HistoryStep | None:
+        """Redo the last undone step. Returns it or None."""
+        if not self._redo:
+            return None
+        step = self._redo.pop()
+        if step.edit is not None:
+            self.editor.apply(step.edit)
+        self._state = step.after.copy()
+        self._undo.append(step)
+        return step
+
+    # ------------------------------------------------------------------ prompts
+    def _check_z(self, z: int) -> int:
+        if not isinstance(z, int | np.integer) or not 0 <= int(z) < self.shape[0]:
+            raise ValueError(f"slice index z={z!r} must be an integer in [0, {self.shape[0] - 1}]")
+        return int(z)
+
+    def predict(self, z: int, prompts: SlicePrompts) -> np.ndarray:
+        """Mask of the object on slice z for ``prompts`` (no state change)."""
+        kwargs: dict[str, Any] = {}
+        if prompts.box is not None:
+            kwargs["box"] = list(prompts.box)
+        if prompts.points:
+            kwargs["points"] = np.asarray(prompts.points, dtype=np.float64)
+            kwargs["point_labels"] = np.asarray(prompts.labels, dtype=np.int64)
+        return np.asarray(self.engine.predict(int(z), **kwargs), dtype=bool)
+
+    def set_prompts(self, z: int, prompts: SlicePrompts, mask: np.ndarray | None = None):
+        """Replace the prompts of slice z and predict its mask (one undoable step).
+
+        Args:
+            z: slice index.
+            prompts: the slice's complete prompts; empty prompts remove the slice's mask.
+            mask: the prediction if the caller already has it (e.g. computed in a worker).
+
+        Returns:
+            The (Y, X) bool mask of slice z (None when the prompts are empty).
+        """
+        z = self._check_z(z)
+        if self._state.prompts.get(z, SlicePrompts()) == prompts and (
+            prompts.empty or z in self._state.masks
+        ):
+            return self._state.masks.get(z)
+        if not prompts.empty and mask is None:
+            mask = self.predict(z, prompts)
+        before = self._state.copy()
+        if prompts.empty:
+            self._state.prompts.pop(z, None)
+            self._state.masks.pop(z, None)
+            what = f"clear prompts on slice {z}"
+        else:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != self.shape[1:]:
+                raise ValueError(f"mask shape {mask.shape} must equal {self.shape[1:]}")
+            self._state.prompts[z] = prompts
+            self._state.masks[z] = mask
+            n_pos = sum(prompts.labels)
+            parts = ["box"] if prompts.box is not None else []
+            if prompts.points:
+                parts.append(f"{n_pos}+/{len(prompts.labels) - n_pos}- points")
+            kind = " + ".join(parts)
+            what = f"{kind} on slice {z}"
+        self._record(what, before)
+        return mask
+
+    def add_box(self, z: int, box: Sequence[float]) -> np.ndarray:
+        """Set the box of slice z (keeping its points) and predict; returns the mask."""
+        b = tuple(float(v) for v in box)
+        if len(b) != 4:
+            raise ValueError(f"box {box!r} must be (x0, y0, x1, y1)")
+        old = self._state.prompts.get(int(z), SlicePrompts())
+        return self.set_prompts(z, SlicePrompts(b, old.points, old.labels))  # type: ignore[arg-type]
+
+    def add_point(self, z: int, xy: Sequence[float], positive: bool = True) -> np.ndarray:
+        """Add a positive or negative point on slice z and predict; returns the mask."""
+        old = self._state.prompts.get(int(z), SlicePrompts())
+        p = (float(xy[0]), float(xy[1]))
+        new = SlicePrompts(old.box, (*old.points, p), (*old.labels, 1 if positive else 0))
+        return self.set_prompts(z, new)
+
+    def clear_object(self) -> bool:
+        """Drop the current object's prompts and masks (undoable). Returns False if empty."""
+        if not self._state.prompts and not self._state.masks:
+            return False
+        before = self._state.copy()
+        self._state = _State()
+        self._record("clear object", before)
+        return True
+
+    # ------------------------------------------------------------------ propagation
+    def propagate_iter(
+        self, z: int | None = None, direction: str = "both", **kwargs: Any
+    ) -> Iterator[Any]:
+        """Carry the current object through the volume from slice z, step by step.
+
+        Unprompted slices of the object in the chosen direction(s) are recomputed; prompted
+        slices keep the user's masks. The whole run is one undoable step, recorded when the
+        generator finishes *or is closed early* (a stop button), keeping the slices reached.
+
+        Args:
+            z: the seed slice (default :meth:`seed_slice`).
+            direction: ``"both"``, ``"forward"`` (+z) or ``"backward"`` (-z).
+            **kwargs: passed to the engine's ``propagate`` (``box_margin``, ``use_mask_prompt``,
+                ``min_area``, ...).
+
+        Yields:
+            The engine's :class:`~samed.engine.PropagationStep` objects.
+
+        Raises:
+            ValueError: when there is no object mask to start from.
+        """
+        seed = self.seed_slice(z)
+        if seed is None:
+            raise ValueError(
+                "nothing to propagate: place a box or points on a slice first"
+                + (f" (slice {z} has no object mask)" if z is not None else "")
+            )
+        before = self._state.copy()
+        masks = self._state.masks
+        prompted = set(self._state.prompts)
+        for k in list(masks):
+            ahead = (direction in ("both", "forward") and k > seed) or (
+                direction in ("both", "backward") and k < seed
+            )
+            if ahead and k not in prompted:
+                del masks[k]
+        n = 0
+        try:
+            for step in self.engine.propagate(seed, masks[seed], direction=direction, **kwargs):
+                if step.z not in prompted:
+                    if step.stopped or not step.mask.any():
+                        masks.pop(step.z, None)
+                    else:
+                        masks[step.z] = np.asarray(step.mask, dtype=bool)
+                n += 1
+                yield step
+        finally:
+            self._record(f"propagate from slice {seed} ({direction}, {n} slices)", before)
+
+    def propagate(self, z: int | None = None, direction: str = "both", **kwargs: Any) -> int:
+        """Run :meth:`propagate_iter` to the end; returns the number of slices with a mask."""
+        for _ in self.propagate_iter(z, direction, **kwargs):
+            pass
+        return sum(1 for m in self._state.masks.values() if m.any())
+
+    # ------------------------------------------------------------------ label map
+    def accept(
+        self, label: int, *, preserve: bool = True, replace: bool = False
+    ) -> LabelEdit | None:
+        """Write the current object into the label map under ``label``, then start a new object.
+
+        Args:
+            label: the active label (>= 1).
+            preserve: never overwrite voxels of other labels (default).
+            replace: on the object's slices, clear voxels of ``label`` outside the object.
+
+        Returns:
+            The label edit (None when the object was empty; nothing is recorded then).
+        """
+        if not any(m.any() for m in self._state.masks.values()):
+            return None
+        before = self._state.copy()
+        edit = self._paint_object(label, preserve=preserve, replace=replace)
+        self._state = _State()
+        self._record(f"accept label {label}", before, edit)
+        return edit
+
+    def _paint_object(self, label: int, *, preserve: bool, replace: bool) -> LabelEdit | None:
+        masks = self._state.masks
+        zs = sorted(masks)
+        if not replace:
+            return self.editor.paint(
+                self.object_mask(),
+                label,
+                preserve=preserve,
+                record=False,
+                description=f"accept label {label}",
+            )
+        edits = [
+            self.editor.paint(masks[z], label, z=z, preserve=preserve, replace=True, record=False)
+            for z in zs
+        ]
+        edits = [e for e in edits if e is not None]
+        if not edits:
+            return None
+        return LabelEdit(
+            np.concatenate([e.index for e in edits]),
+            np.concatenate([e.before for e in edits]),
+            np.concatenate([e.after for e in edits]),
+            f"accept label {label} (replace)",
+        )
+
+    def fill(self, label_map: np.ndarray, *, preserve: bool = True, description: str = "automatic"):
+        """Write a whole (Z, Y, X) label map (e.g. :meth:`samed.engine.Session.automatic`) as one
+        undoable step; with ``preserve`` only background voxels change. Returns the edit."""
+        before = self._state.copy()
+        edit = self.editor.fill(label_map, preserve=preserve, record=False, description=description)
+        if edit is not None:
+            self._record(description, before, edit)
+        return edit
+
+    def erase_label(self, label: int) -> LabelEdit | None:
+        """Remove ``label`` from the whole label map (undoable)."""
+        before = self._state.copy()
+        edit = self.editor.erase(label, record=False)
+        if edit is not None:
+            self._record(f"erase label {label}", before, edit)
+        return edit

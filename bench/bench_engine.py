@@ -105,8 +105,8 @@ def ours(n: int, reps: int, device: str, options: list[str]) -> dict:
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.inference_mode()
         with torch.inference_mode(), ctx:
             model.encode(x1)
-            per = _time(lambda: model.encode(x1), reps, dev)
-            batch = _time(lambda: model.encode(xb), 2, dev)
+            per = _time(lambda m=model: m.encode(x1), reps, dev)
+            batch = _time(lambda m=model: m.encode(xb), 2, dev)
         results[opt] = {
             "embed_s_per_slice_b1": statistics.median(per),
             "embed_s_per_slice_batch": statistics.median(batch) / len(slices),

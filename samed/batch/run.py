@@ -1,0 +1,506 @@
+"""The batch job: one case after another, each one loaded, segmented, written, recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..prompts import ObjectPrompt, prompts_by_case, read_prompts, resolve_prompt
+from .cases import CaseInput, check_output_location, discover_cases
+from .summary import (
+    BatchSummary,
+    CaseResult,
+    ProgressCallback,
+    ProgressEvent,
+    write_json,
+    write_summary,
+)
+
+__all__ = ["FORMATS", "segment_batch"]
+
+#: Output formats accepted by ``--format``.
+FORMATS = ("nifti", "dicom-seg")
+_MARKER = "case.json"
+_LABELS_FILE = "labels.nii.gz"
+_SEG_FILE = "seg.dcm"
+_QC_FILE = "qc.png"
+
+
+# ---------------------------------------------------------------------------------- encoding
+class _OomFallbackModel:
+    """Wraps a :class:`samed.model.SamModel` so that ``encode`` survives CUDA out-of-memory.
+
+    A batch that raises ``torch.cuda.OutOfMemoryError`` is split in halves (recursively, down to
+    one slice); the largest batch that worked is remembered and later batches are cut to it.
+    Everything else is delegated to the wrapped model.
+    """
+
+    def __init__(self, model: Any, on_oom: Callable[[int], None] | None = None) -> None:
+        self._model = model
+        self.max_batch: int | None = None
+        self.oom_events = 0
+        self._on_oom = on_oom
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def encode(self, images: Any) -> Any:
+        """(B, 3, S, S) -> (B, C, h, w), in chunks of at most :attr:`max_batch` slices."""
+        import torch
+
+        n = int(images.shape[0])
+        size = n if self.max_batch is None else min(n, self.max_batch)
+        if size >= n:
+            try:
+                return self._model.encode(images)
+            except torch.cuda.OutOfMemoryError:
+                if n == 1:
+                    raise
+                self.oom_events += 1
+                self.max_batch = max(1, n // 2)
+                if self._on_oom is not None:
+                    self._on_oom(self.max_batch)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                return self.encode(images)
+        return torch.cat([self.encode(images[i : i + size]) for i in range(0, n, size)])
+
+
+# ---------------------------------------------------------------------------------- one case
+def _label_dtype(max_label: int) -> np.dtype:
+    return np.dtype(np.uint8) if max_label <= 255 else np.dtype(np.int16)
+
+
+def _volumes_ml(
+    labels: np.ndarray, names: dict[int, str], spacing: Sequence[float]
+) -> dict[str, float]:
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(names, default=0) + 1)
+    return {names[v]: round(float(counts[v]) * voxel_ml, 3) for v in sorted(names) if v > 0}
+
+
+def _propagate(
+    session: Any,
+    z: int,
+    mask: np.ndarray,
+    min_slice_iou: float,
+    report: Callable[[int], None],
+) -> np.ndarray:
+    """Propagate one object from slice z in both directions; (Z, Y, X) bool.
+
+    Besides the engine's own stop (the object vanished), a direction stops at the first slice
+    whose mask overlaps the previous slice's mask with IoU < ``min_slice_iou``: consecutive
+    slices of one organ overlap strongly, so a sudden change means the box prompt jumped to a
+    neighbouring structure (seen at the liver's inferior tip, which otherwise leaks into the
+    kidney and down the spine). That slice is not kept.
+    """
+    out = np.zeros(session.shape, dtype=bool)
+    out[z] = mask
+    visited = 0
+    for direction in ("forward", "backward"):
+        prev = mask
+        steps = session.propagate(z, mask, direction=direction)
+        for step in steps:
+            visited += 1
+            report(visited)
+            if step.stopped:
+                break
+            union = int((step.mask | prev).sum())
+            if min_slice_iou > 0 and int((step.mask & prev).sum()) < min_slice_iou * union:
+                steps.close()
+                break
+            out[step.z] = step.mask
+            prev = step.mask
+    return out
+
+
+def _segment_prompted(
+    session: Any,
+    volume: Any,
+    prompts: list[ObjectPrompt],
+    min_slice_iou: float,
+    report: Callable[[int, int], None],
+) -> tuple[np.ndarray, dict[int, str]]:
+    resolved = [resolve_prompt(p, volume.shape, volume.affine) for p in prompts]
+    names = {p.label: p.name for p in prompts}
+    labels = np.zeros(volume.shape, dtype=_label_dtype(max(names)))
+    nz = volume.shape[0]
+    total = nz * len(prompts)
+    for k, (pr, rp) in enumerate(zip(prompts, resolved, strict=True)):
+        mask = session.predict(rp.z, box=rp.box, points=rp.points, point_labels=rp.point_labels)
+        if not mask.any():
+            raise ValueError(
+                f"{pr.where}: the prompt on slice {rp.z} gave an empty mask for label {pr.label} "
+                f"({pr.name}); check the box/points"
+            )
+        obj = _propagate(
+            session, rp.z, mask, min_slice_iou, lambda d, k=k: report(k * nz + min(d, nz), total)
+        )
+        labels[obj & (labels == 0)] = pr.label
+        report((k + 1) * nz, total)
+    return labels, names
+
+
+def _segment_automatic(
+    session: Any, report: Callable[[int, int], None]
+) -> tuple[np.ndarray, dict[int, str]]:
+    import torch
+
+    nz = session.shape[0]
+    out = np.zeros(session.shape, dtype=np.int16)
+    todo = list(range(nz))
+    while todo:
+        try:
+            for z, lab, _, _ in session.automatic_iter(todo):
+                out[z] = lab
+                todo.remove(z)
+                report(nz - len(todo), nz)
+        except torch.cuda.OutOfMemoryError:
+            # The decoder runs session.batch_size slices at once; the encoder halves itself.
+            if session.batch_size == 1:
+                raise
+            session.batch_size = max(1, session.batch_size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    names = {
+        int(k): str(v) for k, v in (getattr(session.model, "adapter_labels", None) or {}).items()
+    }
+    num_classes = int(getattr(session.model.lora_config, "num_classes", 0) or 0)
+    for c in range(1, max(num_classes, int(out.max()) + 1)):
+        names.setdefault(c, f"label_{c}")
+    names.pop(0, None)
+    return out.astype(_label_dtype(max(names, default=0)), copy=False), names
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    path = folder / _MARKER
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a damaged marker means "not finished"
+    return data if isinstance(data, dict) and data.get("status") == "ok" else None
+
+
+@dataclass
+class _Job:
+    model: Any
+    mode: str
+    prompts: dict[str, list[ObjectPrompt]]
+    formats: tuple[str, ...]
+    intensity: object
+    batch_size: int
+    overwrite: bool
+    qc: bool
+    cache_dir: Path | None
+    min_slice_iou: float
+    settings: dict[str, Any]
+
+
+def _case_settings(job: _Job, case: CaseInput) -> dict[str, Any]:
+    s = dict(job.settings)
+    if job.mode == "prompted":
+        s["prompts"] = [p.fingerprint() for p in job.prompts.get(case.case_id, [])]
+    return s
+
+
+def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None]) -> CaseResult:
+    from ..engine import Session
+    from ..io import load_volume, save_dicom_seg, save_nifti
+    from ..qc import label_color, save_qc_png
+
+    source = str(case.path) + (f" (series {case.series_uid})" if case.series_uid else "")
+    result = CaseResult(case=case.case_id, source=source, status="error", mode=job.mode)
+    if case.error:
+        result.error = case.error
+        return result
+    emit("load")
+    volume = load_volume(case.path, series_uid=case.series_uid)
+    if job.mode == "prompted" and case.case_id not in job.prompts:
+        known = ", ".join(sorted(job.prompts)) or "none"
+        result.error = (
+            f"no prompts for case {case.case_id!r} in the prompts file (cases there: {known})"
+        )
+        return result
+    result.slices = volume.shape[0]
+    session = Session(
+        job.model,
+        volume,
+        intensity=job.intensity,
+        batch_size=job.batch_size,
+        cache_dir=job.cache_dir,
+    )
+
+    def report(done: int, total: int) -> None:
+        emit("segment", done, total)
+
+    if job.mode == "prompted":
+        labels, names = _segment_prompted(
+            session, volume, job.prompts[case.case_id], job.min_slice_iou, report
+        )
+    else:
+        labels, names = _segment_automatic(session, report)
+    emit("write")
+    folder.mkdir(parents=True, exist_ok=True)
+    outputs = []
+    if "nifti" in job.formats:
+        save_nifti(labels, volume, folder / _LABELS_FILE)
+        outputs.append(_LABELS_FILE)
+    if "dicom-seg" in job.formats and case.is_dicom:
+        present = {v: n for v, n in names.items() if np.any(labels == v)}
+        if present:
+            colors = {v: label_color(v) for v in present}
+            save_dicom_seg(labels, volume, folder / _SEG_FILE, label_names=present, colors=colors)
+            outputs.append(_SEG_FILE)
+    if job.qc:
+        window = None
+        name = str(getattr(session, "intensity_name", ""))
+        if name.startswith("ct:"):
+            from ..registry import CT_WINDOWS
+
+            preset = CT_WINDOWS[name[3:]]
+            window = (preset.low, preset.high)
+        save_qc_png(folder / _QC_FILE, volume.array, labels, affine=volume.affine, window=window)
+        outputs.append(_QC_FILE)
+    result.labels = names
+    result.volumes_ml = _volumes_ml(labels, names, volume.spacing)
+    result.outputs = outputs
+    result.status = "ok"
+    return result
+
+
+# ---------------------------------------------------------------------------------- the API
+def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    out = tuple(dict.fromkeys(f.strip().lower() for f in items if f.strip()))
+    bad = [f for f in out if f not in FORMATS]
+    if bad or not out:
+        raise ValueError(f"format {formats!r}: {bad or 'empty'} not in the allowed {list(FORMATS)}")
+    return out
+
+
+def _parse_window(window: object) -> object:
+    """``"auto"``, a preset name, ``"LOW,HIGH"`` or a (low, high) pair -> a Session intensity."""
+    from ..registry import CT_WINDOWS
+
+    if isinstance(window, tuple | list) and len(window) == 2:
+        return ("window", float(window[0]), float(window[1]))
+    if isinstance(window, str):
+        w = window.strip()
+        if w in ("auto", "minmax", "percentile") or w in CT_WINDOWS:
+            return w
+        parts = w.split(",")
+        if len(parts) == 2:
+            try:
+                lo, hi = float(parts[0]), float(parts[1])
+            except ValueError:
+                pass
+            else:
+                if hi > lo:
+                    return ("window", lo, hi)
+    allowed = ["auto", "minmax", "percentile", *CT_WINDOWS, "LOW,HIGH"]
+    raise ValueError(f"window {window!r} is not one of {allowed}")
+
+
+def segment_batch(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    adapter: str | os.PathLike | None = None,
+    prompts: str | os.PathLike | None = None,
+    formats: str | Sequence[str] = FORMATS,
+    device: str = "auto",
+    batch_size: int | None = None,
+    overwrite: bool = False,
+    window: object = "auto",
+    model: Any = "litemedsam",
+    checkpoint: str | os.PathLike | None = None,
+    qc: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    min_slice_iou: float = 0.7,
+    progress: ProgressCallback | None = None,
+) -> BatchSummary:
+    """Segment every case found in ``inputs`` into ``out_dir`` (the Python form of ``samed segment``).
+
+    Args:
+        inputs: image files (NIfTI, NRRD, MHA) and folders (searched recursively for image files
+            and DICOM series); see :func:`discover_cases` for the case ids.
+        out_dir: output folder (created); must not lie inside an input folder.
+        adapter: adapter name or folder (:func:`samed.registry.resolve_adapter`). An automatic
+            adapter selects automatic mode; a prompted adapter tunes prompted mode.
+        prompts: prompts file (:mod:`samed.prompts`); selects prompted mode.
+        formats: ``"nifti"`` and/or ``"dicom-seg"`` (comma-separated or a sequence); DICOM SEG is
+            written for DICOM inputs only.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` (``"cuda:N"``).
+        batch_size: slices per encoder batch (default 16 on CUDA, 2 on CPU); on CUDA an
+            out-of-memory error halves it and retries.
+        overwrite: redo cases that an earlier run finished (default: skip them).
+        window: intensity mapping: ``"auto"`` (CT: abdomen window), a preset of
+            :data:`samed.registry.CT_WINDOWS`, ``"LOW,HIGH"`` (HU) or ``(low, high)``.
+        model: a model kind of :data:`samed.registry.MODEL_KINDS` or a built
+            :class:`samed.model.SamModel` (then ``device`` and ``checkpoint`` are ignored).
+        checkpoint: checkpoint file for kinds without bundled weights.
+        qc: write ``qc.png`` per case.
+        min_slice_iou: prompted mode: stop propagating an object in one direction at the first
+            slice whose mask has IoU below this with the previous slice's (0 disables; 0.7
+            default).
+        cache_dir: folder for on-disk embedding caches (keyed by volume content, model, adapter and
+            intensity), so that a rerun with other prompts costs only the decoder; None: none.
+        progress: called with a :class:`ProgressEvent` as the batch advances.
+
+    Returns:
+        The :class:`BatchSummary` (also written to ``out_dir/summary.json`` and ``summary.csv``).
+
+    Raises:
+        ValueError: bad options (no mode, both modes, unknown format/window, unreadable prompts
+            file, output inside an input folder). Errors of single cases are not raised: they
+            are rows of the summary.
+    """
+    import torch
+
+    from ..lora import load_adapter
+    from ..model import build_model, resolve_device
+    from ..registry import resolve_adapter
+
+    t_start = time.perf_counter()
+    fmt = _parse_formats(formats)
+    intensity = _parse_window(window)
+    out = Path(out_dir).expanduser()
+    check_output_location(out, inputs)
+    if not 0.0 <= float(min_slice_iou) < 1.0:
+        raise ValueError(f"min_slice_iou={min_slice_iou} must be in [0, 1)")
+    if batch_size is not None and int(batch_size) < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    prompt_list = read_prompts(prompts) if prompts is not None else None
+    adapter_path = resolve_adapter(adapter) if adapter is not None else None
+    if isinstance(model, str):
+        net = build_model(model, checkpoint, device=resolve_device(device))
+    else:
+        net = model
+    if adapter_path is not None:
+        dev = net.device
+        load_adapter(net, adapter_path)
+        # samed.lora creates the LoRA index buffers on the CPU; keep the whole model on `dev`.
+        net.to(dev)
+    cfg = getattr(net, "lora_config", None)
+    automatic = cfg is not None and cfg.mode == "automatic"
+    if automatic and prompt_list is not None:
+        raise ValueError(
+            f"adapter {adapter!r} is automatic (no prompts); drop --prompts or use a prompted adapter"
+        )
+    if not automatic and prompt_list is None:
+        raise ValueError(
+            "nothing to do: give a prompts file (--prompts, prompted mode) or an automatic adapter "
+            "(--adapter, automatic mode; see `samed adapters`)"
+        )
+    mode = "automatic" if automatic else "prompted"
+    dev = net.device
+    bs = int(batch_size) if batch_size is not None else (16 if dev.type == "cuda" else 2)
+    settings = {
+        "mode": mode,
+        "model": net.kind,
+        "checkpoint_sha256": net.checkpoint_sha256,
+        "adapter": getattr(net, "adapter_name", None),
+        "adapter_sha256": getattr(net, "adapter_digest", "") or "",
+        "intensity": list(intensity) if isinstance(intensity, tuple) else intensity,
+        "formats": list(fmt),
+        "min_slice_iou": float(min_slice_iou) if mode == "prompted" else None,
+    }
+    job = _Job(
+        model=_OomFallbackModel(net),
+        mode=mode,
+        prompts=prompts_by_case(prompt_list or []),
+        formats=fmt,
+        intensity=intensity,
+        batch_size=bs,
+        overwrite=overwrite,
+        qc=qc,
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        min_slice_iou=float(min_slice_iou),
+        settings=settings,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    cases = discover_cases(inputs)
+    summary = BatchSummary(out_dir=out, results=[], mode=mode)
+    for i, case in enumerate(cases):
+
+        def emit(
+            stage: str,
+            done: int = 0,
+            total: int = 0,
+            result: CaseResult | None = None,
+            i: int = i,
+            case: CaseInput = case,
+        ) -> None:
+            if progress is not None:
+                progress(ProgressEvent(i, len(cases), case.case_id, stage, done, total, result))
+
+        emit("start")
+        folder = out / case.case_id
+        wanted = _case_settings(job, case)
+        marker = _read_marker(folder)
+        t0 = time.perf_counter()
+        if marker is not None and not overwrite:
+            if marker.get("settings") == wanted:
+                row = CaseResult(
+                    case=case.case_id,
+                    source=str(marker.get("source", case.path)),
+                    status="skipped",
+                    seconds=0.0,
+                    mode=str(marker.get("mode", mode)),
+                    slices=int(marker.get("slices", 0)),
+                    volumes_ml=dict(marker.get("volumes_ml", {})),
+                    labels={int(k): v for k, v in marker.get("labels", {}).items()},
+                    outputs=list(marker.get("outputs", [])),
+                )
+            else:
+                diff = sorted(
+                    k
+                    for k in set(wanted) | set(marker.get("settings", {}))
+                    if wanted.get(k) != marker.get("settings", {}).get(k)
+                )
+                row = CaseResult(
+                    case=case.case_id,
+                    source=str(case.path),
+                    status="error",
+                    mode=mode,
+                    error=f"{folder} was finished by an earlier run with other settings "
+                    f"(differing: {', '.join(diff)}); rerun with --overwrite to replace it",
+                )
+        else:
+            try:
+                if marker is not None:
+                    (folder / _MARKER).unlink()
+                row = _run_case(job, case, folder, emit)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - one bad case never stops the batch
+                row = CaseResult(
+                    case=case.case_id,
+                    source=str(case.path),
+                    status="error",
+                    mode=mode,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                if not isinstance(exc, ValueError):
+                    row.error += "\n" + "".join(traceback.format_exception(exc)[-3:]).strip()
+            finally:
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            row.seconds = round(time.perf_counter() - t0, 3)
+            if row.status == "ok":
+                write_json(folder / _MARKER, {**row.to_json(), "settings": wanted})
+        summary.results.append(row)
+        summary.seconds = time.perf_counter() - t_start
+        write_summary(out, summary)
+        emit("end", result=row)
+    return summary

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from realdata import shared_path
 
 from samed.engine import Session, mask_bbox, prepare_slices, slice_geometry
 from samed.lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from samed.model import build_model, build_tiny_model, upscale_logits
-from realdata import shared_path
 
 
 def test_slice_geometry_matches_litemedsam_resize_longest_side():

@@ -159,7 +159,9 @@ def test_propagation_walks_both_ways_and_reports_progress(tiny):
     s = Session(tiny, _volume(z=5), intensity="minmax")
     start = np.zeros((60, 80), bool)
     start[20:40, 30:60] = True
-    steps = list(s.propagate(2, start, min_area=0, min_score=float("-inf")))
+    steps = list(
+        s.propagate(2, start, min_area=0, min_score=float("-inf"), max_intensity_shift=None)
+    )
     assert [st.z for st in steps] == [3, 4, 1, 0]
     assert [st.direction for st in steps] == [1, 1, -1, -1]
     assert steps[-1].done == 4 and steps[-1].total == 4
@@ -218,3 +220,19 @@ def test_propagation_segments_the_left_ventricle(lite):
     dice = 2 * (out & gt).sum() / (out.sum() + gt.sum())
     assert dice > 0.85, dice
     assert seen and seen == sorted(seen)
+
+
+def test_max_step_keeps_each_mask_near_the_previous(tiny):
+    from scipy.ndimage import binary_dilation
+
+    s = Session(tiny, _volume(z=4), intensity="minmax")
+    start = np.zeros((60, 80), bool)
+    start[25:35, 40:50] = True
+    prev, n = start, 0
+    for st in s.propagate(
+        0, start, direction="forward", min_area=0, min_score=float("-inf"),
+        max_intensity_shift=None, max_step_px=2,
+    ):
+        assert not (st.mask & ~binary_dilation(prev, iterations=2)).any()
+        prev, n = st.mask, n + 1
+    assert n == 3

@@ -59,7 +59,7 @@ def run_demo(args: Any) -> int:
     """Segment the MNI152 brain from one box; returns the exit code (0 when it ran)."""
     from tqdm import tqdm
 
-    from .engine import Session, tune_cpu_allocator
+    from .engine import Session, optimize_for_inference
     from .io import load_label_map, load_volume, save_nifti
     from .model import build_model
     from .qc import save_qc_png
@@ -69,9 +69,7 @@ def run_demo(args: Any) -> int:
     t1_path, mask_path = sample_mni152(out / "input")
     vol = load_volume(t1_path)
     gt = load_label_map(mask_path, reference=vol).array > 0
-    model = build_model(device=args.device)
-    if model.device.type == "cpu":
-        tune_cpu_allocator()
+    model = optimize_for_inference(build_model(device=args.device))
     inv = np.linalg.inv(vol.affine)
     x0, y0, x1, y1 = BRAIN_BOX_MM
     a = inv @ [x0, y0, BRAIN_SLICE_MM, 1.0]

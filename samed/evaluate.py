@@ -317,14 +317,12 @@ def run_evaluate(args: Any) -> int:
     """``samed evaluate`` entry point; returns the exit code."""
     from tqdm import tqdm
 
-    from .engine import tune_cpu_allocator
+    from .engine import optimize_for_inference
     from .lora import load_adapter, read_adapter_config
     from .model import build_model
     from .registry import resolve_adapter
 
-    model = build_model(args.model, args.checkpoint, device=args.device)
-    if model.device.type == "cpu":
-        tune_cpu_allocator()
+    model = optimize_for_inference(build_model(args.model, args.checkpoint, device=args.device))
     prompt = {"box": "box", "none": None}.get(args.prompt or "", "auto")
     if args.adapter:
         folder = resolve_adapter(args.adapter)

@@ -150,7 +150,7 @@ class PluginSession:
 
 
 def _build_model(settings: Settings) -> Any:
-    from samed.engine import tune_cpu_allocator
+    from samed.engine import optimize_for_inference
     from samed.model import build_model
     from samed.registry import MODEL_KINDS
 
@@ -161,9 +161,9 @@ def _build_model(settings: Settings) -> Any:
         )
     if not spec.bundled and not settings.checkpoint:
         raise ValueError(f"{settings.model_kind} needs a checkpoint file ({spec.description})")
-    model = build_model(settings.model_kind, settings.checkpoint or None, device=settings.device)
-    if str(model.device) == "cpu":
-        tune_cpu_allocator()
+    model = optimize_for_inference(
+        build_model(settings.model_kind, settings.checkpoint or None, device=settings.device)
+    )
     if settings.adapter:
         from samed.lora import load_adapter
         from samed.registry import resolve_adapter

@@ -383,7 +383,9 @@ def segment_batch(
     prompt_list = read_prompts(prompts) if prompts is not None else None
     adapter_path = resolve_adapter(adapter) if adapter is not None else None
     if isinstance(model, str):
-        net = build_model(model, checkpoint, device=resolve_device(device))
+        from ..engine import optimize_for_inference
+
+        net = optimize_for_inference(build_model(model, checkpoint, device=resolve_device(device)))
     else:
         net = model
     if adapter_path is not None:

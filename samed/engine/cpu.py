@@ -42,3 +42,21 @@ def tune_cpu_allocator() -> bool:
         return False
     _done = ok
     return ok
+
+
+def optimize_for_inference(model: object) -> object:
+    """Inference-only speed-ups for a :class:`samed.model.SamModel`; returns it.
+
+    On CPU: the allocator setting above, Conv-BN folding (``fuse_for_inference``) and
+    channels-last convolution weights. Measured here on an idle 2-core machine
+    (``bench/bench_engine.py``): 2.57 -> 1.16 -> 0.99 -> 0.88 s per 256x256 slice; embeddings
+    equal within 2e-6. Irreversible for training: call it only on models used for inference.
+    On CUDA nothing is changed (mixed precision is applied per call by the engine).
+    """
+    import torch
+
+    if getattr(model, "device", None) is None or model.device.type != "cpu":  # type: ignore[attr-defined]
+        return model
+    tune_cpu_allocator()
+    model.fuse_for_inference()  # type: ignore[attr-defined]
+    return model.to(memory_format=torch.channels_last)  # type: ignore[attr-defined]

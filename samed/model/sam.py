@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import ModelSpec
+from .fast_decoder import ImageState, fast_mask_decoder, prepare_image_state
 
 __all__ = ["SamModel"]
 
@@ -52,6 +53,8 @@ class SamModel(nn.Module):
         self.checkpoint_sha256 = checkpoint_sha256
         self.adapter_name: str | None = None
         self.adapter_digest: str = ""
+        #: run clicks through the re-associated decoder (see samed.model.fast_decoder)
+        self.fast_decoder = True
         self.image_size = int(prompt_encoder.input_image_size[0])
         self.embedding_size = tuple(int(s) for s in prompt_encoder.image_embedding_size)
         self.low_res_size = 4 * self.embedding_size[0]
@@ -100,8 +103,14 @@ class SamModel(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask_inputs: torch.Tensor | None = None,
         multimask_output: bool = False,
+        image_state: ImageState | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits for prompts on precomputed embeddings.
+
+        Without gradients and for one slice, the decoder runs through
+        :func:`samed.model.fast_decoder.fast_mask_decoder` (same result, about half the
+        arithmetic); ``image_state`` (from :meth:`image_state`, no mask prompt) skips the
+        per-slice part too. Set ``model.fast_decoder = False`` to use SAM's module as is.
 
         Args:
             embeddings: (B, C, h, w) from :meth:`encode` (B = 1 is broadcast to the prompts).
@@ -120,6 +129,20 @@ class SamModel(nn.Module):
             boxes=boxes[:, None, :] if boxes is not None and boxes.ndim == 2 else boxes,
             masks=mask_inputs,
         )
+        fast = (
+            self.fast_decoder
+            and not torch.is_grad_enabled()
+            and embeddings.shape[0] == 1
+            and (mask_inputs is None or mask_inputs.shape[0] == 1)
+        )
+        if image_state is not None or fast:
+            if image_state is None:
+                image_state = self.image_state(embeddings, mask_inputs)
+            elif mask_inputs is not None:
+                raise ValueError("image_state covers the no-mask-prompt case only; pass mask_inputs without it")
+            return fast_mask_decoder(
+                self.mask_decoder, image_state, sparse.to(embeddings.dtype), multimask_output
+            )
         if embeddings.shape[0] == 1 and sparse.shape[0] > 1:
             embeddings = embeddings.expand(sparse.shape[0], -1, -1, -1)
         if embeddings.shape[0] != sparse.shape[0]:
@@ -135,6 +158,20 @@ class SamModel(nn.Module):
             multimask_output=multimask_output,
         )
         return logits, iou
+
+    def image_state(
+        self, embedding: torch.Tensor, mask_inputs: torch.Tensor | None = None
+    ) -> ImageState:
+        """The prompt-independent part of the decoder for one slice's (1, C, h, w) embedding
+        (optionally with a (1, 1, L, L) mask prompt): computed once, reused by every click."""
+        if mask_inputs is None:
+            h, w = embedding.shape[-2:]
+            dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, h, w)
+        else:
+            dense = self.prompt_encoder._embed_masks(mask_inputs)
+        return prepare_image_state(
+            self.mask_decoder, embedding, dense.to(embedding.dtype), self._dense_pe(embedding.dtype)
+        )
 
     def forward(
         self, images: torch.Tensor, boxes: torch.Tensor | None = None

@@ -189,6 +189,7 @@ def evaluate_iter(
     box_margin: float = 5.0,
     intensity: object = "auto",
     nsd_tolerance_mm: float = 2.0,
+    postprocess: str = "adapter",
 ) -> Iterator[tuple[int, int, Case, list[dict[str, Any]]]]:
     """Evaluate case by case; yields (done, total, case, rows of that case).
 
@@ -215,7 +216,7 @@ def evaluate_iter(
         if prompt == "box":
             pred = _predict_case_box(session, gt, classes, box_margin)
         else:
-            pred = session.automatic()
+            pred = session.automatic(postprocess=postprocess)
         scores = score_case(pred, gt, ds.labels, vol.spacing, nsd_tolerance_mm)
         dt = time.perf_counter() - t0
         rows = [
@@ -243,6 +244,7 @@ def evaluate(
     box_margin: float = 5.0,
     intensity: object = "auto",
     nsd_tolerance_mm: float = 2.0,
+    postprocess: str = "adapter",
     progress: Callable[[int, int, str], None] | None = None,
 ) -> EvalReport:
     """Score a model (with or without adapter) on a labeled split.
@@ -256,6 +258,8 @@ def evaluate(
         box_margin: box growth in pixels on each side (default 5).
         intensity: Session intensity mapping (``auto``: CT -> abdomen window, [0,1] data as is).
         nsd_tolerance_mm: NSD boundary tolerance in mm.
+        postprocess: automatic mode: ``"adapter"`` (the adapter's recommendation), ``"none"`` or
+            ``"largest_component"`` (see :mod:`samed.postprocess`).
         progress: called as ``progress(done, total, case_id)`` after each case.
 
     Returns:
@@ -275,11 +279,16 @@ def evaluate(
             "intensity": str(intensity),
             "nsd_tolerance_mm": nsd_tolerance_mm,
             "limit": limit,
+            "postprocess": (
+                None if prompt == "box"
+                else {"choice": postprocess, "applied": getattr(model, "adapter_postprocessing", {}) or {}}
+                if postprocess == "adapter" else postprocess
+            ),
         },
     )
     for done, total, case, rows in evaluate_iter(
         model, ds, split, prompt=prompt, limit=limit, box_margin=box_margin,
-        intensity=intensity, nsd_tolerance_mm=nsd_tolerance_mm,
+        intensity=intensity, nsd_tolerance_mm=nsd_tolerance_mm, postprocess=postprocess,
     ):
         report.rows.extend(rows)
         if progress is not None:
@@ -308,6 +317,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N cases")
     p.add_argument("--box-margin", type=float, default=5.0, help="box margin in px (default 5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--postprocess", choices=["adapter", "none", "largest_component"], default="adapter",
+                   help="automatic mode: label-map clean-up (default: what the adapter recommends)")
     p.add_argument("--out", default=None, help="write JSON here (and CSV beside it)")
     p.add_argument("--csv", default=None, help="write the per-case CSV here")
     p.set_defaults(func=run_evaluate)
@@ -346,7 +357,7 @@ def run_evaluate(args: Any) -> int:
 
     report = evaluate(
         model, ds, args.split, prompt=prompt, limit=args.limit, box_margin=args.box_margin,
-        progress=progress,
+        postprocess=args.postprocess, progress=progress,
     )
     bar.close()
     print(report.table())

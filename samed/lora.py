@@ -306,6 +306,7 @@ def remove_adapter(model: SamModel) -> SamModel:
     model.adapter_name = None
     model.adapter_digest = ""
     model.adapter_labels = {}  # type: ignore[attr-defined]
+    model.adapter_postprocessing = {}  # type: ignore[attr-defined]
     return model
 
 
@@ -459,6 +460,28 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
+def _read_postprocessing(folder: Path) -> dict[str, Any]:
+    """The ``postprocessing`` recommendation of an adapter's metadata.json (``{}`` if none)."""
+    path = folder / ADAPTER_METADATA
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc})") from exc
+    spec = meta.get("postprocessing") if isinstance(meta, dict) else None
+    if spec is None:
+        return {}
+    lcc = spec.get("largest_component") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict) or not (
+        lcc is None or isinstance(lcc, bool) or (isinstance(lcc, list) and all(isinstance(c, int) for c in lcc))
+    ):
+        raise AdapterError(
+            f"{path}: 'postprocessing' must be an object like {{\"largest_component\": [1, 2]}}; got {spec!r}"
+        )
+    return dict(spec)
+
+
 def load_adapter(
     model: SamModel, folder: str | os.PathLike, *, merge: bool = False, check_base: bool = True
 ) -> SamModel:
@@ -481,6 +504,7 @@ def load_adapter(
 
     folder = Path(folder)
     cfg = read_adapter_config(folder)
+    post = _read_postprocessing(folder)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise AdapterError(f"{folder}: {ADAPTER_WEIGHTS} is missing (only safetensors is accepted)")
@@ -549,6 +573,7 @@ def load_adapter(
     model.adapter_name = folder.name
     model.adapter_digest = digest.hexdigest()
     model.adapter_labels = {int(k): str(v) for k, v in (cfg.get("labels") or {}).items()}  # type: ignore[attr-defined]
+    model.adapter_postprocessing = post  # type: ignore[attr-defined]
     if merge:
         merge_adapter(model)
     return model

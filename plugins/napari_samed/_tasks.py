@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from superqt.utils import create_worker
 
+from samed.postprocess import apply_postprocessing
+
 __all__ = ["TaskMixin"]
 
 
@@ -179,7 +181,8 @@ class TaskMixin:
                 yield done, total
                 if stop.is_set():
                     return None
-            return out
+            # the clean-up the adapter recommends (e.g. largest 3D component per class)
+            return apply_postprocessing(out, "adapter", engine.model)
 
         def on_yield(v: tuple[int, int]) -> None:
             self._progress(v[0], v[1], f"automatic {v[0]}/{v[1]} slices")

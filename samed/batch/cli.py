@@ -77,6 +77,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "with IoU < T (default 0.7; 0 disables)",
     )
     p.add_argument(
+        "--postprocess",
+        default="adapter",
+        choices=["adapter", "none", "largest_component"],
+        help="automatic mode: clean-up of the label map (default: what the adapter recommends, "
+        "e.g. the largest 3D connected component per class)",
+    )
+    p.add_argument(
         "--cache-dir",
         metavar="DIR",
         help="keep slice embeddings here (a rerun with other prompts then costs only the decoder)",
@@ -114,6 +121,7 @@ def run_segment(args: argparse.Namespace) -> int:
             qc=not args.no_qc,
             cache_dir=getattr(args, "cache_dir", None),
             min_slice_iou=getattr(args, "min_slice_iou", 0.7),
+            postprocess=getattr(args, "postprocess", "adapter"),
             progress=bars,
         )
     finally:

@@ -150,9 +150,11 @@ def _segment_prompted(
 
 
 def _segment_automatic(
-    session: Any, report: Callable[[int, int], None]
+    session: Any, report: Callable[[int, int], None], postprocess: str = "adapter"
 ) -> tuple[np.ndarray, dict[int, str]]:
     import torch
+
+    from ..postprocess import apply_postprocessing
 
     nz = session.shape[0]
     out = np.zeros(session.shape, dtype=np.int16)
@@ -170,6 +172,7 @@ def _segment_automatic(
             session.batch_size = max(1, session.batch_size // 2)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+    out = apply_postprocessing(out, postprocess, session.model)
     names = {
         int(k): str(v) for k, v in (getattr(session.model, "adapter_labels", None) or {}).items()
     }
@@ -203,6 +206,7 @@ class _Job:
     qc: bool
     cache_dir: Path | None
     min_slice_iou: float
+    postprocess: str
     settings: dict[str, Any]
 
 
@@ -248,7 +252,7 @@ def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None
             session, volume, job.prompts[case.case_id], job.min_slice_iou, report
         )
     else:
-        labels, names = _segment_automatic(session, report)
+        labels, names = _segment_automatic(session, report, job.postprocess)
     emit("write")
     folder.mkdir(parents=True, exist_ok=True)
     outputs = []
@@ -327,6 +331,7 @@ def segment_batch(
     qc: bool = True,
     cache_dir: str | os.PathLike | None = None,
     min_slice_iou: float = 0.7,
+    postprocess: str = "adapter",
     progress: ProgressCallback | None = None,
 ) -> BatchSummary:
     """Segment every case found in ``inputs`` into ``out_dir`` (the Python form of ``samed segment``).
@@ -353,6 +358,9 @@ def segment_batch(
         min_slice_iou: prompted mode: stop propagating an object in one direction at the first
             slice whose mask has IoU below this with the previous slice's (0 disables; 0.7
             default).
+        postprocess: automatic mode: ``"adapter"`` (what the adapter's metadata recommends, e.g.
+            the largest 3D connected component per class), ``"none"`` or
+            ``"largest_component"`` (see :mod:`samed.postprocess`).
         cache_dir: folder for on-disk embedding caches (keyed by volume content, model, adapter and
             intensity), so that a rerun with other prompts costs only the decoder; None: none.
         progress: called with a :class:`ProgressEvent` as the batch advances.
@@ -378,6 +386,10 @@ def segment_batch(
     check_output_location(out, inputs)
     if not 0.0 <= float(min_slice_iou) < 1.0:
         raise ValueError(f"min_slice_iou={min_slice_iou} must be in [0, 1)")
+    from ..postprocess import POSTPROCESS_CHOICES
+
+    if postprocess not in POSTPROCESS_CHOICES:
+        raise ValueError(f"postprocess={postprocess!r} must be one of {POSTPROCESS_CHOICES}")
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     prompt_list = read_prompts(prompts) if prompts is not None else None
@@ -416,6 +428,11 @@ def segment_batch(
         "intensity": list(intensity) if isinstance(intensity, tuple) else intensity,
         "formats": list(fmt),
         "min_slice_iou": float(min_slice_iou) if mode == "prompted" else None,
+        "postprocess": (
+            {"choice": postprocess, "applied": getattr(net, "adapter_postprocessing", {}) or {}}
+            if mode == "automatic" and postprocess == "adapter"
+            else postprocess if mode == "automatic" else None
+        ),
     }
     job = _Job(
         model=_OomFallbackModel(net),
@@ -428,6 +445,7 @@ def segment_batch(
         qc=qc,
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
         min_slice_iou=float(min_slice_iou),
+        postprocess=postprocess,
         settings=settings,
     )
     out.mkdir(parents=True, exist_ok=True)

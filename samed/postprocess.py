@@ -1,0 +1,86 @@
+"""Post-processing of automatic (multi-class) label maps.
+
+An automatic adapter predicts every slice on its own, so a structure that is one connected
+object in 3D (a cardiac ventricle, the liver) can pick up small islands on slices where it is
+absent (apical/basal slices, neighbouring organs with similar contrast). Keeping the largest
+3D connected component per class removes them. Whether it helps is a property of the task, so an
+adapter records it in ``metadata.json`` under ``"postprocessing"`` (chosen on its validation
+split, with the measured effect), and :meth:`samed.engine.Session.automatic` applies what the
+adapter recommends unless told otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["keep_largest_component", "apply_postprocessing", "POSTPROCESS_CHOICES"]
+
+#: values accepted for ``postprocess`` arguments
+POSTPROCESS_CHOICES = ("adapter", "none", "largest_component")
+
+
+def keep_largest_component(
+    labels: np.ndarray, classes: Iterable[int] | None = None, connectivity: int | None = None
+) -> np.ndarray:
+    """Keep, for each listed class, only its largest connected component (MONAI
+    ``KeepLargestConnectedComponent``); removed voxels become background (0).
+
+    Args:
+        labels: (Z, Y, X) (or (Y, X)) integer label map.
+        classes: class values to clean (default: every non-zero value present).
+        connectivity: neighbourhood in 3D: 1 = faces (6), 2 = edges (18), 3 = corners (26);
+            None = full (26 in 3D).
+
+    Returns:
+        A new label map of the same shape and dtype.
+    """
+    import torch
+    from monai.transforms import KeepLargestConnectedComponent
+
+    arr = np.asarray(labels)
+    if arr.ndim not in (2, 3) or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"labels must be a 2D or 3D integer label map; got {arr.ndim}D {arr.dtype}")
+    present = [int(c) for c in np.unique(arr) if c != 0]
+    wanted = present if classes is None else [int(c) for c in classes if int(c) in present]
+    if connectivity is not None and not 1 <= connectivity <= arr.ndim:
+        raise ValueError(f"connectivity={connectivity} must be in [1, {arr.ndim}] or None")
+    if not wanted:
+        return arr.copy()
+    tf = KeepLargestConnectedComponent(
+        applied_labels=wanted, is_onehot=False, independent=True, connectivity=connectivity
+    )
+    out = tf(torch.as_tensor(arr.astype(np.int32))[None])
+    return np.asarray(out[0]).astype(arr.dtype, copy=False)
+
+
+def adapter_postprocessing(model: Any) -> dict[str, Any]:
+    """The post-processing the model's adapter recommends (``{}`` for none)."""
+    return dict(getattr(model, "adapter_postprocessing", None) or {})
+
+
+def apply_postprocessing(labels: np.ndarray, spec: str | Mapping[str, Any] | None, model: Any = None) -> np.ndarray:
+    """Apply a post-processing spec to a (Z, Y, X) label map.
+
+    Args:
+        labels: (Z, Y, X) integer label map.
+        spec: ``"adapter"`` (what ``model``'s adapter recommends), ``"none"``/None,
+            ``"largest_component"`` (every class), or a mapping like the adapter's
+            ``{"largest_component": [1, 2, 3]}``.
+        model: the model whose adapter is asked when ``spec == "adapter"``.
+    """
+    if spec is None or spec == "none":
+        return labels
+    if isinstance(spec, str):
+        if spec not in POSTPROCESS_CHOICES:
+            raise ValueError(f"postprocess={spec!r} must be one of {POSTPROCESS_CHOICES} or a mapping")
+        spec = adapter_postprocessing(model) if spec == "adapter" else {"largest_component": True}
+    unknown = set(spec) - {"largest_component", "note", "measured"}
+    if unknown:
+        raise ValueError(f"post-processing keys {sorted(unknown)} are not known (allowed: largest_component)")
+    lcc = spec.get("largest_component")
+    if lcc:
+        labels = keep_largest_component(labels, None if lcc is True else lcc)
+    return labels

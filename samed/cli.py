@@ -22,7 +22,7 @@ __all__ = ["main", "build_parser"]
 _COMMANDS = {
     "segment": "samed.batch",
     "convert": "samed.io.cli",
-    "finetune": "samed.train",
+    "finetune": "samed.train_cli",
     "evaluate": "samed.evaluate",
     "demo": "samed.demo",
 }

@@ -19,13 +19,9 @@ Python::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import shlex
-import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,16 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import FinetuneConfig, load_config
+from .config import FinetuneConfig
 from .train_data import SliceSet, VolumeCase, collate, load_cases, sample_rng
+from .train_report import adapter_metadata, plot_curve
 
 __all__ = [
     "finetune",
     "validate",
     "dice_3d",
     "build_base_model",
-    "add_parser",
-    "run_finetune",
     "FinetuneResult",
 ]
 
@@ -337,68 +332,6 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _metadata(
-    cfg: FinetuneConfig, labels: dict[int, str], summary: dict[str, Any],
-    val: dict[str, Any] | None, best_step: int, command: str, device: str, seconds: float,
-    model: Any,
-) -> dict[str, Any]:
-    from . import __version__
-    from .lora import trainable_parameters
-
-    prompt = "none: one output per class (argmax)" if cfg.mode == "automatic" else (
-        "a box (x0, y0, x1, y1) around one object per call; returns one binary mask"
-    )
-    return {
-        "name": cfg.name,
-        "description": cfg.description,
-        "intended_use": cfg.intended_use,
-        "mode": cfg.mode,
-        "labels": {str(k): v for k, v in sorted(labels.items())},
-        "base_model": model.kind,
-        "base_model_sha256": model.checkpoint_sha256,
-        "input": {
-            "axes": "2D axial slices (Y, X) of a (Z, Y, X) volume",
-            "prompt": prompt,
-        },
-        "preprocessing": {
-            "intensity": summary.get("intensity"),
-            "modality": summary.get("modality"),
-            "slice": (
-                f"resize longest side to {model.image_size} (bilinear, antialiased), per-slice "
-                f"min-max to [0, 1], zero-pad bottom/right, 3 channels "
-                "(samed.engine.preprocess.prepare_slices)"
-            ),
-        },
-        "spacing": "2D, in-plane; trained on the dataset's native grids (no resampling)",
-        "training_data": {
-            **summary,
-            "labels_source": cfg.data.label_source,
-            "licence": cfg.data.licence,
-        },
-        "validation": None if val is None else {
-            "split": cfg.data.val_split,
-            "metric": "3D Dice per volume, mean over classes then volumes"
-            + (f"; ground-truth boxes, margin {cfg.validation.box_margin:g} px"
-               if cfg.mode == "prompted" else ""),
-            "step": best_step,
-            "mean_dice": val["mean_dice"],
-            "per_class": val["per_class"],
-            "per_case": val["per_case"],
-        },
-        "training": {
-            "config": cfg.to_dict(),
-            "iterations_run": None,
-            "best_step": best_step,
-            "device": device,
-            "seconds": round(seconds, 1),
-            "trainable_parameters": trainable_parameters(model),
-        },
-        "command": command,
-        "samed_version": __version__,
-        "licence": "Apache-2.0 (adapter weights); base model LiteMedSAM Apache-2.0",
-    }
-
-
 def finetune(
     cfg: FinetuneConfig,
     out: str | os.PathLike,
@@ -527,7 +460,7 @@ def finetune(
         return bool(p and state["bad"] >= p)
 
     def export(step: int, val: dict[str, Any] | None) -> None:
-        meta = _metadata(cfg, labels, summary, val, step, command, str(dev),
+        meta = adapter_metadata(cfg, labels, summary, val, step, command, str(dev),
                          state["seconds"] + time.perf_counter() - t_run, model)
         meta["training"]["iterations_run"] = step
         save_adapter(model, out / "adapter", labels=labels, metadata=meta, overwrite=True)
@@ -625,103 +558,7 @@ def finetune(
                           validation=state["best_val"])
 
 
-def plot_curve(metrics: dict[str, Any], path: Path) -> None:
-    """Training loss (left axis, smoothed) and validation mean Dice (right axis) -> PNG."""
-    import matplotlib
+if __name__ == "__main__":  # python -m samed.train ... (same arguments as samed finetune)
+    from .train_cli import main
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    h = np.asarray(metrics["loss"], dtype=float).reshape(-1, 2)
-    if len(h):
-        w = max(1, len(h) // 50)
-        smooth = np.convolve(h[:, 1], np.ones(w) / w, mode="valid")
-        ax.plot(h[:, 0], h[:, 1], color="0.8", lw=0.5)
-        ax.plot(h[w - 1 :, 0], smooth, color="C0", label="loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (Dice + CE)")
-    if metrics["validation"]:
-        ax2 = ax.twinx()
-        v = metrics["validation"]
-        ax2.plot([r["step"] for r in v], [r["mean_dice"] for r in v], "o-", color="C1",
-                 label="val mean Dice")
-        ax2.set_ylabel("validation mean Dice")
-        ax2.set_ylim(0, 1)
-    ax.set_title(f"{metrics['name']} ({metrics['mode']})")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------- CLI
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            raise ValueError(f"--set {it!r} must be KEY=VALUE (e.g. train.iterations=100)")
-        k, v = it.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``samed finetune`` on an argparse sub-parser collection."""
-    p = subparsers.add_parser(
-        "finetune", help="fine-tune a LoRA adapter on labeled volumes (YAML config)",
-        description="Train LoRA + decoder on labeled data as configs/NAME.yaml says; writes "
-        "checkpoint.pt, metrics.json, curve.png and the best adapter to --out.",
-    )
-    p.add_argument("--config", required=True, help="YAML fine-tuning config (configs/*.yaml)")
-    p.add_argument("--out", default=None, help="output folder (default runs/<name>)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
-                   help="overrides train.device")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.iterations=100 (repeatable)")
-    p.add_argument("--export", default=None, metavar="DIR",
-                   help="also copy the best adapter to DIR/<name> (e.g. adapters)")
-    p.set_defaults(func=run_finetune)
-    return p
-
-
-def run_finetune(args: argparse.Namespace) -> int:
-    """``samed finetune``: returns 0 on success, 2 on a configuration or data error."""
-    try:
-        cfg = load_config(args.config, _parse_set(getattr(args, "set", [])))
-    except ValueError as exc:
-        print(f"samed finetune: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out or Path("runs") / cfg.name)
-    argv = sys.argv[1:]
-    if argv[:1] != ["finetune"]:  # python -m samed.train: arguments come without the verb
-        argv = ["finetune", *argv]
-    command = "samed " + " ".join(shlex.quote(a) for a in argv)
-    try:
-        res = finetune(cfg, out, resume=args.resume, device=args.device, command=command)
-    except ValueError as exc:
-        print(f"samed finetune: {exc}", file=sys.stderr)
-        return 2
-    export = getattr(args, "export", None)
-    if export:
-        dst = Path(export) / cfg.name
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(res["adapter"], dst)
-        print(f"exported adapter to {dst}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m samed.train ...`` (same arguments as ``samed finetune``)."""
-    parser = argparse.ArgumentParser(prog="samed")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(["finetune", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

@@ -214,7 +214,7 @@ def validate(
         sess = Session(model, case.image, intensity="minmax", batch_size=batch_size)
         dice: dict[str, float] = {}
         if mode == "automatic":
-            pred = sess.automatic()
+            pred = sess.automatic(postprocess="none")  # the raw model; adapters record their clean-up
             for k, name in fg.items():
                 dice[name] = dice_3d(pred == k, case.label == k)
         else:

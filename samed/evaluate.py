@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import Case, LabeledDataset, load_dataset
+from .postprocess import describe_postprocessing
 
 __all__ = ["EvalReport", "evaluate", "evaluate_iter", "score_case", "add_parser", "run_evaluate"]
 
@@ -279,11 +280,7 @@ def evaluate(
             "intensity": str(intensity),
             "nsd_tolerance_mm": nsd_tolerance_mm,
             "limit": limit,
-            "postprocess": (
-                None if prompt == "box"
-                else {"choice": postprocess, "applied": getattr(model, "adapter_postprocessing", {}) or {}}
-                if postprocess == "adapter" else postprocess
-            ),
+            "postprocess": None if prompt == "box" else describe_postprocessing(postprocess, model),
         },
     )
     for done, total, case, rows in evaluate_iter(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["keep_largest_component", "apply_postprocessing", "POSTPROCESS_CHOICES"]
+__all__ = ["keep_largest_component", "apply_postprocessing", "describe_postprocessing", "POSTPROCESS_CHOICES"]
 
 #: values accepted for ``postprocess`` arguments
 POSTPROCESS_CHOICES = ("adapter", "none", "largest_component")
@@ -59,6 +59,18 @@ def keep_largest_component(
 def adapter_postprocessing(model: Any) -> dict[str, Any]:
     """The post-processing the model's adapter recommends (``{}`` for none)."""
     return dict(getattr(model, "adapter_postprocessing", None) or {})
+
+
+def describe_postprocessing(spec: str, model: Any) -> dict[str, Any]:
+    """What ``spec`` amounts to for ``model`` (for run records): ``{"choice": spec, "operations":
+    {...}}`` with only the operational keys (no notes or measurements)."""
+    if spec == "adapter":
+        ops = {k: v for k, v in adapter_postprocessing(model).items() if k == "largest_component" and v}
+    elif spec == "largest_component":
+        ops = {"largest_component": True}
+    else:
+        ops = {}
+    return {"choice": spec, "operations": ops}
 
 
 def apply_postprocessing(labels: np.ndarray, spec: str | Mapping[str, Any] | None, model: Any = None) -> np.ndarray:

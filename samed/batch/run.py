@@ -386,7 +386,7 @@ def segment_batch(
     check_output_location(out, inputs)
     if not 0.0 <= float(min_slice_iou) < 1.0:
         raise ValueError(f"min_slice_iou={min_slice_iou} must be in [0, 1)")
-    from ..postprocess import POSTPROCESS_CHOICES
+    from ..postprocess import POSTPROCESS_CHOICES, describe_postprocessing
 
     if postprocess not in POSTPROCESS_CHOICES:
         raise ValueError(f"postprocess={postprocess!r} must be one of {POSTPROCESS_CHOICES}")
@@ -428,11 +428,7 @@ def segment_batch(
         "intensity": list(intensity) if isinstance(intensity, tuple) else intensity,
         "formats": list(fmt),
         "min_slice_iou": float(min_slice_iou) if mode == "prompted" else None,
-        "postprocess": (
-            {"choice": postprocess, "applied": getattr(net, "adapter_postprocessing", {}) or {}}
-            if mode == "automatic" and postprocess == "adapter"
-            else postprocess if mode == "automatic" else None
-        ),
+        "postprocess": describe_postprocessing(postprocess, net) if mode == "automatic" else None,
     }
     job = _Job(
         model=_OomFallbackModel(net),

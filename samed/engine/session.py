@@ -316,20 +316,20 @@ class Session:
             if m.shape[-2:] != (low, low):
                 raise ValueError(f"mask_input must be ({low}, {low}) low-res logits; got {tuple(m.shape)}")
             masks_t = m.reshape(1, 1, low, low)
-        state = None
-        if masks_t is None and self.model.fast_decoder:
-            state = self._image_state(z, emb)
+        # the slice's prompt-independent decoder part, reused across clicks (SamModel only)
+        extra = {}
+        if masks_t is None and getattr(self.model, "fast_decoder", False):
+            extra["image_state"] = self._image_state(z, emb)
         if mask_output is None:
             logits, iou = self.model.decode(
-                emb, boxes=boxes_t, points=pts, mask_inputs=masks_t, image_state=state
+                emb, boxes=boxes_t, points=pts, mask_inputs=masks_t, **extra
             )
         else:
             n = self.model.num_mask_outputs
             if not isinstance(mask_output, int) or not 0 <= mask_output < n:
                 raise ValueError(f"mask_output={mask_output!r} must be None or an integer in [0, {n - 1}]")
             logits, iou = self.model.decode(
-                emb, boxes=boxes_t, points=pts, mask_inputs=masks_t, multimask_output=True,
-                image_state=state,
+                emb, boxes=boxes_t, points=pts, mask_inputs=masks_t, multimask_output=True, **extra
             )
             logits, iou = logits[:, mask_output : mask_output + 1], iou[:, mask_output : mask_output + 1]
         full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)

@@ -500,12 +500,11 @@ class Session:
                 largest 3D connected component per class), ``"none"`` gives the raw per-slice
                 argmax, ``"largest_component"`` forces it (see :mod:`samed.postprocess`).
         """
-        from ..postprocess import apply_postprocessing
+        from ..postprocess import POSTPROCESS_CHOICES, apply_postprocessing
 
-        if isinstance(postprocess, str) and postprocess not in ("adapter", "none", "largest_component"):
-            raise ValueError(
-                f"postprocess={postprocess!r} must be 'adapter', 'none', 'largest_component' or a mapping"
-            )
+        if isinstance(postprocess, str) and postprocess not in POSTPROCESS_CHOICES:
+            # checked before the (long) inference, not after it
+            raise ValueError(f"postprocess={postprocess!r} must be one of {POSTPROCESS_CHOICES} or a mapping")
         out = np.zeros(self.shape, dtype=np.int16)
         for z, lab, done, total in self.automatic_iter(slices):
             out[z] = lab

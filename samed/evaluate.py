@@ -30,6 +30,7 @@ import numpy as np
 
 from .datasets import Case, LabeledDataset, load_dataset
 from .postprocess import describe_postprocessing
+from .precision import PRECISIONS, amp_from_precision, encoder_precision
 
 __all__ = ["EvalReport", "evaluate", "evaluate_iter", "score_case", "add_parser", "run_evaluate"]
 
@@ -191,6 +192,7 @@ def evaluate_iter(
     intensity: object = "auto",
     nsd_tolerance_mm: float = 2.0,
     postprocess: str = "adapter",
+    amp: bool | str = True,
 ) -> Iterator[tuple[int, int, Case, list[dict[str, Any]]]]:
     """Evaluate case by case; yields (done, total, case, rows of that case).
 
@@ -213,7 +215,7 @@ def evaluate_iter(
         vol = load_volume(case.image)
         gt_vol = load_label_map(case.label, reference=vol)
         gt = np.asarray(gt_vol.array).astype(np.int64)
-        session = Session(model, vol, intensity=intensity)
+        session = Session(model, vol, intensity=intensity, amp=amp)
         if prompt == "box":
             pred = _predict_case_box(session, gt, classes, box_margin)
         else:
@@ -247,6 +249,7 @@ def evaluate(
     nsd_tolerance_mm: float = 2.0,
     postprocess: str = "adapter",
     progress: Callable[[int, int, str], None] | None = None,
+    amp: bool | str = True,
 ) -> EvalReport:
     """Score a model (with or without adapter) on a labeled split.
 
@@ -262,6 +265,8 @@ def evaluate(
         postprocess: automatic mode: ``"adapter"`` (the adapter's recommendation), ``"none"`` or
             ``"largest_component"`` (see :mod:`samed.postprocess`).
         progress: called as ``progress(done, total, case_id)`` after each case.
+        amp: encoder precision on CUDA (see :class:`samed.engine.Session`): True (fp16
+            autocast), False (float32), ``"fp16"`` or ``"bf16"``. Ignored on CPU.
 
     Returns:
         An :class:`EvalReport`.
@@ -281,11 +286,12 @@ def evaluate(
             "nsd_tolerance_mm": nsd_tolerance_mm,
             "limit": limit,
             "postprocess": None if prompt == "box" else describe_postprocessing(postprocess, model),
+            "precision": encoder_precision(model.device, amp),
         },
     )
     for done, total, case, rows in evaluate_iter(
         model, ds, split, prompt=prompt, limit=limit, box_margin=box_margin,
-        intensity=intensity, nsd_tolerance_mm=nsd_tolerance_mm, postprocess=postprocess,
+        intensity=intensity, nsd_tolerance_mm=nsd_tolerance_mm, postprocess=postprocess, amp=amp,
     ):
         report.rows.extend(rows)
         if progress is not None:
@@ -316,6 +322,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--postprocess", choices=["adapter", "none", "largest_component"], default="adapter",
                    help="automatic mode: label-map clean-up (default: what the adapter recommends)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="encoder precision on CUDA (auto = fp16 autocast; CPU always fp32)")
     p.add_argument("--out", default=None, help="write JSON here (and CSV beside it)")
     p.add_argument("--csv", default=None, help="write the per-case CSV here")
     p.set_defaults(func=run_evaluate)
@@ -354,7 +362,7 @@ def run_evaluate(args: Any) -> int:
 
     report = evaluate(
         model, ds, args.split, prompt=prompt, limit=args.limit, box_margin=args.box_margin,
-        postprocess=args.postprocess, progress=progress,
+        postprocess=args.postprocess, progress=progress, amp=amp_from_precision(args.precision),
     )
     bar.close()
     print(report.table())

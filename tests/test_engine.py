@@ -99,6 +99,28 @@ def test_bad_volume_and_slice_index(tiny):
         Session(tiny, _volume(z=1), intensity="nonsense")
 
 
+def test_amp_choices_are_checked_and_cpu_always_runs_float32(tiny):
+    vol = np.random.default_rng(0).random((2, 32, 40)).astype(np.float32)
+    with pytest.raises(ValueError, match="amp='fp8' must be True, False or one of fp16, bf16"):
+        Session(tiny, vol, amp="fp8")
+    # on CPU every choice runs the encoder in float32: same embeddings, same disk-cache key
+    sessions = [Session(tiny, vol, amp=a) for a in (True, False, "fp16", "bf16")]
+    assert len({s.cache_key for s in sessions}) == 1
+    assert torch.equal(sessions[0].embedding(1), sessions[3].embedding(1))
+
+
+def test_precision_options_map_to_autocast_choices():
+    from samed.precision import amp_from_precision, encoder_precision
+
+    assert [amp_from_precision(p) for p in ("auto", "fp32", "fp16", "bf16")] == [True, False, "fp16", "bf16"]
+    with pytest.raises(ValueError, match="precision='half' must be one of auto, fp32, fp16, bf16"):
+        amp_from_precision("half")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert encoder_precision(cuda, True) == "fp16"  # the default measured closest to fp32
+    assert encoder_precision(cuda, False) == "fp32"
+    assert {encoder_precision(cpu, a) for a in (True, "fp16", "bf16")} == {"fp32"}
+
+
 def test_embeddings_are_computed_once_and_cached_on_disk(tiny, tmp_path, monkeypatch):
     calls = []
     orig = tiny.encode

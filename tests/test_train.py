@@ -16,11 +16,11 @@ from samed.train_data import load_cases, prepare_targets
 LATE = r"image_encoder\.layers\.3\..*\.attn\.qkv"
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """4 volumes of 2 slices (40 x 48): a bright disk (class 1) and a square (class 2)."""
-    nib = pytest.importorskip("nibabel")
-    root = tmp_path_factory.mktemp("tinyds")
+def make_tiny_dataset(root: Path) -> Path:
+    """4 volumes of 2 slices (40 x 48) under ``root``: a bright disk (class 1) and a square
+    (class 2), MSD-style (``dataset.json`` with train/val splits). Returns ``root``."""
+    import nibabel as nib
+
     (root / "imagesTr").mkdir()
     (root / "labelsTr").mkdir()
     rng = np.random.default_rng(0)
@@ -41,6 +41,11 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "training": training, "splits": {"train": ["c0", "c1", "c2"], "val": ["c3"]},
     }))
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("tinyds"))
 
 
 def _cfg(root: Path, **over: dict) -> object:

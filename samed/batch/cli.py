@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..precision import PRECISIONS
 from .run import FORMATS, segment_batch
 from .summary import ProgressEvent
 
@@ -84,6 +85,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "e.g. the largest 3D connected component per class)",
     )
     p.add_argument(
+        "--precision",
+        default="auto",
+        choices=list(PRECISIONS),
+        help="encoder precision on CUDA (auto = fp16 autocast, measured closest to fp32 and "
+        "fastest; CPU always runs fp32)",
+    )
+    p.add_argument(
         "--cache-dir",
         metavar="DIR",
         help="keep slice embeddings here (a rerun with other prompts then costs only the decoder)",
@@ -122,6 +130,7 @@ def run_segment(args: argparse.Namespace) -> int:
             cache_dir=getattr(args, "cache_dir", None),
             min_slice_iou=getattr(args, "min_slice_iou", 0.7),
             postprocess=getattr(args, "postprocess", "adapter"),
+            precision=getattr(args, "precision", "auto"),
             progress=bars,
         )
     finally:

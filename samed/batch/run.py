@@ -208,6 +208,7 @@ class _Job:
     min_slice_iou: float
     postprocess: str
     settings: dict[str, Any]
+    amp: bool | str = True
 
 
 def _case_settings(job: _Job, case: CaseInput) -> dict[str, Any]:
@@ -242,6 +243,7 @@ def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None
         intensity=job.intensity,
         batch_size=job.batch_size,
         cache_dir=job.cache_dir,
+        amp=job.amp,
     )
 
     def report(done: int, total: int) -> None:
@@ -332,6 +334,7 @@ def segment_batch(
     cache_dir: str | os.PathLike | None = None,
     min_slice_iou: float = 0.7,
     postprocess: str = "adapter",
+    precision: str = "auto",
     progress: ProgressCallback | None = None,
 ) -> BatchSummary:
     """Segment every case found in ``inputs`` into ``out_dir`` (the Python form of ``samed segment``).
@@ -363,6 +366,8 @@ def segment_batch(
             ``"largest_component"`` (see :mod:`samed.postprocess`).
         cache_dir: folder for on-disk embedding caches (keyed by volume content, model, adapter and
             intensity), so that a rerun with other prompts costs only the decoder; None: none.
+        precision: encoder precision on CUDA: ``"auto"`` (fp16 autocast), ``"fp32"``,
+            ``"fp16"`` or ``"bf16"`` (see :mod:`samed.precision`); CPU always runs float32.
         progress: called with a :class:`ProgressEvent` as the batch advances.
 
     Returns:
@@ -392,6 +397,9 @@ def segment_batch(
         raise ValueError(f"postprocess={postprocess!r} must be one of {POSTPROCESS_CHOICES}")
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    from ..precision import amp_from_precision, encoder_precision
+
+    amp = amp_from_precision(precision)
     prompt_list = read_prompts(prompts) if prompts is not None else None
     adapter_path = resolve_adapter(adapter) if adapter is not None else None
     if isinstance(model, str):
@@ -429,6 +437,7 @@ def segment_batch(
         "formats": list(fmt),
         "min_slice_iou": float(min_slice_iou) if mode == "prompted" else None,
         "postprocess": describe_postprocessing(postprocess, net) if mode == "automatic" else None,
+        "precision": encoder_precision(dev, amp),
     }
     job = _Job(
         model=_OomFallbackModel(net),
@@ -443,6 +452,7 @@ def segment_batch(
         min_slice_iou=float(min_slice_iou),
         postprocess=postprocess,
         settings=settings,
+        amp=amp,
     )
     out.mkdir(parents=True, exist_ok=True)
     cases = discover_cases(inputs)

@@ -19,6 +19,7 @@ import torch
 
 from ..model.fast_decoder import ImageState, decoder_fingerprint
 from ..model.sam import SamModel, upscale_logits
+from ..precision import check_amp, encoder_precision
 from .preprocess import (
     box_to_model,
     mask_bbox,
@@ -81,13 +82,6 @@ def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
     return binary_dilation(mask, iterations=px)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
 class Session:
     """Embeddings and prompt-based segmentation for one (Z, Y, X) volume.
 
@@ -104,7 +98,9 @@ class Session:
         modality: ``"CT"``, ``"MR"`` or ``""`` (taken from ``volume.modality`` when present).
         batch_size: slices per encoder batch.
         cache_dir: folder for the on-disk embedding cache, or None (memory only).
-        amp: mixed precision for the encoder on CUDA (ignored on CPU, where bf16 is slow).
+        amp: mixed precision for the encoder on CUDA (ignored on CPU, where bf16 is slow):
+            True (fp16 autocast, :data:`samed.precision.DEFAULT_AMP`), False (float32),
+            ``"fp16"`` or ``"bf16"`` autocast. The decoder always runs in float32.
     """
 
     def __init__(
@@ -116,7 +112,7 @@ class Session:
         modality: str = "",
         batch_size: int = 4,
         cache_dir: str | os.PathLike | None = None,
-        amp: bool = True,
+        amp: bool | str = True,
     ) -> None:
         array = getattr(volume, "array", volume)
         modality = modality or str(getattr(volume, "modality", "") or "")
@@ -132,7 +128,7 @@ class Session:
         self.model = model
         self.modality = modality
         self.batch_size = int(batch_size)
-        self.amp = amp
+        self.amp = check_amp(amp)
         self.intensity_name, fn = resolve_intensity(intensity, array, modality)
         image = np.asarray(fn(array), dtype=np.float32)
         if not np.all(np.isfinite(image)):
@@ -153,7 +149,7 @@ class Session:
     # ------------------------------------------------------------------ embeddings
     @property
     def cache_key(self) -> str:
-        """Hash of (volume content, intensity mapping, model checkpoint, adapter)."""
+        """Hash of (volume content, intensity mapping, model checkpoint, adapter, precision)."""
         parts = [
             self._content_hash,
             self.intensity_name,
@@ -161,6 +157,9 @@ class Session:
             self.model.checkpoint_sha256,
             getattr(self.model, "adapter_digest", "") or "",
         ]
+        prec = encoder_precision(self.model.device, self.amp)
+        if prec != "fp32":  # float32 keys stay as before; mixed-precision embeddings differ
+            parts.append(prec)
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
     def _check_cache(self) -> None:
@@ -216,7 +215,12 @@ class Session:
     def _encode(self, zs: list[int]) -> None:
         dev = self.model.device
         x = prepare_slices(self.image[zs], self.model.image_size).to(dev)
-        with _autocast(dev, self.amp):
+        prec = encoder_precision(dev, self.amp)
+        ctx = (
+            contextlib.nullcontext() if prec == "fp32"
+            else torch.autocast("cuda", dtype=torch.bfloat16 if prec == "bf16" else torch.float16)
+        )
+        with ctx:
             emb = self.model.encode(x)
         emb = emb.float()
         if dev.type == "cuda":

@@ -206,7 +206,9 @@ class SamModel(nn.Module):
         def _swap(parent: nn.Module) -> None:
             for name, child in parent.named_children():
                 if type(child).__name__ == "Conv2d_BN" and hasattr(child, "fuse"):
-                    setattr(parent, name, child.fuse())
+                    # TinyViT's fuse() builds the new Conv2d on the default device: move it back
+                    w = child.c.weight
+                    setattr(parent, name, child.fuse().to(device=w.device, dtype=w.dtype))
                 else:
                     _swap(child)
 

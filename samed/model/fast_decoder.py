@@ -94,8 +94,9 @@ def prepare_image_state(
         raise ValueError(f"embedding must be (1, C, h, w); got {tuple(embedding.shape)}")
     layer0 = decoder.transformer.layers[0]
     h, w = embedding.shape[-2:]
-    x = (embedding + dense).flatten(2).transpose(1, 2)
-    pe = image_pe.flatten(2).transpose(1, 2)
+    # token-major (1, M, C) copies: every later per-click pass over them is then contiguous
+    x = (embedding + dense).flatten(2).transpose(1, 2).contiguous()
+    pe = image_pe.flatten(2).transpose(1, 2).contiguous()
     xp = x + pe
     t2i, i2t = layer0.cross_attn_token_to_image, layer0.cross_attn_image_to_token
     return ImageState(
@@ -141,12 +142,21 @@ def _token_to_image_cached(attn: nn.Module, q_in: torch.Tensor, k: torch.Tensor,
 
 
 def _image_to_token(
-    attn: nn.Module, xp: torch.Tensor | None, q0t: torch.Tensor | None, t_k: torch.Tensor, t_v: torch.Tensor
+    attn: nn.Module,
+    xp: torch.Tensor | None,
+    q0t: torch.Tensor | None,
+    t_k: torch.Tensor,
+    t_v: torch.Tensor,
+    residual: torch.Tensor,
 ) -> torch.Tensor:
-    """Attention(q=image tokens, k=t_k, v=t_v) with tokens t_k, t_v (B, N, C) -> (B, M, C),
-    evaluated on the token side. Either ``q0t`` (H, d, M) is the already projected query
-    (transposed per head) or ``xp`` (B|1, M, C) is projected implicitly. Scores are laid out
-    (B, H, N, M) so that the softmax over the few tokens runs along a long contiguous axis."""
+    """``residual`` + Attention(q=image tokens, k=t_k, v=t_v) with tokens t_k, t_v (B, N, C)
+    -> (B, M, C), evaluated on the token side. Either ``q0t`` (H, d, M) is the already projected
+    query (transposed per head) or ``xp`` (B|1, M, C) is projected implicitly. Scores are laid out
+    (B, H, N, M) so that the softmax over the few tokens runs along a long contiguous axis.
+
+    The output bias is folded into the values: each head's softmax row sums to 1, so
+    ``A (u + b/H) = A u + b`` (H heads); the residual (B|1, M, C) is the product's accumulator,
+    which saves two passes over the (M, C) tensor."""
     nh = attn.num_heads
     b, n, _ = t_k.shape
     k = attn.k_proj(t_k)  # (B, N, D)
@@ -160,12 +170,14 @@ def _image_to_token(
     else:
         g = torch.matmul(kh, _heads(attn.q_proj.weight, nh))  # (B, H, N, C): k_h W_q,h
         c = torch.matmul(kh, attn.q_proj.bias.reshape(nh, d, 1))  # (B, H, N, 1): k_h . b_q,h
-        scores = torch.baddbmm(c.reshape(b, nh * n, 1), g.reshape(b, nh * n, -1), xp.transpose(1, 2).expand(b, -1, -1))
+        xt = xp.transpose(1, 2) if xp.shape[0] == b else xp.transpose(1, 2).expand(b, -1, -1)
+        scores = torch.baddbmm(c.reshape(b, nh * n, 1), g.reshape(b, nh * n, -1), xt)
         scores = scores.reshape(b, nh, n, -1)
     a = torch.softmax(scores * scale, dim=2).reshape(b, nh * n, -1)  # (B, H*N, M)
     wo = attn.out_proj.weight.reshape(-1, nh, d).permute(1, 2, 0)  # (H, d, C)
     u = torch.matmul(vh, wo).reshape(b, nh * n, -1)  # (B, H*N, C): v_h W_o,h^T
-    return torch.baddbmm(attn.out_proj.bias.reshape(1, 1, -1), a.transpose(1, 2), u)
+    u = u + attn.out_proj.bias / nh
+    return torch.baddbmm(residual.expand(b, -1, -1), a.transpose(1, 2), u)
 
 
 def _conv_t_matrix(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,9 +230,9 @@ def _masks(decoder: nn.Module, keys: torch.Tensor, hw: tuple[int, int], hyper: t
     # in chunks of image rows so that the 16x larger intermediates stay in cache
     for kc in keys.split(_CHUNK_TOKENS, dim=1):
         mc = kc.shape[1]
-        y = torch.matmul(kc, w1).add_(b1).reshape(b, mc * 4, -1)  # rows (i, j, a1, c1)
+        y = torch.addmm(b1, kc.reshape(b * mc, -1), w1).reshape(b, mc * 4, -1)  # rows (i, j, a1, c1)
         y = act1(F.layer_norm(y, ln.weight.shape, ln.weight, ln.bias, ln.eps))
-        y = act2(torch.matmul(y, w2).add_(b2))  # columns (a2, c2, o)
+        y = act2(torch.addmm(b2, y.reshape(b * mc * 4, -1), w2)).reshape(b, mc * 4, -1)  # (a2, c2, o)
         parts.append(torch.matmul(y.reshape(b, mc * 16, -1), ht))  # rows (i, j, a1, c1, a2, c2)
     out = torch.cat(parts, dim=1)  # (B, M*16, K)
     out = out.reshape(b, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
@@ -264,17 +276,22 @@ def fast_mask_decoder(
         queries = layer.norm2(queries + attn)
         queries = layer.norm3(queries + layer.mlp(queries))
         q = queries + tpe
+        i2t = layer.cross_attn_image_to_token
         if i == 0:
-            attn = _image_to_token(layer.cross_attn_image_to_token, None, state.q0t, q, queries)
+            keys = layer.norm4(_image_to_token(i2t, None, state.q0t, q, queries, keys))
         else:
-            attn = _image_to_token(layer.cross_attn_image_to_token, keys_pe, None, q, queries)
-        keys = layer.norm4(attn.add_(keys))
-    attn = _token_to_image(tr.final_attn_token_to_image, queries + tpe, keys, keys + pe)
-    hs = tr.norm_final_attn(queries + attn)
-
+            keys = layer.norm4(_image_to_token(i2t, keys_pe, None, q, queries, keys))
     n_out = decoder.num_mask_tokens
     wanted = range(1, n_out) if multimask_output else range(0, 1)
-    hyper = torch.stack([decoder.output_hypernetworks_mlps[k](hs[:, 1 + k, :]) for k in wanted], dim=1)
+    # The final attention acts on each query token on its own, and only the IoU token and the
+    # wanted mask tokens are read after it: attend with those rows only.
+    rows = [0, *(1 + k for k in wanted)]
+    q_out = queries[:, rows]
+    attn = _token_to_image(tr.final_attn_token_to_image, q_out + tpe[:, rows], keys, keys + pe)
+    hs = tr.norm_final_attn(q_out + attn)  # (B, 1 + len(wanted), C)
+    hyper = torch.stack(
+        [decoder.output_hypernetworks_mlps[k](hs[:, 1 + i, :]) for i, k in enumerate(wanted)], dim=1
+    )
     masks = _masks(decoder, keys, state.hw, hyper)
     iou = decoder.iou_prediction_head(hs[:, 0, :])[:, wanted.start : wanted.stop]
     return masks, iou

@@ -83,7 +83,13 @@ def reference_child(n: int, reps: int, device: str) -> None:
 
 
 def ours(n: int, reps: int, device: str, options: list[str]) -> dict:
-    from samed.engine import Session, mask_bbox, prepare_slices, tune_cpu_allocator
+    from samed.engine import (
+        Session,
+        mask_bbox,
+        optimize_for_inference,
+        prepare_slices,
+        tune_cpu_allocator,
+    )
     from samed.model import build_model
 
     dev = torch.device(device)
@@ -95,6 +101,8 @@ def ours(n: int, reps: int, device: str, options: list[str]) -> dict:
         if opt == "+malloc" and dev.type == "cpu":
             tune_cpu_allocator()
         model = build_model(device=dev)
+        if opt == "optimize_for_inference":
+            model = optimize_for_inference(model)
         if "fused" in opt or opt.startswith("int8"):
             model.fuse_for_inference()
         if "channels_last" in opt:
@@ -124,7 +132,7 @@ def ours(n: int, reps: int, device: str, options: list[str]) -> dict:
               f"batch{len(slices)} {results[opt]['embed_s_per_slice_batch']:.3f} s/slice",
               flush=True)
     # click latency: prompt encoder + decoder + upscale on a cached embedding
-    model = build_model(device=dev)
+    model = optimize_for_inference(build_model(device=dev))
     s = Session(model, slices, intensity="minmax")
     s.embed([len(slices) // 2])
     z = len(slices) // 2
@@ -264,7 +272,8 @@ def main() -> int:
                     help="only the Dice agreement (writes bench/results/engine-dice-<device>.json)")
     ap.add_argument("--split", default="val")
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--options", default="default,+malloc,+malloc+fused,+malloc+fused+channels_last,int8-dynamic")
+    ap.add_argument("--options", default="default,+malloc,+malloc+fused,+malloc+fused+channels_last,"
+                    "optimize_for_inference,int8-dynamic")
     ap.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

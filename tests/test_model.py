@@ -130,3 +130,22 @@ def test_fused_model_gives_the_same_embeddings():
         a = m.encode(x)
         b = m.fuse_for_inference().encode(x)
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_optimized_model_merges_conv_gelu_and_gives_the_same_embeddings():
+    from samed.engine import optimize_for_inference
+    from samed.engine.cpu import ConvGELU
+
+    m = build_tiny_model("tinyvit")
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        a = m.encode(x)
+        optimize_for_inference(m)
+        merged = [mod for mod in m.image_encoder.modules() if isinstance(mod, ConvGELU)]
+        # patch embedding 1 + MBConv 2 per block + PatchMerging 2 per downsampling stage
+        assert len(merged) >= 5
+        block = m.image_encoder.layers[0].blocks[0]  # MBConv: GELU only after the residual now
+        assert isinstance(block.act1, torch.nn.Identity) and isinstance(block.conv1, ConvGELU)
+        b = m.encode(x)
+    assert b.shape == a.shape
+    assert (a - b).abs().max().item() < 1e-4 * max(1.0, a.abs().max().item())

@@ -1,0 +1,8 @@
+"""``python -m samed ...``: the same as the ``samed`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -157,8 +157,26 @@ class EvalReport:
         os.replace(tmp, path)
         return path
 
+    def case_table(self) -> str:
+        """Human-readable 3D Dice per volume: one line per case, one column per class, and the
+        case's mean over its labeled classes ("-": class absent from both label and prediction)."""
+        names = [n for c, n in sorted(self.labels.items()) if c != 0]
+        width = max([len("case"), *(len(str(r["case"])) for r in self.rows)]) + 2
+        lines = [f"{'case':<{width}}" + "".join(f"{n[:9]:>10}" for n in names) + f"{'mean':>10}"]
+        cases: dict[str, dict[str, float | None]] = {}
+        for r in self.rows:
+            cases.setdefault(str(r["case"]), {})[r["name"]] = r["dice"]
+        for case, d in cases.items():
+            vals = [d.get(n) for n in names]
+            ok = [v for v in vals if v is not None and math.isfinite(v)]
+            cells = "".join(f"{v:>10.4f}" if v is not None and math.isfinite(v) else f"{'-':>10}" for v in vals)
+            mean = f"{float(np.mean(ok)):>10.4f}" if ok else f"{'-':>10}"
+            lines.append(f"{case:<{width}}{cells}{mean}")
+        return "\n".join(lines)
+
     def table(self) -> str:
-        """Human-readable per-class table."""
+        """Human-readable per-class table (mean over volumes of the per-volume 3D Dice, HD95
+        and NSD; ``n`` volumes)."""
         lines = [f"{'class':<16}{'n':>4}{'dice':>9}{'hd95':>9}{'nsd':>8}"]
         for name, s in self.per_class().items():
             def f(v: float | None, w: int) -> str:
@@ -365,6 +383,8 @@ def run_evaluate(args: Any) -> int:
         postprocess=args.postprocess, progress=progress, amp=amp_from_precision(args.precision),
     )
     bar.close()
+    print(report.case_table())
+    print()
     print(report.table())
     if args.out:
         report.to_json(args.out)

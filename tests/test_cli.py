@@ -42,6 +42,10 @@ def test_evaluate_box_protocol_on_one_real_acdc_volume(tmp_path, capsys):
     # zero-shot LiteMedSAM with GT boxes: ventricles right, the myocardial ring not (domain gap)
     assert per["RV"] > 0.9 and per["LV"] > 0.9 and per["MYO"] < 0.5
     assert float(lines[-1].split("=")[1]) == pytest.approx(rep["mean_dice"], abs=5e-5)
+    # the per-volume table: one line per case with the 3D Dice of each class and their mean
+    row = next(ln for ln in lines if ln.startswith("patient028_frame01"))
+    vals = [float(v) for v in row.split()[1:]]
+    assert vals == pytest.approx([per["RV"], per["MYO"], per["LV"], sum(per.values()) / 3], abs=5e-5)
     assert {r["case"] for r in rep["cases"]} == {"patient028_frame01"}
     assert out.with_suffix(".csv").is_file()
 

@@ -20,11 +20,13 @@ passed in (any object with ``predict`` and ``propagate`` of the same signatures 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 __all__ = ["LabelEdit", "LabelEditor", "SlicePrompts", "Annotator", "HistoryStep"]
 
@@ -57,6 +59,56 @@ class LabelEdit:
         return np.unique(self.index // plane)
 
 
+class History(Generic[T]):
+    """Bounded undo/redo stacks of steps of any kind.
+
+    ``push`` records a new step (the oldest is dropped beyond ``max_history``; the redo stack is
+    cleared); ``undo(revert)`` / ``redo(apply)`` move the last step across and call the given
+    function on it, returning the step (None when there is nothing to move).
+    """
+
+    def __init__(self, max_history: int = 100) -> None:
+        if int(max_history) < 1:
+            raise ValueError(f"max_history={max_history} must be >= 1")
+        self.max_history = int(max_history)
+        self._undo: list[T] = []
+        self._redo: list[T] = []
+
+    def push(self, step: T) -> None:
+        self._undo.append(step)
+        del self._undo[: max(0, len(self._undo) - self.max_history)]
+        self._redo.clear()
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    @property
+    def steps(self) -> list[T]:
+        """The undoable steps, oldest first (a copy)."""
+        return list(self._undo)
+
+    def undo(self, revert: Callable[[T], object]) -> T | None:
+        if not self._undo:
+            return None
+        step = self._undo.pop()
+        revert(step)
+        self._redo.append(step)
+        return step
+
+    def redo(self, apply: Callable[[T], object]) -> T | None:
+        if not self._redo:
+            return None
+        step = self._redo.pop()
+        apply(step)
+        self._undo.append(step)
+        return step
+
+
 class LabelEditor:
     """Writes masks into an integer label map in place, with undo/redo.
 
@@ -78,9 +130,7 @@ class LabelEditor:
         if not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must have an integer dtype; got {labels.dtype}")
         self.labels = labels
-        self.max_history = int(max_history)
-        self._undo: list[LabelEdit] = []
-        self._redo: list[LabelEdit] = []
+        self._history: History[LabelEdit] = History(max_history)
 
     # ------------------------------------------------------------------ edits
     def _check_label(self, label: int) -> int:
@@ -212,35 +262,23 @@ class LabelEditor:
         self.labels.reshape(-1)[edit.index] = edit.before
 
     def _push(self, edit: LabelEdit) -> None:
-        self._undo.append(edit)
-        del self._undo[: max(0, len(self._undo) - self.max_history)]
-        self._redo.clear()
+        self._history.push(edit)
 
     @property
     def can_undo(self) -> bool:
-        return bool(self._undo)
+        return self._history.can_undo
 
     @property
     def can_redo(self) -> bool:
-        return bool(self._redo)
+        return self._history.can_redo
 
     def undo(self) -> LabelEdit | None:
         """Revert the last recorded edit; returns it (None when there is nothing to undo)."""
-        if not self._undo:
-            return None
-        edit = self._undo.pop()
-        self.revert(edit)
-        self._redo.append(edit)
-        return edit
+        return self._history.undo(self.revert)
 
     def redo(self) -> LabelEdit | None:
         """Re-apply the last undone edit; returns it (None when there is nothing to redo)."""
-        if not self._redo:
-            return None
-        edit = self._redo.pop()
-        self.apply(edit)
-        self._undo.append(edit)
-        return edit
+        return self._history.redo(self.apply)
 
 
 # ---------------------------------------------------------------------------------- annotator
@@ -319,10 +357,8 @@ class Annotator:
                 f"label map shape {labels.shape} does not match the image shape {shape} (Z, Y, X)"
             )
         self.shape: tuple[int, int, int] = labels.shape  # type: ignore[assignment]
-        self.max_history = int(max_history)
         self._state = _State()
-        self._undo: list[HistoryStep] = []
-        self._redo: list[HistoryStep] = []
+        self._history: History[HistoryStep] = History(max_history)
 
     # ------------------------------------------------------------------ state access
     @property
@@ -359,45 +395,38 @@ class Annotator:
 
     # ------------------------------------------------------------------ history
     def _record(self, description: str, before: _State, edit: LabelEdit | None = None) -> None:
-        step = HistoryStep(description, before, self._state.copy(), edit)
-        self._undo.append(step)
-        del self._undo[: max(0, len(self._undo) - self.max_history)]
-        self._redo.clear()
+        self._history.push(HistoryStep(description, before, self._state.copy(), edit))
 
     @property
     def can_undo(self) -> bool:
-        return bool(self._undo)
+        return self._history.can_undo
 
     @property
     def can_redo(self) -> bool:
-        return bool(self._redo)
+        return self._history.can_redo
 
     @property
     def history(self) -> list[str]:
         """Descriptions of the undoable steps, oldest first."""
-        return [s.description for s in self._undo]
+        return [s.description for s in self._history.steps]
 
-    def undo(self) -> HistoryStep | None:
-        """Undo the last step (prompt, propagation, clear or label edit). Returns it or None."""
-        if not self._undo:
-            return None
-        step = self._undo.pop()
+    def _revert(self, step: HistoryStep) -> None:
         if step.edit is not None:
             self.editor.revert(step.edit)
         self._state = step.before.copy()
-        self._redo.append(step)
-        return step
 
-    def redo(self) -> HistoryStep | None:
-        """Redo the last undone step. Returns it or None."""
-        if not self._redo:
-            return None
-        step = self._redo.pop()
+    def _apply(self, step: HistoryStep) -> None:
         if step.edit is not None:
             self.editor.apply(step.edit)
         self._state = step.after.copy()
-        self._undo.append(step)
-        return step
+
+    def undo(self) -> HistoryStep | None:
+        """Undo the last step (prompt, propagation, clear or label edit). Returns it or None."""
+        return self._history.undo(self._revert)
+
+    def redo(self) -> HistoryStep | None:
+        """Redo the last undone step. Returns it or None."""
+        return self._history.redo(self._apply)
 
     # ------------------------------------------------------------------ prompts
     def _check_z(self, z: int) -> int:

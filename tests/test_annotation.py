@@ -258,3 +258,22 @@ def test_with_real_engine_session_and_tiny_model():
     assert m.shape == (32, 40) and m.dtype == bool
     ann.add_point(1, (5, 5), positive=False)
     assert ann.prompts[1].labels == (0,)
+
+
+def test_history_is_bounded_and_a_new_step_drops_the_redo_stack():
+    from samed.annotation import History
+
+    undone, redone = [], []
+    h: History[int] = History(max_history=3)
+    for i in range(5):
+        h.push(i)
+    assert h.steps == [2, 3, 4]  # the two oldest dropped
+    assert h.undo(undone.append) == 4 and h.undo(undone.append) == 3 and undone == [4, 3]
+    assert h.can_redo and h.redo(redone.append) == 3 and redone == [3]
+    h.push(9)  # a new step after an undo: what was undone cannot be redone any more
+    assert not h.can_redo and h.redo(redone.append) is None and h.steps == [2, 3, 9]
+    while h.undo(undone.append) is not None:
+        pass
+    assert not h.can_undo and undone[-3:] == [9, 3, 2]
+    with pytest.raises(ValueError, match="max_history=0 must be >= 1"):
+        History(0)

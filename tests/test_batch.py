@@ -24,7 +24,7 @@ from realdata import shared_path
 
 from samed.batch import add_parser, discover_cases, run_segment, segment_batch
 from samed.batch.run import _OomFallbackModel, _propagate
-from samed.engine import PropagationStep, Session
+from samed.engine import Prediction, Session
 from samed.io import load_volume
 from samed.model import build_tiny_model
 
@@ -360,36 +360,23 @@ def test_oom_fallback_inside_a_session(inputs, monkeypatch):
         torch.testing.assert_close(ses.embedding(z), ref.embedding(z))
 
 
-class _FakePropagation:
-    """Session.propagate stand-in: a square that drifts 1 px per slice, then jumps at z=6."""
-
-    shape = (10, 32, 32)
-
-    def __init__(self) -> None:
-        self.closed: list[str] = []
-
-    @staticmethod
-    def square(z: int) -> np.ndarray:
-        m = np.zeros((32, 32), dtype=bool)
-        x = 4 + abs(z - 2) if z < 6 else 20
-        m[8:18, x : x + 10] = True
-        return m
-
-    def propagate(self, z, mask, direction="both"):
-        d = 1 if direction == "forward" else -1
-        try:
-            zz = z + d
-            while 0 <= zz < self.shape[0]:
-                yield PropagationStep(zz, self.square(zz), d, 0.9, abs(zz - z), 10)
-                zz += d
-        finally:
-            self.closed.append(direction)
+def _drifting_square(z: int) -> np.ndarray:
+    """A square that drifts 1 px per slice away from z=2, then jumps sideways at z=6."""
+    m = np.zeros((32, 32), dtype=bool)
+    x = 4 + abs(z - 2) if z < 6 else 20
+    m[8:18, x : x + 10] = True
+    return m
 
 
-def test_propagation_stops_where_the_object_jumps():
-    fake = _FakePropagation()
-    out = _propagate(fake, 2, fake.square(2), 0.7, lambda done: None)
+def test_propagation_stops_where_the_object_jumps(tiny, monkeypatch):
+    # the engine's own walk and stop rules; only the decoder's answer per slice is scripted
+    vol = np.random.default_rng(0).random((10, 32, 32)).astype(np.float32)
+    s = Session(tiny, vol, intensity="minmax")
+    monkeypatch.setattr(s, "predict_full", lambda z, **kw: Prediction(
+        mask=_drifting_square(z), score=0.9, low_res_logits=torch.zeros(256, 256)))
+    visited: list[int] = []
+    out = _propagate(s, 2, _drifting_square(2), 0.7, visited.append)
     assert np.nonzero(out.any(axis=(1, 2)))[0].tolist() == [0, 1, 2, 3, 4, 5]
-    assert fake.closed == ["forward", "backward"]
-    everything = _propagate(fake, 2, fake.square(2), 0.0, lambda done: None)
+    assert visited == list(range(1, 7))  # z 3..6 forward (6 stops it), 1..0 backward
+    everything = _propagate(s, 2, _drifting_square(2), 0.0, lambda done: None)
     assert everything.any(axis=(1, 2)).all()

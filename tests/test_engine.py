@@ -258,3 +258,31 @@ def test_max_step_keeps_each_mask_near_the_previous(tiny):
         assert not (st.mask & ~binary_dilation(prev, iterations=2)).any()
         prev, n = st.mask, n + 1
     assert n == 3
+
+
+def test_propagation_stops_where_the_mask_jumps_and_says_why(tiny, monkeypatch):
+    from samed.engine import Prediction
+
+    s = Session(tiny, _volume(z=6), intensity="minmax")
+    start = np.zeros((60, 80), bool)
+    start[20:40, 20:40] = True
+    jumped = np.zeros_like(start)
+    jumped[20:40, 45:65] = True  # same size, next to the object: the box slid onto a neighbour
+
+    def predict_full(z, **kw):  # slices 1-2 follow the object, slice 3 jumps
+        return Prediction(mask=(jumped if z == 3 else start).copy(), score=0.9,
+                          low_res_logits=torch.zeros(256, 256))
+
+    monkeypatch.setattr(s, "predict_full", predict_full)
+    steps = list(s.propagate(0, start, direction="forward", min_slice_iou=0.7,
+                             max_intensity_shift=None))
+    assert [(st.z, st.stopped, st.reason) for st in steps] == [
+        (1, False, ""), (2, False, ""), (3, True, "overlap")]
+    assert not steps[-1].mask.any()
+    # off by default: the walk goes on to the end of the volume
+    steps = list(s.propagate(0, start, direction="forward", max_intensity_shift=None))
+    assert [st.z for st in steps] == [1, 2, 3, 4, 5] and not any(st.stopped for st in steps)
+    small = list(s.propagate(0, start, direction="forward", min_area=10_000, max_intensity_shift=None))
+    assert [(st.z, st.reason) for st in small] == [(1, "area")]
+    with pytest.raises(ValueError, match="min_slice_iou=1.0 must be in"):
+        next(s.propagate(0, start, min_slice_iou=1.0))

@@ -94,31 +94,17 @@ def _propagate(
     min_slice_iou: float,
     report: Callable[[int], None],
 ) -> np.ndarray:
-    """Propagate one object from slice z in both directions; (Z, Y, X) bool.
-
-    Besides the engine's own stop (the object vanished), a direction stops at the first slice
-    whose mask overlaps the previous slice's mask with IoU < ``min_slice_iou``: consecutive
-    slices of one organ overlap strongly, so a sudden change means the box prompt jumped to a
-    neighbouring structure (seen at the liver's inferior tip, which otherwise leaks into the
-    kidney and down the spine). That slice is not kept.
-    """
+    """Propagate one object from slice z in both directions; (Z, Y, X) bool, with the engine's
+    stop rules (:meth:`samed.engine.Session.propagate`) and ``min_slice_iou`` for the overlap
+    between consecutive slices."""
     out = np.zeros(session.shape, dtype=bool)
     out[z] = mask
     visited = 0
-    for direction in ("forward", "backward"):
-        prev = mask
-        steps = session.propagate(z, mask, direction=direction)
-        for step in steps:
-            visited += 1
-            report(visited)
-            if step.stopped:
-                break
-            union = int((step.mask | prev).sum())
-            if min_slice_iou > 0 and int((step.mask & prev).sum()) < min_slice_iou * union:
-                steps.close()
-                break
+    for step in session.propagate(z, mask, min_slice_iou=min_slice_iou):
+        visited += 1
+        report(visited)
+        if not step.stopped:
             out[step.z] = step.mask
-            prev = step.mask
     return out
 
 

@@ -62,6 +62,10 @@ class PropagationStep:
         done: number of slices processed so far (for progress bars).
         total: upper bound of slices that may be processed.
         stopped: True on the step where the object vanished (its mask is not kept).
+        reason: why it stopped: ``"area"`` (fewer than ``min_area`` pixels), ``"score"``
+            (predicted IoU below ``min_score``), ``"intensity"`` (mean intensity moved more than
+            ``max_intensity_shift``), ``"overlap"`` (IoU with the previous slice's mask below
+            ``min_slice_iou``); ``""`` when not stopped.
     """
 
     z: int
@@ -71,6 +75,7 @@ class PropagationStep:
     done: int
     total: int
     stopped: bool = False
+    reason: str = ""
 
 
 def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
@@ -359,6 +364,7 @@ class Session:
         max_distance: int | None = None,
         mask_output: int | None = None,
         max_step_px: int | None = None,
+        min_slice_iou: float = 0.0,
     ) -> Iterator[PropagationStep]:
         """Carry an object from slice z through the volume, slice by slice.
 
@@ -367,8 +373,11 @@ class Session:
         mask has fewer than ``min_area`` pixels, its predicted IoU is below ``min_score``, the
         mean intensity inside it (model intensity scale, [0, 1] after windowing) moved more than
         ``max_intensity_shift`` from the starting mask's (SAM always finds *something* in a box;
-        a different tissue there means the object has ended), or the volume ends. Forward (+z) runs first, then backward. The starting slice itself is not
-        yielded. Embeddings are computed as needed (in batches ahead of the walk).
+        a different tissue there means the object has ended), its overlap with the previous
+        slice's mask drops below ``min_slice_iou``, or the volume ends. Forward (+z) runs first,
+        then backward. The starting slice itself is not yielded. Embeddings are computed as
+        needed (in batches ahead of the walk). These are all the stop rules: the batch CLI and
+        the plugin only choose their values.
 
         Args:
             z: the prompted slice.
@@ -381,6 +390,11 @@ class Session:
                 neighbours that SAM happily segments; an object's outline moves little between
                 adjacent slices. Measured on the TotalSegmentator liver (3 mm voxels): 2 px
                 lifts propagation Dice from 0.72 to 0.86.
+            min_slice_iou: stop at the first slice whose mask has IoU below this with the previous
+                slice's (0 = off; ``samed segment`` uses 0.7): consecutive slices of one organ
+                overlap strongly, so a sudden change means the box prompt jumped to a
+                neighbouring structure (seen at the liver's inferior tip, which otherwise leaks
+                into the kidney and down the spine).
 
         Yields:
             :class:`PropagationStep` per slice reached (the last one of a direction has
@@ -395,6 +409,8 @@ class Session:
         dirs = {"both": (1, -1), "forward": (1,), "backward": (-1,)}
         if direction not in dirs:
             raise ValueError(f"direction={direction!r} must be one of {sorted(dirs)}")
+        if not 0.0 <= float(min_slice_iou) < 1.0:
+            raise ValueError(f"min_slice_iou={min_slice_iou} must be in [0, 1)")
         limit = max_distance if max_distance is not None else self.shape[0]
         total = sum(
             min(limit, (self.shape[0] - 1 - z) if d > 0 else z) for d in dirs[direction]
@@ -428,19 +444,44 @@ class Session:
                     pred = Prediction(
                         pred.mask & _dilate(prev, int(max_step_px)), pred.score, pred.low_res_logits
                     )
-                vanished = int(pred.mask.sum()) < min_area or pred.score < min_score
-                if not vanished and max_intensity_shift is not None:
-                    shift = abs(float(self.image[zz][pred.mask].mean()) - ref_mean)
-                    vanished = shift > max_intensity_shift
-                if vanished:
+                reason = self._stop_reason(
+                    zz, pred, prev, ref_mean, min_area, min_score, max_intensity_shift, min_slice_iou
+                )
+                if reason:
                     yield PropagationStep(
-                        zz, np.zeros_like(pred.mask), d, pred.score, done, total, stopped=True
+                        zz, np.zeros_like(pred.mask), d, pred.score, done, total, stopped=True,
+                        reason=reason,
                     )
                     break
                 yield PropagationStep(zz, pred.mask, d, pred.score, done, total)
                 prev, prev_logits = pred.mask, pred.low_res_logits
         if self.cache_dir is not None:
             self.save_cache()
+
+    def _stop_reason(
+        self,
+        z: int,
+        pred: Prediction,
+        prev: np.ndarray,
+        ref_mean: float,
+        min_area: int,
+        min_score: float,
+        max_intensity_shift: float | None,
+        min_slice_iou: float,
+    ) -> str:
+        """Which stop rule of :meth:`propagate` the prediction on slice z breaks ("" = none)."""
+        if int(pred.mask.sum()) < min_area:
+            return "area"
+        if pred.score < min_score:
+            return "score"
+        if max_intensity_shift is not None:
+            if abs(float(self.image[z][pred.mask].mean()) - ref_mean) > max_intensity_shift:
+                return "intensity"
+        if min_slice_iou > 0:
+            union = int((pred.mask | prev).sum())
+            if int((pred.mask & prev).sum()) < min_slice_iou * union:
+                return "overlap"
+        return ""
 
     def propagate_volume(
         self, z: int, mask: np.ndarray, progress: ProgressFn | None = None, **kwargs: object

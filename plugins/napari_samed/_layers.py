@@ -14,7 +14,32 @@ import numpy as np
 
 from samed.annotation import SlicePrompts
 
-__all__ = ["to_image_coords", "prompts_from_layers", "prompt_layer_data", "box_vertices"]
+__all__ = [
+    "to_image_coords",
+    "prompts_from_layers",
+    "prompt_layer_data",
+    "box_vertices",
+    "radiological_orientation2d",
+]
+
+
+def radiological_orientation2d(orientation: str) -> tuple[str, str] | None:
+    """napari ``camera.orientation2d`` (vertical, horizontal) that shows axial slices of a volume
+    as radiologists read them: anterior up, the patient's right on the screen's left.
+
+    Args:
+        orientation: the volume's axis codes for its voxel axes (x, y, z), e.g. ``"RAS"``,
+            ``"LPS"`` (:attr:`samed.io.Volume.orientation`). The layer shows ``x`` (columns)
+            horizontally and ``y`` (rows) vertically.
+
+    Returns:
+        e.g. ``("up", "left")`` for RAS, ``("down", "right")`` for LPS; None when the slices
+        are not axial (z is not S/I) or the codes are not three axis letters.
+    """
+    codes = str(orientation).upper()
+    if len(codes) != 3 or codes[2] not in "SI" or codes[0] not in "LR" or codes[1] not in "AP":
+        return None
+    return ("up" if codes[1] == "A" else "down", "right" if codes[0] == "L" else "left")
 
 
 def to_image_coords(layer: Any, image: Any, coords: np.ndarray) -> np.ndarray:

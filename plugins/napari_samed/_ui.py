@@ -93,6 +93,14 @@ def build_ui(parent: QWidget) -> SimpleNamespace:
     form.addRow("Labels", row)
     form.addRow("Active label", ui.label_spin)
     form.addRow("", ui.preserve_check)
+    ui.radiological_check = QCheckBox("Radiological view")
+    ui.radiological_check.setChecked(True)
+    ui.radiological_check.setToolTip(
+        "Show axial slices as radiologists read them: anterior up, the patient's right on the "
+        "screen's left, whatever the file's voxel order (the view only: data, prompts and exports "
+        "are unchanged)"
+    )
+    form.addRow("", ui.radiological_check)
     root.addWidget(data_box)
 
     act_box = QGroupBox("Segment")

@@ -23,7 +23,7 @@ from superqt.utils import create_worker
 
 from samed.annotation import SlicePrompts
 
-from ._layers import prompt_layer_data, prompts_from_layers
+from ._layers import prompt_layer_data, prompts_from_layers, radiological_orientation2d
 from ._session import PluginSession, default_cache_dir
 from ._tasks import TaskMixin, _catching, _guarded
 from ._ui import build_ui
@@ -111,6 +111,7 @@ class SamedWidget(TaskMixin, QWidget):
         ui.new_labels_btn.clicked.connect(lambda: self.new_labels_layer())
         ui.label_spin.valueChanged.connect(self._on_label_spin)
         ui.preserve_check.toggled.connect(self._on_preserve)
+        ui.radiological_check.toggled.connect(self._apply_view)
         self.viewer.layers.events.inserted.connect(self._refresh_choices)
         self.viewer.layers.events.removed.connect(self._refresh_choices)
 
@@ -176,6 +177,26 @@ class SamedWidget(TaskMixin, QWidget):
                 labels.preserve_labels = self.ui.preserve_check.isChecked()
             if self._layers:
                 self._sync_layers()
+            self._apply_view()
+
+    def _apply_view(self, *_: Any) -> None:
+        """Orient the 2D view: radiological for an axial volume whose geometry is known (the
+        camera only: layer data and world coordinates stay as they are), else napari's default."""
+        orient = None
+        ref = reference_volume(self._image.metadata) if self._image is not None else None
+        if ref is not None and self.ui.radiological_check.isChecked():
+            orient = radiological_orientation2d(ref.orientation)
+        camera = viewer_camera(self.viewer)
+        if not hasattr(camera, "orientation2d"):  # napari < 0.6: no camera orientation
+            self.ui.radiological_check.setEnabled(False)
+            self.ui.radiological_check.setToolTip("needs napari >= 0.6 (camera orientation)")
+            return
+        camera.orientation2d = orient or ("down", "right")
+        overlay = viewer_text_overlay(self.viewer)
+        overlay.visible = orient is not None
+        if orient is not None:
+            overlay.text = "radiological view: anterior up, patient's right on the left"
+            self._status(f"view: radiological ({ref.orientation} volume)")
 
     def _on_layer_label(self, *_: Any) -> None:
         if self._labels is not None:
@@ -511,6 +532,19 @@ class SamedWidget(TaskMixin, QWidget):
         ui.stop_btn.setEnabled(self.busy)
         ui.undo_btn.setEnabled(ann is not None and ann.can_undo)
         ui.redo_btn.setEnabled(ann is not None and ann.can_redo)
+
+
+def viewer_camera(viewer: Any) -> Any:
+    """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def viewer_text_overlay(viewer: Any) -> Any:
+    """The canvas text overlay (``viewer.canvas.overlays.text`` from napari 0.9)."""
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    text = getattr(overlays, "text", None)
+    return text if text is not None else viewer.text_overlay
 
 
 def _set_preview_colour(layer: Labels) -> None:

@@ -132,3 +132,14 @@ def test_sample_data():
     [(data, kwargs, kind)] = sample_ct()
     assert kind == "image" and data.shape == (1, 128, 128)
     assert kwargs["metadata"]["samed_volume"].modality == "CT"
+
+
+@pytest.mark.parametrize(
+    ("codes", "expected"),
+    [("RAS", ("up", "left")), ("LPS", ("down", "right")), ("LAS", ("up", "right")),
+     ("RPI", ("down", "left")), ("ASR", None), ("RSA", None), ("XYZ", None)],
+)
+def test_radiological_orientation_for_axial_volumes_only(codes, expected):
+    from napari_samed._layers import radiological_orientation2d
+
+    assert radiological_orientation2d(codes) == expected

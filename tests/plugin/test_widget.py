@@ -151,3 +151,41 @@ def test_shortcuts_and_export(setup, qtbot, tmp_path):
     assert img.shape == SHAPE[::-1]
     np.testing.assert_allclose(np.diag(img.affine)[:3], (1.5, 1.5, 3.0))
     np.testing.assert_array_equal(np.asarray(img.dataobj).T, viewer.layers["vol labels"].data)
+
+
+def test_radiological_view_turns_the_camera_not_the_data(make_napari_viewer, qtbot, box_model_session):
+    from napari_samed._reader import volume_layer_data
+    from napari_samed._widget import SamedWidget, viewer_camera, viewer_text_overlay
+
+    from samed.io import Volume
+
+    viewer = make_napari_viewer(show=True)
+    # RAS voxel order (x -> patient's right, y -> anterior): shown as stored, anterior would be
+    # at the bottom and the patient's right on the screen's right
+    ras = Volume(_volume(), np.diag([1.5, 1.5, 3.0, 1.0]), modality="CT")
+    data, kwargs, _ = volume_layer_data(ras, name="ras")
+    image = viewer.add_image(data, **kwargs)
+    widget = SamedWidget(viewer, session=box_model_session)
+    viewer.window.add_dock_widget(widget, name="samed")
+    assert widget.ui.radiological_check.isChecked()
+    assert tuple(str(v.value) for v in viewer_camera(viewer).orientation2d) == ("up", "left")
+    assert viewer_text_overlay(viewer).visible and "radiological" in viewer_text_overlay(viewer).text
+    np.testing.assert_array_equal(image.data, ras.array)  # the data is not reoriented
+    # prompts still land on the same voxels: positions go through world coordinates
+    widget.annotator.engine  # noqa: B018 - creates the prompt layers
+    viewer.layers["samed boxes"].add_rectangles(box_vertices(2, (20, 15, 44, 34)))
+    _wait_for_mask(qtbot, widget, 2)
+    ys, xs = np.nonzero(widget.annotator.masks[2])
+    got = np.array([ys.min(), ys.max(), xs.min(), xs.max()])
+    assert np.abs(got - [15, 34, 20, 44]).max() <= 1  # as with the default view (test above)
+    widget.ui.radiological_check.setChecked(False)
+    assert tuple(str(v.value) for v in viewer_camera(viewer).orientation2d) == ("down", "right")
+    assert not viewer_text_overlay(viewer).visible
+    widget.ui.radiological_check.setChecked(True)
+    lps = Volume(_volume(), np.diag([-1.5, -1.5, 3.0, 1.0]), modality="CT")  # LPS: already so
+    data, kwargs, _ = volume_layer_data(lps, name="lps")
+    viewer.add_image(data, **kwargs)
+    widget.ui.image_combo.setCurrentText("lps")
+    assert tuple(str(v.value) for v in viewer_camera(viewer).orientation2d) == ("down", "right")
+    widget.stop()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)

@@ -79,10 +79,12 @@ def _heads(w: torch.Tensor, h: int) -> torch.Tensor:
     return w.reshape(h, w.shape[0] // h, w.shape[1])
 
 
+@torch.no_grad()
 def prepare_image_state(
     decoder: nn.Module, embedding: torch.Tensor, dense: torch.Tensor, image_pe: torch.Tensor
 ) -> ImageState:
-    """Precompute the prompt-independent part of the decoder for one slice.
+    """Precompute the prompt-independent part of the decoder for one slice (inference only:
+    no gradients flow through the state).
 
     Args:
         decoder: a SAM ``MaskDecoder`` (TwoWayTransformer inside).
@@ -93,18 +95,22 @@ def prepare_image_state(
     if embedding.ndim != 4 or embedding.shape[0] != 1:
         raise ValueError(f"embedding must be (1, C, h, w); got {tuple(embedding.shape)}")
     layer0 = decoder.transformer.layers[0]
-    h, w = embedding.shape[-2:]
-    # token-major (1, M, C) copies: every later per-click pass over them is then contiguous
-    x = (embedding + dense).flatten(2).transpose(1, 2).contiguous()
+    c, h, w = embedding.shape[-3:]
+    # token-major (1, M, C) tensors: every later per-click pass over them is then contiguous;
+    # each is written in one pass from the channel-major inputs
+    x = torch.empty(1, h * w, c, dtype=embedding.dtype, device=embedding.device)
+    torch.add(embedding.flatten(2).transpose(1, 2), dense.flatten(2).transpose(1, 2), out=x)
     pe = image_pe.flatten(2).transpose(1, 2).contiguous()
     xp = x + pe
     t2i, i2t = layer0.cross_attn_token_to_image, layer0.cross_attn_image_to_token
+    # image-to-token queries, transposed per head: (H, d, M) = W_q (D, C) x xp^T (C, M) + b_q
+    q0t = torch.addmm(i2t.q_proj.bias[:, None], i2t.q_proj.weight, xp[0].T)
     return ImageState(
         x=x,
         pe=pe,
         k0=t2i.k_proj(xp),
         v0=t2i.v_proj(x),
-        q0t=i2t.q_proj(xp)[0].reshape(-1, i2t.num_heads, i2t.internal_dim // i2t.num_heads).permute(1, 2, 0).contiguous(),
+        q0t=q0t.reshape(i2t.num_heads, i2t.internal_dim // i2t.num_heads, -1),
         hw=(int(h), int(w)),
         fingerprint=decoder_fingerprint(decoder),
     )

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from realdata import shared_path
 
 from samed.cli import main
@@ -36,7 +37,8 @@ def test_evaluate_box_protocol_on_one_real_acdc_volume(tmp_path, capsys):
     assert re.fullmatch(r"mean_dice=0\.\d{4}", lines[-1])
     rep = json.loads(out.read_text())
     assert rep["settings"]["split"] == "val" and rep["settings"]["limit"] == 1
-    assert rep["settings"]["precision"] == "fp32"  # CPU
+    # --device auto: fp16 autocast on a GPU, float32 on the CPU
+    assert rep["settings"]["precision"] == ("fp16" if torch.cuda.is_available() else "fp32")
     per = {k: v["dice"] for k, v in rep["per_class"].items()}
     assert set(per) == {"RV", "MYO", "LV"}
     # zero-shot LiteMedSAM with GT boxes: ventricles right, the myocardial ring not (domain gap)

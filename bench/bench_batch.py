@@ -121,6 +121,23 @@ def _printer(tag: str):
     return show
 
 
+
+def _timed_batch(image: Path, out: Path, passes: int, **kwargs: object) -> dict:
+    """Run ``segment_batch`` on one image ``passes`` times (overwriting); time the last pass."""
+    from samed.batch import segment_batch
+
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        s = segment_batch([image], out, qc=False, overwrite=True, **kwargs)
+        wall = time.perf_counter() - t0
+    row = s.results[0]
+    assert row.status == "ok", row.error
+    return {
+        "slices": row.slices,
+        "seconds": round(wall, 2),
+        "s_per_100_slices": round(100 * wall / row.slices, 2),
+    }
+
 def speed(data: Path, device: str, batch_size: int | None, random_weights: bool = False) -> dict:
     """Seconds per 100 slices for prompted and automatic mode on the NIfTI CT (Z = 112).
 
@@ -130,7 +147,6 @@ def speed(data: Path, device: str, batch_size: int | None, random_weights: bool 
     """
     import torch
 
-    from samed.batch import segment_batch
     from samed.lora import LoraConfig, apply_lora, save_adapter
     from samed.model import build_model
 
@@ -144,23 +160,9 @@ def speed(data: Path, device: str, batch_size: int | None, random_weights: bool 
         nifti_prompts.write_text(json.dumps([p for p in prompts if p["case"] == "example_ct"]))
         if not random_weights:  # random weights give arbitrary masks: no prompted timing
             model = build_model("litemedsam", device=device)
-            t0 = time.perf_counter()
-            s = segment_batch(
-                [image],
-                tmpd / "prompted",
-                prompts=nifti_prompts,
-                model=model,
-                batch_size=batch_size,
-                qc=False,
+            results["prompted"] = _timed_batch(
+                image, tmpd / "prompted", 1, prompts=nifti_prompts, model=model, batch_size=batch_size
             )
-            wall = time.perf_counter() - t0
-            row = s.results[0]
-            assert row.status == "ok", row.error
-            results["prompted"] = {
-                "slices": row.slices,
-                "seconds": round(wall, 2),
-                "s_per_100_slices": round(100 * wall / row.slices, 2),
-            }
         torch.manual_seed(0)
         auto = build_model("litemedsam", device=device, pretrained=pretrained)
         apply_lora(auto, LoraConfig(mode="automatic", num_classes=3))
@@ -170,25 +172,10 @@ def speed(data: Path, device: str, batch_size: int | None, random_weights: bool 
         del auto
         base = build_model("litemedsam", device=device, pretrained=pretrained)
         # On CUDA the first pass pays for kernel selection and warm-up: time the second.
-        for _ in range(2 if device.startswith("cuda") else 1):
-            t0 = time.perf_counter()
-            s = segment_batch(
-                [image],
-                tmpd / "automatic",
-                adapter=folder,
-                model=base,
-                batch_size=batch_size,
-                qc=False,
-                overwrite=True,
-            )
-            wall = time.perf_counter() - t0
-        row = s.results[0]
-        assert row.status == "ok", row.error
-        results["automatic"] = {
-            "slices": row.slices,
-            "seconds": round(wall, 2),
-            "s_per_100_slices": round(100 * wall / row.slices, 2),
-        }
+        results["automatic"] = _timed_batch(
+            image, tmpd / "automatic", 2 if device.startswith("cuda") else 1,
+            adapter=folder, model=base, batch_size=batch_size,
+        )
     print(f"{'mode':<10} {'slices':>6} {'seconds':>8} {'s/100 slices':>13}")
     for mode, r in results.items():
         print(f"{mode:<10} {r['slices']:>6} {r['seconds']:>8.1f} {r['s_per_100_slices']:>13.1f}")

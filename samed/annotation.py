@@ -68,8 +68,8 @@ class History(Generic[T]):
     """
 
     def __init__(self, max_history: int = 100) -> None:
-        if int(max_history) < 1:
-            raise ValueError(f"max_history={max_history} must be >= 1")
+        if int(max_history) < 0:
+            raise ValueError(f"max_history={max_history} must be >= 0 (0 keeps no undo)")
         self.max_history = int(max_history)
         self._undo: list[T] = []
         self._redo: list[T] = []
@@ -265,6 +265,11 @@ class LabelEditor:
         self._history.push(edit)
 
     @property
+    def max_history(self) -> int:
+        """Edits kept for :meth:`undo`."""
+        return self._history.max_history
+
+    @property
     def can_undo(self) -> bool:
         return self._history.can_undo
 
@@ -396,6 +401,11 @@ class Annotator:
     # ------------------------------------------------------------------ history
     def _record(self, description: str, before: _State, edit: LabelEdit | None = None) -> None:
         self._history.push(HistoryStep(description, before, self._state.copy(), edit))
+
+    @property
+    def max_history(self) -> int:
+        """Steps kept for :meth:`undo`."""
+        return self._history.max_history
 
     @property
     def can_undo(self) -> bool:

@@ -158,16 +158,17 @@ class EvalReport:
         return path
 
     def case_table(self) -> str:
-        """Human-readable 3D Dice per volume: one line per case, one column per class, and the
-        case's mean over its labeled classes ("-": class absent from both label and prediction)."""
-        names = [n for c, n in sorted(self.labels.items()) if c != 0]
+        """Human-readable 3D Dice per volume: one line per case, one column per class (label
+        value), and the case's mean over the classes that have a Dice ("-": class absent from
+        both label and prediction; a class only predicted counts with Dice 0)."""
+        classes = [(c, n) for c, n in sorted(self.labels.items()) if c != 0]
         width = max([len("case"), *(len(str(r["case"])) for r in self.rows)]) + 2
-        lines = [f"{'case':<{width}}" + "".join(f"{n[:9]:>10}" for n in names) + f"{'mean':>10}"]
-        cases: dict[str, dict[str, float | None]] = {}
+        lines = [f"{'case':<{width}}" + "".join(f"{n[:9]:>10}" for _, n in classes) + f"{'mean':>10}"]
+        cases: dict[str, dict[int, float | None]] = {}
         for r in self.rows:
-            cases.setdefault(str(r["case"]), {})[r["name"]] = r["dice"]
+            cases.setdefault(str(r["case"]), {})[int(r["label"])] = r["dice"]
         for case, d in cases.items():
-            vals = [d.get(n) for n in names]
+            vals = [d.get(c) for c, _ in classes]
             ok = [v for v in vals if v is not None and math.isfinite(v)]
             cells = "".join(f"{v:>10.4f}" if v is not None and math.isfinite(v) else f"{'-':>10}" for v in vals)
             mean = f"{float(np.mean(ok)):>10.4f}" if ok else f"{'-':>10}"

@@ -35,10 +35,12 @@ def amp_from_precision(precision: str) -> bool | str:
 
 def encoder_precision(device: Any, amp: bool | str) -> str:
     """``"fp32"``, ``"fp16"`` or ``"bf16"``: what the encoder runs in on ``device`` (a
-    ``torch.device``) for this ``amp`` (autocast on CUDA only; CPU always float32, as bf16 is
-    about 40x slower on this kind of CPU)."""
+    ``torch.device`` or a string such as ``"cuda:0"``) for this ``amp`` (autocast on CUDA only;
+    CPU always float32, as bf16 is about 40x slower on this kind of CPU). ``"bf16"`` on a GPU
+    without bfloat16 support runs (and reports) ``"fp16"``."""
     amp = check_amp(amp)
-    if getattr(device, "type", str(device)) != "cuda" or amp is False:
+    kind = getattr(device, "type", None) or str(device).split(":")[0]
+    if kind != "cuda" or amp is False:
         return "fp32"
     name = DEFAULT_AMP if amp is True else str(amp)
     if name == "bf16":

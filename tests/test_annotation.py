@@ -275,5 +275,8 @@ def test_history_is_bounded_and_a_new_step_drops_the_redo_stack():
     while h.undo(undone.append) is not None:
         pass
     assert not h.can_undo and undone[-3:] == [9, 3, 2]
-    with pytest.raises(ValueError, match="max_history=0 must be >= 1"):
-        History(0)
+    none: History[int] = History(max_history=0)  # keeps nothing to undo
+    none.push(1)
+    assert not none.can_undo and none.undo(undone.append) is None
+    with pytest.raises(ValueError, match="max_history=-1 must be >= 0"):
+        History(-1)

@@ -1,4 +1,4 @@
-"""GPU path: CUDA with bf16/fp16 autocast gives the CPU fp32 result on real slices.
+"""GPU path: CUDA with fp16 autocast (the default) gives the CPU fp32 result on real slices.
 
 These run only where a CUDA device is present (the lent GPU machine; see docs/BENCHMARKS.md for
 the last run). CI machines have no GPU, so the module is skipped there with that reason.
@@ -61,7 +61,7 @@ def test_amp_box_masks_match_cpu_fp32(models, acdc):
             assert a.shape == b.shape == gt[z].shape
             agree.append(_dice(a, b))
             assert _dice(b, gt[z] == c) > 0.8
-    # bf16 autocast in the encoder moves a few boundary pixels, no more
+    # fp16 autocast in the encoder moves a few boundary pixels, no more
     assert min(agree) > 0.97, agree
 
 

@@ -119,6 +119,7 @@ def test_precision_options_map_to_autocast_choices():
     assert encoder_precision(cuda, True) == "fp16"  # the default measured closest to fp32
     assert encoder_precision(cuda, False) == "fp32"
     assert {encoder_precision(cpu, a) for a in (True, "fp16", "bf16")} == {"fp32"}
+    assert encoder_precision("cuda:0", True) == "fp16" and encoder_precision("cpu", "fp16") == "fp32"
 
 
 def test_embeddings_are_computed_once_and_cached_on_disk(tiny, tmp_path, monkeypatch):

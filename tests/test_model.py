@@ -149,3 +149,31 @@ def test_optimized_model_merges_conv_gelu_and_gives_the_same_embeddings():
         b = m.encode(x)
     assert b.shape == a.shape
     assert (a - b).abs().max().item() < 1e-4 * max(1.0, a.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "case", ["fused", "grad", "float64", "unbatched", "reflect_padding", "same_padding"]
+)
+def test_conv_gelu_equals_conv_then_gelu_or_falls_back(case):
+    from samed.engine.cpu import ConvGELU
+
+    torch.manual_seed(0)
+    kw = {"reflect_padding": {"padding": 1, "padding_mode": "reflect"},
+          "same_padding": {"padding": "same"}}.get(case, {"padding": 1})
+    conv = torch.nn.Conv2d(4, 6, 3, **kw)
+    x = torch.randn(2, 4, 9, 11)
+    if case == "float64":
+        conv, x = conv.double(), x.double()
+    if case == "unbatched":
+        x = x[0]
+    ref = torch.nn.functional.gelu(conv(x)).detach()
+    if case == "grad":
+        x.requires_grad_(True)
+        out = ConvGELU(conv)(x)
+        out.sum().backward()  # the fallback keeps autograd working
+        assert x.grad is not None
+    else:
+        with torch.no_grad():
+            out = ConvGELU(conv)(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert (out.detach() - ref).abs().max().item() < 1e-5

@@ -82,6 +82,7 @@ class SamedWidget(TaskMixin, QWidget):
         self._syncing = False
         self._dirty = False
         self._then: Callable[[], Any] | None = None
+        self._view_turned = False  # whether this widget set the camera orientation / overlay
         self.ui = build_ui(self)
         self._connect()
         self._refresh_choices()
@@ -114,6 +115,7 @@ class SamedWidget(TaskMixin, QWidget):
         ui.radiological_check.toggled.connect(self._apply_view)
         self.viewer.layers.events.inserted.connect(self._refresh_choices)
         self.viewer.layers.events.removed.connect(self._refresh_choices)
+        self.viewer.dims.events.order.connect(self._apply_view)
 
     def _click(self, name: str, *_: Any) -> None:
         getattr(self, name)()
@@ -180,23 +182,32 @@ class SamedWidget(TaskMixin, QWidget):
             self._apply_view()
 
     def _apply_view(self, *_: Any) -> None:
-        """Orient the 2D view: radiological for an axial volume whose geometry is known (the
-        camera only: layer data and world coordinates stay as they are), else napari's default."""
+        """Orient the 2D view: radiological for an axial volume whose geometry is known, shown
+        in its own axial plane (rows vertical, columns horizontal). Only the camera turns: layer
+        data and world coordinates stay as they are. Otherwise, what this widget turned earlier
+        is turned back (a camera or overlay set by the user or another plugin is left alone)."""
         orient = None
         ref = reference_volume(self._image.metadata) if self._image is not None else None
-        if ref is not None and self.ui.radiological_check.isChecked():
+        ndim = self.viewer.dims.ndim
+        axial_plane = ndim >= 2 and tuple(self.viewer.dims.order[-2:]) == (ndim - 2, ndim - 1)
+        if ref is not None and self.ui.radiological_check.isChecked() and axial_plane:
             orient = radiological_orientation2d(ref.orientation)
         camera = viewer_camera(self.viewer)
         if not hasattr(camera, "orientation2d"):  # napari < 0.6: no camera orientation
             self.ui.radiological_check.setEnabled(False)
             self.ui.radiological_check.setToolTip("needs napari >= 0.6 (camera orientation)")
             return
-        camera.orientation2d = orient or ("down", "right")
         overlay = viewer_text_overlay(self.viewer)
-        overlay.visible = orient is not None
         if orient is not None:
+            camera.orientation2d = orient
             overlay.text = "radiological view: anterior up, patient's right on the left"
+            overlay.visible = True
+            self._view_turned = True
             self._status(f"view: radiological ({ref.orientation} volume)")
+        elif self._view_turned:
+            camera.orientation2d = ("down", "right")
+            overlay.visible = False
+            self._view_turned = False
 
     def _on_layer_label(self, *_: Any) -> None:
         if self._labels is not None:

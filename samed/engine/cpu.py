@@ -51,8 +51,9 @@ def tune_cpu_allocator() -> bool:
 class ConvGELU(nn.Module):
     """``GELU(conv(x))`` (exact erf GELU) as one oneDNN convolution with a GELU post-op on CPU,
     so the (B, C, H, W) activation is not written and read back between the two; the same
-    numbers within float rounding. Other devices, training and non-zero padding modes run the
-    two steps."""
+    numbers within float rounding. Everything else runs the two steps: other devices, gradients,
+    inputs that are not (B, C, H, W) float32, padding modes other than zeros and string padding
+    (``"same"``/``"valid"``)."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
@@ -60,7 +61,14 @@ class ConvGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        if x.device.type != "cpu" or torch.is_grad_enabled() or c.padding_mode != "zeros":
+        if (
+            x.device.type != "cpu"
+            or torch.is_grad_enabled()
+            or x.dtype != torch.float32
+            or x.dim() != 4
+            or c.padding_mode != "zeros"
+            or isinstance(c.padding, str)
+        ):
             return F.gelu(c(x))
         return torch.ops.mkldnn._convolution_pointwise(
             x, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups,

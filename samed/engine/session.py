@@ -61,7 +61,8 @@ class PropagationStep:
         score: predicted IoU.
         done: number of slices processed so far (for progress bars).
         total: upper bound of slices that may be processed.
-        stopped: True on the step where the object vanished (its mask is not kept).
+        stopped: True on the step where a stop rule ended this direction (its mask is not
+            kept); ``reason`` says which.
         reason: why it stopped: ``"area"`` (fewer than ``min_area`` pixels), ``"score"``
             (predicted IoU below ``min_score``), ``"intensity"`` (mean intensity moved more than
             ``max_intensity_shift``), ``"overlap"`` (IoU with the previous slice's mask below
@@ -162,9 +163,9 @@ class Session:
             self.model.checkpoint_sha256,
             getattr(self.model, "adapter_digest", "") or "",
         ]
-        prec = encoder_precision(self.model.device, self.amp)
-        if prec != "fp32":  # float32 keys stay as before; mixed-precision embeddings differ
-            parts.append(prec)
+        # always part of the key: before fp16 became the CUDA default, bf16 embeddings were
+        # cached under keys without it, which must never be read back as another precision
+        parts.append("precision=" + encoder_precision(self.model.device, self.amp))
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
     def _check_cache(self) -> None:

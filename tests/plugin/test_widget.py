@@ -182,6 +182,12 @@ def test_radiological_view_turns_the_camera_not_the_data(make_napari_viewer, qtb
     assert tuple(str(v.value) for v in viewer_camera(viewer).orientation2d) == ("down", "right")
     assert not viewer_text_overlay(viewer).visible
     widget.ui.radiological_check.setChecked(True)
+    assert tuple(str(v.value) for v in viewer_camera(viewer).orientation2d) == ("up", "left")
+    viewer.dims.order = (1, 0, 2)  # a coronal-like plane on screen: not the axial view any more
+    assert tuple(str(v.value) for v in viewer_camera(viewer).orientation2d) == ("down", "right")
+    assert not viewer_text_overlay(viewer).visible
+    viewer.dims.order = (0, 1, 2)
+    assert tuple(str(v.value) for v in viewer_camera(viewer).orientation2d) == ("up", "left")
     lps = Volume(_volume(), np.diag([-1.5, -1.5, 3.0, 1.0]), modality="CT")  # LPS: already so
     data, kwargs, _ = volume_layer_data(lps, name="lps")
     viewer.add_image(data, **kwargs)

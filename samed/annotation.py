@@ -93,19 +93,19 @@ class History(Generic[T]):
         return list(self._undo)
 
     def undo(self, revert: Callable[[T], object]) -> T | None:
-        if not self._undo:
-            return None
-        step = self._undo.pop()
-        revert(step)
-        self._redo.append(step)
-        return step
+        return self._move(self._undo, self._redo, revert)
 
     def redo(self, apply: Callable[[T], object]) -> T | None:
-        if not self._redo:
+        return self._move(self._redo, self._undo, apply)
+
+    @staticmethod
+    def _move(src: list[T], dst: list[T], fn: Callable[[T], object]) -> T | None:
+        """Pop the last step of ``src``, call ``fn`` on it, push it on ``dst``."""
+        if not src:
             return None
-        step = self._redo.pop()
-        apply(step)
-        self._undo.append(step)
+        step = src.pop()
+        fn(step)
+        dst.append(step)
         return step
 
 

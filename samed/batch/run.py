@@ -351,7 +351,8 @@ def segment_batch(
             the largest 3D connected component per class), ``"none"`` or
             ``"largest_component"`` (see :mod:`samed.postprocess`).
         cache_dir: folder for on-disk embedding caches (keyed by volume content, model, adapter,
-            intensity and encoder precision), so that a rerun with other prompts costs only the decoder; None: none.
+            intensity and encoder precision), so that a rerun with other prompts costs only the
+            decoder; None: none.
         precision: encoder precision on CUDA: ``"auto"`` (fp16 autocast), ``"fp32"``,
             ``"fp16"`` or ``"bf16"`` (see :mod:`samed.precision`); CPU always runs float32.
         progress: called with a :class:`ProgressEvent` as the batch advances.

@@ -47,7 +47,8 @@ class ImageState:
     Shapes (M = h*w image tokens, C = transformer width, D = attention internal width):
     ``x`` (1, M, C) image tokens (embedding + dense prompt), ``pe`` (1, M, C) positional
     encoding, ``k0``/``v0`` (1, M, D) layer 0 token-to-image keys/values, ``q0t`` (H, D/H, M)
-    layer 0 image-to-token queries, transposed per head (H heads); ``hw`` = (h, w); ``fingerprint`` ties it to the decoder's
+    layer 0 image-to-token queries, transposed per head (H heads); ``hw`` = (h, w);
+    ``fingerprint`` ties it to the decoder's
     weights (see :func:`decoder_fingerprint`).
     """
 

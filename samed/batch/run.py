@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..prompts import ObjectPrompt, prompts_by_case, read_prompts, resolve_prompt
 from .cases import CaseInput, check_output_location, discover_cases
+from .prompts import ObjectPrompt, prompts_by_case, read_prompts, resolve_prompt
 from .summary import (
     BatchSummary,
     CaseResult,
@@ -207,7 +207,7 @@ def _case_settings(job: _Job, case: CaseInput) -> dict[str, Any]:
 def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None]) -> CaseResult:
     from ..engine import Session
     from ..io import load_volume, save_dicom_seg, save_nifti
-    from ..qc import label_color, save_qc_png
+    from .qc import save_qc_png
 
     source = str(case.path) + (f" (series {case.series_uid})" if case.series_uid else "")
     result = CaseResult(case=case.case_id, source=source, status="error", mode=job.mode)
@@ -250,8 +250,8 @@ def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None
     if "dicom-seg" in job.formats and case.is_dicom:
         present = {v: n for v, n in names.items() if np.any(labels == v)}
         if present:
-            colors = {v: label_color(v) for v in present}
-            save_dicom_seg(labels, volume, folder / _SEG_FILE, label_names=present, colors=colors)
+            # segment colours: samed.colors.label_color, the same as in qc.png
+            save_dicom_seg(labels, volume, folder / _SEG_FILE, label_names=present)
             outputs.append(_SEG_FILE)
     if job.qc:
         window = None
@@ -331,7 +331,7 @@ def segment_batch(
         out_dir: output folder (created); must not lie inside an input folder.
         adapter: adapter name or folder (:func:`samed.registry.resolve_adapter`). An automatic
             adapter selects automatic mode; a prompted adapter tunes prompted mode.
-        prompts: prompts file (:mod:`samed.prompts`); selects prompted mode.
+        prompts: prompts file (:mod:`samed.batch.prompts`); selects prompted mode.
         formats: ``"nifti"`` and/or ``"dicom-seg"`` (comma-separated or a sequence); DICOM SEG is
             written for DICOM inputs only.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` (``"cuda:N"``).

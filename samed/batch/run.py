@@ -95,17 +95,11 @@ def _propagate(
     report: Callable[[int], None],
 ) -> np.ndarray:
     """Propagate one object from slice z in both directions; (Z, Y, X) bool, with the engine's
-    stop rules (:meth:`samed.engine.Session.propagate`) and ``min_slice_iou`` for the overlap
-    between consecutive slices."""
-    out = np.zeros(session.shape, dtype=bool)
-    out[z] = mask
-    visited = 0
-    for step in session.propagate(z, mask, min_slice_iou=min_slice_iou):
-        visited += 1
-        report(visited)
-        if not step.stopped:
-            out[step.z] = step.mask
-    return out
+    stop rules (:meth:`samed.engine.Session.propagate_volume`) and ``min_slice_iou`` for the
+    overlap between consecutive slices. ``report(slices visited)`` after every slice."""
+    return session.propagate_volume(
+        z, mask, progress=lambda done, total: report(done), min_slice_iou=min_slice_iou
+    )
 
 
 def _segment_prompted(

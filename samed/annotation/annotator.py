@@ -1,4 +1,4 @@
-"""GUI-free annotation state: a label editor and an interactive object with undo/redo.
+"""The annotator: the current object (prompts, masks, propagation) with undo/redo.
 
 A front end (the napari widget, a notebook, a test) keeps one :class:`Annotator` per image and
 label map. It holds

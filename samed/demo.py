@@ -59,10 +59,10 @@ def run_demo(args: Any) -> int:
     """Segment the MNI152 brain from one box; returns the exit code (0 when it ran)."""
     from tqdm import tqdm
 
+    from .batch.qc import save_qc_png
     from .engine import Session, optimize_for_inference
     from .io import load_label_map, load_volume, save_nifti
     from .model import build_model
-    from .qc import save_qc_png
 
     out = Path(args.out)
     t0 = time.perf_counter()

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..prompts import ObjectPrompt, prompts_by_case, read_prompts, resolve_prompt
 from .cases import CaseInput, check_output_location, discover_cases
+from .prompts import ObjectPrompt, prompts_by_case, read_prompts, resolve_prompt
 from .summary import (
     BatchSummary,
     CaseResult,
@@ -95,17 +95,11 @@ def _propagate(
     report: Callable[[int], None],
 ) -> np.ndarray:
     """Propagate one object from slice z in both directions; (Z, Y, X) bool, with the engine's
-    stop rules (:meth:`samed.engine.Session.propagate`) and ``min_slice_iou`` for the overlap
-    between consecutive slices."""
-    out = np.zeros(session.shape, dtype=bool)
-    out[z] = mask
-    visited = 0
-    for step in session.propagate(z, mask, min_slice_iou=min_slice_iou):
-        visited += 1
-        report(visited)
-        if not step.stopped:
-            out[step.z] = step.mask
-    return out
+    stop rules (:meth:`samed.engine.Session.propagate_volume`) and ``min_slice_iou`` for the
+    overlap between consecutive slices. ``report(slices visited)`` after every slice."""
+    return session.propagate_volume(
+        z, mask, progress=lambda done, total: report(done), min_slice_iou=min_slice_iou
+    )
 
 
 def _segment_prompted(
@@ -207,7 +201,7 @@ def _case_settings(job: _Job, case: CaseInput) -> dict[str, Any]:
 def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None]) -> CaseResult:
     from ..engine import Session
     from ..io import load_volume, save_dicom_seg, save_nifti
-    from ..qc import label_color, save_qc_png
+    from .qc import save_qc_png
 
     source = str(case.path) + (f" (series {case.series_uid})" if case.series_uid else "")
     result = CaseResult(case=case.case_id, source=source, status="error", mode=job.mode)
@@ -250,8 +244,8 @@ def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None
     if "dicom-seg" in job.formats and case.is_dicom:
         present = {v: n for v, n in names.items() if np.any(labels == v)}
         if present:
-            colors = {v: label_color(v) for v in present}
-            save_dicom_seg(labels, volume, folder / _SEG_FILE, label_names=present, colors=colors)
+            # segment colours: samed.colors.label_color, the same as in qc.png
+            save_dicom_seg(labels, volume, folder / _SEG_FILE, label_names=present)
             outputs.append(_SEG_FILE)
     if job.qc:
         window = None
@@ -331,7 +325,7 @@ def segment_batch(
         out_dir: output folder (created); must not lie inside an input folder.
         adapter: adapter name or folder (:func:`samed.registry.resolve_adapter`). An automatic
             adapter selects automatic mode; a prompted adapter tunes prompted mode.
-        prompts: prompts file (:mod:`samed.prompts`); selects prompted mode.
+        prompts: prompts file (:mod:`samed.batch.prompts`); selects prompted mode.
         formats: ``"nifti"`` and/or ``"dicom-seg"`` (comma-separated or a sequence); DICOM SEG is
             written for DICOM inputs only.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` (``"cuda:N"``).

@@ -9,7 +9,6 @@ TrackingID is ``"samed label <value>"`` so that :func:`read_dicom_seg` restores 
 
 from __future__ import annotations
 
-import colorsys
 import os
 import re
 import warnings
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..colors import label_color
 from .volume import GeometryError, Volume, VolumeReadError, atomic_write, check_same_grid
 
 __all__ = ["save_dicom_seg", "read_dicom_seg", "save_rtstruct", "read_rtstruct", "default_color"]
@@ -34,11 +34,9 @@ def _version() -> str:
         return "0.0.0"
 
 
-def default_color(value: int) -> tuple[int, int, int]:
-    """A distinct, deterministic RGB colour for a label value (golden-angle hues)."""
-    hue = (value * 0.618033988749895) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
-    return int(r * 255), int(g * 255), int(b * 255)
+#: The default segment / ROI colour of a label value; the same function as the QC pictures'
+#: (:func:`samed.colors.label_color`), kept under its old name for importers.
+default_color = label_color
 
 
 def _label_array(labels: np.ndarray | Volume, reference: Volume) -> np.ndarray:
@@ -123,7 +121,8 @@ def save_dicom_seg(
         reference: the DICOM series volume from :func:`samed.io.load_volume` (not reoriented).
         path: destination file (conventionally ``.dcm``).
         label_names: label value -> segment label (default ``"label <value>"``).
-        colors: label value -> RGB 0..255 display colour (default :func:`default_color`).
+        colors: label value -> RGB 0..255 display colour (default
+            :func:`samed.colors.label_color`, the QC pictures' colours).
         algorithm: algorithm name recorded in the segment descriptions.
         algorithm_version: recorded version (default: the samed version).
         series_description: SeriesDescription of the new series.
@@ -158,7 +157,7 @@ def save_dicom_seg(
     for number, value in enumerate(values, start=1):
         name = str(names.get(value, f"label {value}"))
         category, prop = _property_type(name)
-        rgb = tuple(int(c) for c in cols.get(value, default_color(value)))
+        rgb = tuple(int(c) for c in (cols[value] if value in cols else label_color(value)))
         if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
             raise ValueError(f"colour for label {value} must be 3 integers in 0..255; got {rgb}")
         descriptions.append(
@@ -413,7 +412,7 @@ def save_rtstruct(
         reference: DICOM series volume from :func:`samed.io.load_volume` (square slices).
         path: destination file.
         label_names: label value -> ROI name (default ``"label <value>"``).
-        colors: label value -> RGB colour (default :func:`default_color`).
+        colors: label value -> RGB colour (default :func:`samed.colors.label_color`).
 
     Returns:
         The written path.
@@ -432,7 +431,7 @@ def save_rtstruct(
         mask = np.transpose(arr == value, (1, 2, 0))  # rt-utils wants (rows, columns, slices)
         rt.add_roi(
             mask=mask,
-            color=list(cols.get(value, default_color(value))),
+            color=list(cols[value] if value in cols else label_color(value)),
             name=str(names.get(value, f"label {value}")),
         )
     out = Path(path)

@@ -1,6 +1,6 @@
 """NIfTI and FreeSurfer MGH/MGZ through nibabel, with nibabel's own geometry rule.
 
-Geometry (the same affine ``nibabel.load(path).affine`` gives, and ITK for an orthonormal sform):
+Geometry (the same affine ``nibabel.load(path).affine`` gives):
 
 * NIfTI: the **sform** when ``sform_code > 0``; else the **qform** when ``qform_code > 0``; else
   the pixdim-only affine (:meth:`nibabel.nifti1.Nifti1Header.get_base_affine`). The header is
@@ -131,7 +131,7 @@ def load_nibabel(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = nib.load(str(path))
+            img = nib.load(str(path), mmap=False)  # never keep a view of the input file
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types on bad files
         raise VolumeReadError(f"cannot read {path} with nibabel: {exc}") from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image | nib.MGHImage):

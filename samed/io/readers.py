@@ -91,9 +91,58 @@ def _to_zyx(data: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(data.T)
 
 
+def _itk_data_file(path: Path) -> Path | None:
+    """The file holding the voxels of a NRRD/MetaImage header (``None`` when it is not one file)."""
+    if path.name.lower().endswith((".nrrd", ".mha")):
+        return path
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read(8192).decode("latin-1")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition("=" if path.name.lower().endswith(".mhd") else ":")
+        key, value = key.strip().lower(), value.strip()
+        if sep and key in ("elementdatafile", "data file", "datafile"):
+            if value.upper() == "LOCAL":
+                return path
+            if value.upper() == "LIST" or "%" in value or " " in value:
+                return None  # slice lists / patterns: not checked
+            return path.parent / value
+    return None
+
+
+def _check_itk_size(path: Path) -> None:
+    """Refuse a NRRD/MetaImage header whose dimensions need more bytes than its data can hold,
+    before ITK allocates them (raw data: the file size; compressed: deflate's ~1032:1 limit)."""
+    data_file = _itk_data_file(path)
+    if data_file is None or not data_file.is_file():
+        return
+    try:
+        import itk
+
+        io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
+        io.SetFileName(str(path))
+        io.ReadImageInformation()
+        dims = tuple(int(io.GetDimensions(i)) for i in range(io.GetNumberOfDimensions()))
+        n_bytes = int(io.GetImageSizeInBytes())
+    except Exception:  # noqa: BLE001 - unreadable headers are reported by the reader itself
+        return
+    size = data_file.stat().st_size
+    limit = size * 1100 + (1 << 16)
+    if n_bytes > limit:
+        raise VolumeReadError(
+            f"{path}: header dimensions {dims} need {n_bytes:,} bytes of voxels, but its data "
+            f"({data_file.name}, {size:,} bytes) can hold at most about {limit:,} even "
+            "compressed; the header's dimensions are wrong (nothing was allocated)"
+        )
+
+
 def _load_monai(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     """NRRD/MetaImage through MONAI's ``ITKReader`` (NIfTI/MGH go through :mod:`.nifti`)."""
     from monai.data import ITKReader
+
+    _check_itk_size(path)
 
     # The reader is called directly (LoadImage's read step): LoadImage would also instantiate every
     # optional reader on each call, which is slow and noisy.

@@ -334,6 +334,15 @@ def test_huge_header_dimension_is_named_before_allocating(tmp_path, suffix):
         load_volume(path)
 
 
+def test_huge_nrrd_dimension_is_named_before_itk_allocates(tmp_path):
+    raw = shared_path("pyradiomics", "brain1_image.nrrd").read_bytes()
+    assert b"sizes: 256 256 25\n" in raw
+    path = tmp_path / "huge.nrrd"
+    path.write_bytes(raw.replace(b"sizes: 256 256 25\n", b"sizes: 256 256 250000\n"))
+    with Unchanged(path), pytest.raises(VolumeReadError, match=r"huge.*\(256, 256, 250000\)"):
+        load_volume(path)
+
+
 def test_complex_nifti_is_refused_naming_the_dtype(tmp_path):
     real = nib.load(shared_path(*CT_NII))
     data = np.asanyarray(real.dataobj).astype(np.complex64) * (1 + 1j)

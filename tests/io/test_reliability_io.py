@@ -12,6 +12,7 @@ import hashlib
 import shutil
 import struct
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -203,13 +204,21 @@ def test_two_blank_uid_series_are_not_merged(tmp_path):
     assert vol.shape[0] == 4 and vol.meta["files"] == [str(f) for f in b]
     assert vol.meta["SeriesInstanceUID"] == series[1].series_uid
     assert any("SeriesInstanceUID is blank" in n for n in vol.meta["notes"])
+    # A SEG on series b references the derived UID, so it finds b again beside a.
+    labels = np.zeros(vol.shape, np.uint8)
+    labels[1:3, 200:300, 200:300] = 2
+    with Unchanged(folder):
+        seg = save_dicom_seg(labels, vol, tmp_path / "b_seg.dcm")
+        back = read_dicom_seg(seg, folder)
+    assert back.meta["files"] == [str(f) for f in b]
+    np.testing.assert_array_equal(back.array, labels)
     # The derived UID depends on the headers, not on where the files are.
     moved = tmp_path / "copy"
     shutil.copytree(folder, moved)
     assert [s.series_uid for s in list_series(moved)] == [s.series_uid for s in series]
 
 
-def test_scout_beside_a_blank_uid_ct_is_skipped_and_said(tmp_path):
+def test_scout_beside_a_blank_uid_ct_is_skipped_and_said(tmp_path, capsys):
     folder = tmp_path / "exam"
     ct = _copy_ct(folder, 4)
     (scout,) = _copy_ct(folder, 1, start=10, names=["scout.dcm"])
@@ -224,6 +233,9 @@ def test_scout_beside_a_blank_uid_ct_is_skipped_and_said(tmp_path):
     assert vol.shape[0] == 4 and vol.meta["files"] == [str(f) for f in ct]
     note = next(n for n in vol.meta["notes"] if "localizer" in n)
     assert "skipped 1 localizer" in note and "Topogram" in note
+    with Unchanged(folder):
+        assert convert_main(["convert", str(folder), str(tmp_path / "ct.nii.gz")]) == 0
+    assert "samed convert: note: skipped 1 localizer (scout) series" in capsys.readouterr().err
 
 
 # --- 8: slices are found by content, not by name ------------------------------------------------
@@ -288,10 +300,11 @@ def test_series_with_one_sop_instance_uid_loads_but_gets_no_seg(tmp_path):
 
 def test_seg_readback_verification_catches_a_mismatch(tmp_path):
     src = shared_path(*CT_3SLICE)
-    ref = load_volume(src)
-    labels = _box_labels(ref)
-    out = save_dicom_seg(labels, ref, tmp_path / "seg.dcm")
-    _verify_readback(out, ref, labels, out)  # the real file reads back: no error
+    with Unchanged(src):
+        ref = load_volume(src)
+        labels = _box_labels(ref)
+        out = save_dicom_seg(labels, ref, tmp_path / "seg.dcm")
+        _verify_readback(out, ref, labels, out)  # the real file reads back: no error
     wrong = labels.copy()
     wrong[0, 0, 0] = 1
     with pytest.raises(VolumeReadError, match="reads back differently.*1 voxels differ"):
@@ -378,7 +391,10 @@ def test_rtdose_is_not_read_as_an_image(tmp_path):
     dose = get_testdata_file("rtdose.dcm")
     if dose is None:
         pytest.skip("pydicom test file rtdose.dcm is not available")
-    with pytest.raises(VolumeReadError, match="not an image: Modality RTDOSE.*RT Dose Storage"):
+    with (
+        Unchanged(Path(dose)),
+        pytest.raises(VolumeReadError, match="not an image: Modality RTDOSE.*RT Dose Storage"),
+    ):
         load_volume(dose)
     folder = tmp_path / "plan"
     _copy_ct(folder, 3)

@@ -112,12 +112,11 @@ def _itk_data_file(path: Path) -> Path | None:
     return None
 
 
-def _check_itk_size(path: Path) -> None:
-    """Refuse a NRRD/MetaImage header whose dimensions need more bytes than its data can hold,
-    before ITK allocates them (raw data: the file size; compressed: deflate's ~1032:1 limit)."""
+def _check_itk_header(path: Path) -> None:
+    """Refuse, before ITK allocates anything, a NRRD/MetaImage with several components per voxel
+    (colour/vector) or whose dimensions need more bytes than its data can hold (raw data: the file
+    size; compressed: deflate's ~1032:1 limit)."""
     data_file = _itk_data_file(path)
-    if data_file is None or not data_file.is_file():
-        return
     try:
         import itk
 
@@ -126,7 +125,15 @@ def _check_itk_size(path: Path) -> None:
         io.ReadImageInformation()
         dims = tuple(int(io.GetDimensions(i)) for i in range(io.GetNumberOfDimensions()))
         n_bytes = int(io.GetImageSizeInBytes())
+        components = int(io.GetNumberOfComponents())
     except Exception:  # noqa: BLE001 - unreadable headers are reported by the reader itself
+        return
+    if components != 1:
+        raise VolumeReadError(
+            f"{path} has {components} components per voxel (colour or vector image, dimensions "
+            f"{dims}); only single-channel greyscale volumes are supported"
+        )
+    if data_file is None or not data_file.is_file():
         return
     size = data_file.stat().st_size
     limit = size * 1100 + (1 << 16)
@@ -142,7 +149,7 @@ def _load_monai(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     """NRRD/MetaImage through MONAI's ``ITKReader`` (NIfTI/MGH go through :mod:`.nifti`)."""
     from monai.data import ITKReader
 
-    _check_itk_size(path)
+    _check_itk_header(path)
 
     # The reader is called directly (LoadImage's read step): LoadImage would also instantiate every
     # optional reader on each call, which is slow and noisy.

@@ -332,6 +332,17 @@ def test_rgb_nifti_in_convert_is_a_clear_error(tmp_path, capsys):
     assert "Traceback" not in err and not out.exists()
 
 
+def test_rgb_metaimage_is_a_clear_error(tmp_path):
+    import itk
+
+    grey = load_volume(shared_path("pyradiomics", "breast1_image.nrrd")).array
+    u8 = np.clip(grey / max(float(grey.max()), 1.0) * 255, 0, 255).astype(np.uint8)
+    path = tmp_path / "rgb.mha"
+    itk.imwrite(itk.image_from_array(np.stack([u8, u8, 255 - u8], axis=-1), is_vector=True), path)
+    with Unchanged(path), pytest.raises(VolumeReadError, match=r"rgb\.mha has 3 components"):
+        load_volume(path)
+
+
 def _raw_nifti(path):
     with gzip.open(path) as fh:
         return bytearray(fh.read())

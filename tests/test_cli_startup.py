@@ -107,3 +107,23 @@ def test_building_the_litemedsam_model_prints_no_timm_warning():
     )
     assert proc.returncode == 0, proc.stderr
     assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_samed_io_exports_resolve_lazily_to_the_submodules_objects():
+    code = (
+        "import json, sys, samed.io as sio\n"
+        f"before = sorted(m for m in {HEAVY!r} if m in sys.modules)\n"
+        "import importlib\n"
+        "same = all(getattr(sio, n) is getattr(importlib.import_module("
+        "'samed.io.' + sio._LAZY[n]), n) for n in sio.__all__)\n"
+        "print(json.dumps({'before': before, 'same': same, 'all': sorted(sio.__all__),"
+        " 'lazy': sorted(sio._LAZY), 'dir': set(sio.__all__) <= set(dir(sio))}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = json.loads(proc.stdout)
+    assert res["before"] == []  # import samed.io alone loads no reader
+    assert res["all"] == res["lazy"] and res["same"] and res["dir"]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        import samed.io
+
+        samed.io.nope  # noqa: B018

@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .volume import Volume
+if TYPE_CHECKING:  # the readers (pydicom, nibabel, MONAI) load only when a conversion runs
+    from .volume import Volume
 
 __all__ = ["add_parser", "run_convert", "convert"]
 

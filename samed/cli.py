@@ -23,7 +23,7 @@ _COMMANDS = {
     "segment": "samed.batch",
     "convert": "samed.io.cli",
     "finetune": "samed.train_cli",
-    "evaluate": "samed.evaluate",
+    "evaluate": "samed.evaluate.cli",
     "demo": "samed.demo",
 }
 

@@ -22,7 +22,7 @@ __all__ = ["main", "build_parser"]
 _COMMANDS = {
     "segment": "samed.batch",
     "convert": "samed.io.cli",
-    "finetune": "samed.train_cli",
+    "finetune": "samed.train.cli",
     "evaluate": "samed.evaluate.cli",
     "demo": "samed.demo",
 }

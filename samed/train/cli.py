@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import load_config
-from .train import finetune
+from .loop import finetune
 
 __all__ = ["add_parser", "run_finetune", "main"]
 

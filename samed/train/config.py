@@ -73,7 +73,7 @@ class ModelSection:
     checkpoint: str | None = None
 
     def __post_init__(self) -> None:
-        from .registry import MODEL_KINDS
+        from ..registry import MODEL_KINDS
 
         allowed = sorted(MODEL_KINDS) + ["tiny"]
         if self.kind not in allowed:

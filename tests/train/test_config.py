@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from samed.config import FinetuneConfig, config_from_dict, load_config
+from samed.train.config import FinetuneConfig, config_from_dict, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 BASE = {"name": "x", "data": {"root": "somewhere"}}
 
 

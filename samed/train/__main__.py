@@ -4,4 +4,5 @@ from __future__ import annotations
 
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # importing the module (e.g. walking samed's submodules) runs nothing
+    raise SystemExit(main())

@@ -56,6 +56,7 @@ class EvalReport:
         return float(np.mean(vals)) if vals else math.nan
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready content: settings, labels, per-class means, mean Dice and the case rows."""
         return {
             "settings": self.settings,
             "labels": {str(k): v for k, v in self.labels.items()},
@@ -65,6 +66,7 @@ class EvalReport:
         }
 
     def to_json(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_dict` as indented JSON (atomically; NaN as null); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -73,6 +75,7 @@ class EvalReport:
         return path
 
     def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write one row per (case, class) (atomically; missing values empty); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

@@ -6,7 +6,7 @@
 train the shipped adapter nor to choose its post-processing). Each volume is segmented once
 (:meth:`samed.engine.Session.automatic` with ``postprocess="none"``) and scored raw and after
 :func:`samed.postprocess.keep_largest_component` (MONAI metrics through
-:func:`samed.evaluate.score_case`). Prints a table; writes
+:func:`samed.evaluate.metrics.score_case`). Prints a table; writes
 ``bench/results/acdc_automatic_<split>.json``.
 """
 

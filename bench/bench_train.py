@@ -25,11 +25,11 @@ import time
 import numpy as np
 import torch
 
-from samed.config import AugmentSection, PromptSection
 from samed.lora import LoraConfig, apply_lora
 from samed.model import build_model, build_tiny_model
-from samed.train import _encoder_prefix, _encoder_suffix, loss_fn
-from samed.train_data import SliceSet, VolumeCase, collate
+from samed.train.config import AugmentSection, PromptSection
+from samed.train.data import SliceSet, VolumeCase, collate
+from samed.train.loop import _encoder_prefix, _encoder_suffix, loss_fn
 
 TARGETS = {
     "full": r"image_encoder\..*\.attn\.qkv",

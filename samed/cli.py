@@ -25,8 +25,8 @@ __all__ = ["main", "build_parser"]
 _COMMANDS = {
     "segment": "samed.batch.cli",
     "convert": "samed.io.cli",
-    "finetune": "samed.train_cli",
-    "evaluate": "samed.evaluate",
+    "finetune": "samed.train.cli",
+    "evaluate": "samed.evaluate.cli",
     "demo": "samed.demo",
 }
 

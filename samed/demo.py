@@ -61,6 +61,7 @@ def run_demo(args: Any) -> int:
 
     from .batch.qc import save_qc_png
     from .engine import Session, optimize_for_inference
+    from .evaluate.metrics import dice as dice_score
     from .io import load_label_map, load_volume, save_nifti
     from .model import build_model
 
@@ -94,7 +95,7 @@ def run_demo(args: Any) -> int:
             bar.update(1)
     seg_path = save_nifti(seg, vol, out / "brain_seg.nii.gz")
     qc_path = save_qc_png(out / "brain_qc.png", vol.array, seg)
-    dice = 2.0 * float((seg.astype(bool) & gt).sum()) / float(seg.astype(bool).sum() + gt.sum())
+    dice = dice_score(seg, gt)
     ml = float(seg.sum()) * float(np.prod(vol.spacing)) / 1000.0
     summary = {
         "input": str(t1_path), "output": str(seg_path), "qc": str(qc_path),

@@ -7,28 +7,27 @@ bad-input policy.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 # name -> submodule; imported on first use (PEP 562) so that ``samed.io.cli`` (``samed convert
 # --help``) and ``import samed.io`` do not load pydicom and nibabel before they are needed
 _LAZY = {
-    "SeriesInfo": "dicom",
-    "list_series": "dicom",
-    "load_label_map": "readers",
-    "load_volume": "readers",
-    "read_dicom_seg": "seg",
-    "read_rtstruct": "seg",
-    "save_dicom_seg": "seg",
-    "save_rtstruct": "seg",
-    "GeometryError": "volume",
-    "Volume": "volume",
-    "VolumeReadError": "volume",
-    "align_to": "volume",
-    "atomic_write": "volume",
-    "check_same_grid": "volume",
-    "reorient": "volume",
-    "save_nifti": "writers",
+    "SeriesInfo": ".dicom",
+    "list_series": ".dicom",
+    "load_label_map": ".readers",
+    "load_volume": ".readers",
+    "read_dicom_seg": ".seg",
+    "read_rtstruct": ".seg",
+    "save_dicom_seg": ".seg",
+    "save_rtstruct": ".seg",
+    "GeometryError": ".volume",
+    "Volume": ".volume",
+    "VolumeReadError": ".volume",
+    "align_to": ".volume",
+    "atomic_write": ".volume",
+    "check_same_grid": ".volume",
+    "reorient": ".volume",
+    "save_nifti": ".writers",
 }
 
 __all__ = [
@@ -51,13 +50,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

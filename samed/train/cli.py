@@ -48,7 +48,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_finetune(args: argparse.Namespace) -> int:
     """``samed finetune``: returns 0 on success, 2 on a configuration or data error."""
-    from .train import finetune  # torch: imported only to run the command
+    from .loop import finetune  # torch: imported only to run the command
 
     try:
         cfg = load_config(args.config, _parse_set(getattr(args, "set", [])))

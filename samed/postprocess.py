@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from .registry import POSTPROCESS_CHOICES
+
 __all__ = ["keep_largest_component", "apply_postprocessing", "describe_postprocessing", "POSTPROCESS_CHOICES"]
 
-#: values accepted for ``postprocess`` arguments
-POSTPROCESS_CHOICES = ("adapter", "none", "largest_component")
+# POSTPROCESS_CHOICES (the values accepted for ``postprocess`` arguments) lives in the
+# torch-free samed.registry, so that every command line draws on the same tuple.
 
 
 def keep_largest_component(

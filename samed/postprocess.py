@@ -59,8 +59,9 @@ def keep_largest_component(
 
 
 def adapter_postprocessing(model: Any) -> dict[str, Any]:
-    """The post-processing the model's adapter recommends (``{}`` for none)."""
-    return dict(getattr(model, "adapter_postprocessing", None) or {})
+    """The post-processing the model's adapter recommends (``{}`` for none or no model)."""
+    adapter = model.adapter if model is not None else None
+    return dict(adapter.postprocessing) if adapter is not None else {}
 
 
 def describe_postprocessing(spec: str, model: Any) -> dict[str, Any]:

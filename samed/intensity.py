@@ -82,11 +82,13 @@ class IntensitySpec:
                 raise ValueError(f"intensity {self.kind} needs finite bounds; got ({lo}, {hi})")
             if not hi > lo:
                 raise ValueError(
-                    f"intensity {self.kind} ({lo:g}, {hi:g}): the upper bound must exceed the lower one"
+                    f"intensity {self.kind} ({lo:g}, {hi:g}): "
+                    "the upper bound must exceed the lower one"
                 )
             if self.kind == "percentile" and not (0.0 <= lo < hi <= 100.0):
                 raise ValueError(
-                    f"intensity percentile ({lo:g}, {hi:g}): percentiles must satisfy 0 <= lo < hi <= 100"
+                    f"intensity percentile ({lo:g}, {hi:g}): "
+                    "percentiles must satisfy 0 <= lo < hi <= 100"
                 )
 
     @property

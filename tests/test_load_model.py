@@ -11,7 +11,14 @@ import torch
 import samed
 from samed.engine import optimize_for_inference
 from samed.engine.cpu import ConvGELU
-from samed.lora import LoraConfig, apply_lora, load_adapter, merge_adapter, remove_adapter, save_adapter
+from samed.lora import (
+    LoraConfig,
+    apply_lora,
+    load_adapter,
+    merge_adapter,
+    remove_adapter,
+    save_adapter,
+)
 from samed.model import AdapterState, build_model, build_tiny_model, load_model
 
 
@@ -27,7 +34,10 @@ def folders(tmp_path_factory):
         "prompted": save_adapter(prompted, root / "tiny-prompted", labels={1: "liver"}),
         "automatic": save_adapter(
             auto, root / "tiny-auto", labels={0: "background", 1: "a", 2: "b", 3: "c"},
-            metadata={"postprocessing": {"largest_component": [1]}, "preprocessing": {"intensity": "liver"}},
+            metadata={
+                "postprocessing": {"largest_component": [1]},
+                "preprocessing": {"intensity": "liver"},
+            },
         ),
     }
 
@@ -65,7 +75,9 @@ def test_same_model_as_build_optimize_and_load_adapter(folders):
 
 
 def test_no_optimize_and_merge(folders):
-    m = load_model(build_tiny_model("tinyvit"), adapter=folders["prompted"], optimize=False, merge=True)
+    m = load_model(
+        build_tiny_model("tinyvit"), adapter=folders["prompted"], optimize=False, merge=True
+    )
     assert not any(isinstance(mod, ConvGELU) for mod in m.image_encoder.modules())
     assert m.adapter.merged
     ref = load_adapter(build_tiny_model("tinyvit"), folders["prompted"])

@@ -55,9 +55,9 @@ class PluginSession:
     """Loads models lazily and keeps engine sessions (embedding caches) per image.
 
     Args:
-        model_factory: ``f(settings) -> SamModel``; default builds through
-            :func:`samed.model.build_model` and :func:`samed.lora.load_adapter`. Tests pass a tiny
-            random model here.
+        model_factory: ``f(settings) -> SamModel``; default loads through
+            :func:`samed.load_model` (optimised for inference, adapter attached unmerged). Tests
+            pass a tiny random model here.
         cache_dir: on-disk embedding cache (None: memory only).
         max_engines: engine sessions kept in memory (each holds its embeddings: ~4 MB per
             slice for LiteMedSAM).

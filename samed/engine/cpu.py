@@ -12,7 +12,6 @@ import ctypes
 import ctypes.util
 import os
 import sys
-
 from typing import TYPE_CHECKING
 
 import torch

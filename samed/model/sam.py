@@ -98,7 +98,9 @@ class SamModel(nn.Module):
     @adapter_labels.setter
     def adapter_labels(self, labels: dict[int, str]) -> None:
         if self.adapter is None:
-            raise ValueError("the model carries no adapter to label; call samed.lora.apply_lora first")
+            raise ValueError(
+                "the model carries no adapter to label; call samed.lora.apply_lora first"
+            )
         self.adapter.labels = {int(k): str(v) for k, v in labels.items()}
 
     @property

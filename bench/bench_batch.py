@@ -142,7 +142,7 @@ def speed(data: Path, device: str, batch_size: int | None, random_weights: bool 
     import torch
 
     from samed.lora import LoraConfig, apply_lora, save_adapter
-    from samed.model import build_model
+    from samed.model import build_model, load_model
 
     image = _reference_labels(data)["example_ct"][0]
     results = {}
@@ -153,7 +153,8 @@ def speed(data: Path, device: str, batch_size: int | None, random_weights: bool 
         nifti_prompts = tmpd / "p.json"
         nifti_prompts.write_text(json.dumps([p for p in prompts if p["case"] == "example_ct"]))
         if not random_weights:  # random weights give arbitrary masks: no prompted timing
-            model = build_model("litemedsam", device=device)
+            # a built model goes into segment_batch as it is (not optimised), as before
+            model = load_model("litemedsam", device=device, optimize=False)
             results["prompted"] = _timed_batch(
                 image, tmpd / "prompted", 1, prompts=nifti_prompts, model=model, batch_size=batch_size
             )

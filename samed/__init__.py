@@ -11,6 +11,8 @@ from ._lazy import lazy_exports
 __version__ = "0.1.0"
 
 _LAZY = {
+    "load_model": "samed.model",
+    "AdapterState": "samed.model",
     "build_model": "samed.model",
     "build_tiny_model": "samed.model",
     "SamModel": "samed.model",
@@ -29,6 +31,11 @@ _LAZY = {
     "MODEL_KINDS": "samed.registry",
     "CT_WINDOWS": "samed.registry",
     "find_adapters": "samed.registry",
+    "resolve_adapter": "samed.registry",
+    "POSTPROCESS_CHOICES": "samed.registry",
+    "PRECISIONS": "samed.registry",
+    "IntensitySpec": "samed.intensity",
+    "parse_intensity": "samed.intensity",
 }
 
 __all__ = ["__version__", *_LAZY]

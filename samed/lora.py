@@ -30,10 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .model.adapter import AdapterState
 from .model.sam import SamModel
 
 __all__ = [
     "AdapterError",
+    "AdapterState",
     "LoraConfig",
     "LoRAQKV",
     "apply_lora",
@@ -234,8 +236,8 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 
 def _keep_base_parts(model: SamModel) -> None:
-    if not hasattr(model, "_samed_base_parts"):
-        model._samed_base_parts = {  # type: ignore[attr-defined]
+    if model.base_parts is None:
+        model.base_parts = {
             "mask_decoder": copy.deepcopy(model.mask_decoder).cpu(),
             "prompt_encoder": copy.deepcopy(model.prompt_encoder).cpu(),
         }
@@ -284,7 +286,7 @@ def apply_lora(model: SamModel, config: LoraConfig | None = None) -> SamModel:
         ValueError: no module matches, or the model already carries an adapter.
     """
     config = config or LoraConfig()
-    if getattr(model, "lora_config", None) is not None:
+    if model.adapter is not None:
         raise ValueError("model already carries an adapter; call remove_adapter(model) first")
     _keep_base_parts(model)
     targets = [
@@ -308,10 +310,7 @@ def apply_lora(model: SamModel, config: LoraConfig | None = None) -> SamModel:
         prm.requires_grad_(config.train_decoder)
     for prm in model.prompt_encoder.parameters():
         prm.requires_grad_(config.train_prompt_encoder)
-    model.lora_config = config  # type: ignore[attr-defined]
-    model.lora_targets = targets  # type: ignore[attr-defined]
-    model.adapter_name = "unsaved"
-    model.adapter_digest = ""
+    model.adapter = AdapterState(name="unsaved", config=config, targets=tuple(targets))
     return model
 
 
@@ -326,32 +325,32 @@ def remove_adapter(model: SamModel) -> SamModel:
         mod.unmerge()
         parent, attr = _parent(model, name)
         setattr(parent, attr, mod.base)
-    parts = getattr(model, "_samed_base_parts", None)
-    if parts is not None and getattr(model, "lora_config", None) is not None:
+    parts = model.base_parts
+    if parts is not None and model.adapter is not None:
         dev = model.device
         model.mask_decoder = copy.deepcopy(parts["mask_decoder"]).to(dev)
         model.prompt_encoder = copy.deepcopy(parts["prompt_encoder"]).to(dev)
     for prm in model.parameters():
         prm.requires_grad_(False)
-    model.lora_config = None  # type: ignore[attr-defined]
-    model.adapter_name = None
-    model.adapter_digest = ""
-    model.adapter_labels = {}  # type: ignore[attr-defined]
-    model.adapter_postprocessing = {}  # type: ignore[attr-defined]
+    model.adapter = None
     return model
 
 
 def merge_adapter(model: SamModel) -> None:
     """Fold LoRA updates into the base qkv weights (faster inference; outputs equal within
-    float rounding). Reversible with :func:`unmerge_adapter`."""
+    float rounding). Reversible with :func:`unmerge_adapter`. Sets ``model.adapter.merged``."""
     for mod in _lora_modules(model).values():
         mod.merge()
+    if model.adapter is not None:
+        model.adapter.merged = True
 
 
 def unmerge_adapter(model: SamModel) -> None:
     """Undo :func:`merge_adapter`."""
     for mod in _lora_modules(model).values():
         mod.unmerge()
+    if model.adapter is not None:
+        model.adapter.merged = False
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, int]:
@@ -373,7 +372,9 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def _adapter_state(model: SamModel) -> dict[str, torch.Tensor]:
-    config: LoraConfig = model.lora_config  # type: ignore[attr-defined]
+    if model.adapter is None:
+        raise ValueError("model has no adapter; call apply_lora first")
+    config: LoraConfig = model.adapter.config
     state = {}
     for name, prm in model.named_parameters():
         if ".lora_A." in name or ".lora_B." in name:
@@ -413,13 +414,13 @@ def save_adapter(
 
     from . import __version__
 
-    config: LoraConfig | None = getattr(model, "lora_config", None)
-    if config is None:
+    if model.adapter is None:
         raise ValueError("model has no adapter to save; call apply_lora first")
+    config: LoraConfig = model.adapter.config
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"adapter folder {folder} exists; pass overwrite=True to replace it")
-    labels = {int(k): str(v) for k, v in (labels or getattr(model, "adapter_labels", {}) or {}).items()}
+    labels = {int(k): str(v) for k, v in (labels or model.adapter.labels or {}).items()}
     if config.mode == "automatic" and len(labels) not in (0, config.num_classes):
         raise ValueError(
             f"labels has {len(labels)} entries but the automatic adapter has {config.num_classes} classes"
@@ -442,7 +443,7 @@ def save_adapter(
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "target_modules": config.target_modules,
-        "targets": list(getattr(model, "lora_targets", [])),
+        "targets": list(model.adapter.targets),
         "projections": list(config.projections),
         "mode": config.mode,
         "num_classes": config.num_classes,
@@ -491,18 +492,21 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def _read_postprocessing(folder: Path) -> dict[str, Any]:
-    """The ``postprocessing`` recommendation of an adapter's metadata.json (``{}`` if none)."""
+def _read_metadata(folder: Path) -> tuple[dict[str, Any], Any]:
+    """The ``postprocessing`` recommendation of an adapter's metadata.json (``{}`` if none) and
+    its ``preprocessing.intensity`` (None if absent; recorded, never applied by itself)."""
     path = folder / ADAPTER_METADATA
     if not path.is_file():
-        return {}
+        return {}, None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{path}: not valid JSON ({exc})") from exc
+    pre = meta.get("preprocessing") if isinstance(meta, dict) else None
+    intensity = pre.get("intensity") if isinstance(pre, dict) else None
     spec = meta.get("postprocessing") if isinstance(meta, dict) else None
     if spec is None:
-        return {}
+        return {}, intensity
     lcc = spec.get("largest_component") if isinstance(spec, dict) else None
     if not isinstance(spec, dict) or not (
         lcc is None or isinstance(lcc, bool) or (isinstance(lcc, list) and all(isinstance(c, int) for c in lcc))
@@ -510,7 +514,7 @@ def _read_postprocessing(folder: Path) -> dict[str, Any]:
         raise AdapterError(
             f"{path}: 'postprocessing' must be an object like {{\"largest_component\": [1, 2]}}; got {spec!r}"
         )
-    return dict(spec)
+    return dict(spec), intensity
 
 
 def load_adapter(
@@ -535,7 +539,7 @@ def load_adapter(
 
     folder = Path(folder)
     cfg = read_adapter_config(folder)
-    post = _read_postprocessing(folder)
+    post, intensity = _read_metadata(folder)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise AdapterError(f"{folder}: {ADAPTER_WEIGHTS} is missing (only safetensors is accepted)")
@@ -601,10 +605,16 @@ def load_adapter(
     with open(weights, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
-    model.adapter_name = folder.name
-    model.adapter_digest = digest.hexdigest()
-    model.adapter_labels = {int(k): str(v) for k, v in (cfg.get("labels") or {}).items()}  # type: ignore[attr-defined]
-    model.adapter_postprocessing = post  # type: ignore[attr-defined]
+    model.adapter = AdapterState(
+        name=folder.name,
+        config=config,
+        targets=model.adapter.targets if model.adapter is not None else (),
+        path=folder.resolve(),
+        digest=digest.hexdigest(),
+        labels={int(k): str(v) for k, v in (cfg.get("labels") or {}).items()},
+        postprocessing=post,
+        intensity=intensity,
+    )
     if merge:
         merge_adapter(model)
     return model

@@ -115,7 +115,7 @@ def test_samed_io_exports_resolve_lazily_to_the_submodules_objects():
         f"before = sorted(m for m in {HEAVY!r} if m in sys.modules)\n"
         "import importlib\n"
         "same = all(getattr(sio, n) is getattr(importlib.import_module("
-        "'samed.io.' + sio._LAZY[n]), n) for n in sio.__all__)\n"
+        "sio._LAZY[n], 'samed.io'), n) for n in sio.__all__)\n"
         "print(json.dumps({'before': before, 'same': same, 'all': sorted(sio.__all__),"
         " 'lazy': sorted(sio._LAZY), 'dir': set(sio.__all__) <= set(dir(sio))}))\n"
     )

@@ -153,10 +153,9 @@ def _segment_automatic(
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     out = apply_postprocessing(out, postprocess, session.model)
-    names = {
-        int(k): str(v) for k, v in (getattr(session.model, "adapter_labels", None) or {}).items()
-    }
-    num_classes = int(getattr(session.model.lora_config, "num_classes", 0) or 0)
+    adapter = session.model.adapter
+    names = {int(k): str(v) for k, v in (adapter.labels if adapter else {}).items()}
+    num_classes = adapter.num_classes if adapter else 0
     for c in range(1, max(num_classes, int(out.max()) + 1)):
         names.setdefault(c, f"label_{c}")
     names.pop(0, None)
@@ -249,7 +248,7 @@ def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None
             outputs.append(_SEG_FILE)
     if job.qc:
         window = None
-        name = str(getattr(session, "intensity_name", ""))
+        name = session.intensity_name
         if name.startswith("ct:"):
             from ..registry import CT_WINDOWS
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..datasets import load_dataset
-from ..precision import PRECISIONS, amp_from_precision
+from ..precision import amp_from_precision
+from ..registry import POSTPROCESS_CHOICES, PRECISIONS
 from .run import evaluate
 
 __all__ = ["add_parser", "run_evaluate"]
@@ -33,7 +34,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N cases")
     p.add_argument("--box-margin", type=float, default=5.0, help="box margin in px (default 5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--postprocess", choices=["adapter", "none", "largest_component"], default="adapter",
+    p.add_argument("--postprocess", choices=list(POSTPROCESS_CHOICES), default="adapter",
                    help="automatic mode: label-map clean-up (default: what the adapter recommends)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="encoder precision on CUDA (auto = fp16 autocast; CPU always fp32)")
@@ -46,17 +47,15 @@ def run_evaluate(args: Any) -> int:
     """``samed evaluate`` entry point; returns the exit code."""
     from tqdm import tqdm
 
-    from ..engine import optimize_for_inference
-    from ..lora import load_adapter, read_adapter_config
-    from ..model import build_model
-    from ..registry import resolve_adapter
+    from ..model import load_model
 
-    model = optimize_for_inference(build_model(args.model, args.checkpoint, device=args.device))
+    # merged: evaluation never switches adapters, and a merged LoRA costs nothing per slice
+    model = load_model(
+        args.model, args.checkpoint, adapter=args.adapter, device=args.device, merge=True
+    )
     prompt = {"box": "box", "none": None}.get(args.prompt or "", "auto")
-    if args.adapter:
-        folder = resolve_adapter(args.adapter)
-        mode = read_adapter_config(folder)["mode"]
-        load_adapter(model, folder, merge=True)
+    if model.adapter is not None:
+        folder, mode = model.adapter.path, model.adapter.mode
         if prompt == "auto":
             prompt = None if mode == "automatic" else "box"
         elif prompt is None and mode != "automatic":

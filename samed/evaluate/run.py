@@ -165,7 +165,7 @@ def evaluate(
         "box_margin": opts.box_margin if box else None,
         "model": model.kind,
         "checkpoint_sha256": model.checkpoint_sha256,
-        "adapter": getattr(model, "adapter_name", None),
+        "adapter": model.adapter_name,
         "intensity": str(opts.intensity),
         "nsd_tolerance_mm": opts.nsd_tolerance_mm,
         "limit": opts.limit,

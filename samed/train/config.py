@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..lora import LoraSettings
+from ..lora_config import LoraSettings
 
 __all__ = [
     "ModelSection",

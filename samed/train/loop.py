@@ -51,11 +51,12 @@ CHECKPOINT = "checkpoint.pt"
 # ---------------------------------------------------------------------------------- model
 def build_base_model(cfg: FinetuneConfig, device: torch.device) -> Any:
     """The configured base model (``tiny``: the random test model) on ``device``."""
-    from ..model import build_model, build_tiny_model
+    from ..model import build_tiny_model, load_model
 
     if cfg.model.kind == "tiny":
         return build_tiny_model("tinyvit", seed=cfg.train.seed, device=str(device))
-    return build_model(cfg.model.kind, cfg.model.checkpoint, device=device)
+    # not optimised: inference fusion (Conv-BN folding) would freeze what training updates
+    return load_model(cfg.model.kind, cfg.model.checkpoint, device=str(device), optimize=False)
 
 
 def _attach_lora(model: Any, cfg: FinetuneConfig, num_classes: int) -> None:
@@ -70,7 +71,7 @@ def _attach_lora(model: Any, cfg: FinetuneConfig, num_classes: int) -> None:
     if k:
         if model.spec.family != "tinyvit":
             raise ValueError("train.cache_stages needs a TinyViT encoder (litemedsam or tiny)")
-        early = [t for t in model.lora_targets if _stage_of(t) is not None and _stage_of(t) < k]
+        early = [t for t in model.adapter.targets if _stage_of(t) is not None and _stage_of(t) < k]
         if early:
             raise ValueError(
                 f"train.cache_stages={k} caches stages 0..{k - 1} but lora.target_modules adapts "
@@ -373,7 +374,7 @@ def finetune(
     model = build_base_model(cfg, dev)
     _attach_lora(model, cfg, num_classes)
     model.to(dev)  # apply_lora creates its q/k/v index buffers on the CPU
-    model.adapter_labels = dict(labels)
+    model.adapter.labels = dict(labels)
     params = _trainable(model)
     groups = [
         {"params": [p for n, p in params.items() if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
@@ -384,7 +385,7 @@ def finetune(
     else:
         opt = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9)
     log(f"model {model.kind} on {dev}: trainable {sum(p.numel() for p in params.values()):,} "
-        f"parameters in {len(model.lora_targets)} LoRA layers + decoder={cfg.lora.train_decoder}")
+        f"parameters in {len(model.adapter.targets)} LoRA layers + decoder={cfg.lora.train_decoder}")
 
     state = {"step": 0, "best": -1.0, "best_step": -1, "bad": 0, "history": [], "val": [],
              "seconds": 0.0, "best_val": None}

@@ -18,6 +18,12 @@ __all__ = [
     "ModelSpec",
     "POSTPROCESS_CHOICES",
     "PRECISIONS",
+    "NIFTI_SUFFIXES",
+    "NIBABEL_SUFFIXES",
+    "ITK_SUFFIXES",
+    "VOLUME_SUFFIXES",
+    "READABLE_SUFFIXES",
+    "strip_volume_suffix",
     "CT_WINDOWS",
     "WindowPreset",
     "AdapterInfo",
@@ -112,6 +118,29 @@ POSTPROCESS_CHOICES = ("adapter", "none", "largest_component")
 #: ``--precision`` values of the CLIs and the ``Session(amp=...)`` each stands for
 #: (see :mod:`samed.precision`).
 PRECISIONS: dict[str, bool | str] = {"auto": True, "fp32": False, "fp16": "fp16", "bf16": "bf16"}
+
+#: Volume files read by name (lower-case suffixes; a DICOM file is known by its content, not
+#: its name): NIfTI, FreeSurfer MGH (both through nibabel), ITK's NRRD / MetaImage, MedSAM npz.
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NIBABEL_SUFFIXES = (*NIFTI_SUFFIXES, ".mgz", ".mgh")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+VOLUME_SUFFIXES = (*NIBABEL_SUFFIXES, *ITK_SUFFIXES, ".npz")
+#: Everything :func:`samed.io.load_volume` reads from a file name (DICOM files as ``.dcm``).
+READABLE_SUFFIXES = (*VOLUME_SUFFIXES, ".dcm")
+
+
+def strip_volume_suffix(name: str) -> str:
+    """``name`` without its readable suffix (longest match, any case): ``"ct.nii.gz" -> "ct"``.
+
+    A name with none of :data:`READABLE_SUFFIXES` is returned without its last ``.ext``
+    (as :attr:`pathlib.Path.stem`), or unchanged when it has none.
+    """
+    lower = name.lower()
+    for suffix in sorted(READABLE_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    head, dot, _ = name.rpartition(".")
+    return head if dot and head else name
 
 
 @dataclass(frozen=True)

@@ -202,3 +202,20 @@ def _sizes() -> dict[str, int]:
 def test_no_module_over_600_lines():
     over = {f: n for f, n in _sizes().items() if n > MAX_LINES}
     assert not over, f"modules over {MAX_LINES} lines: {over}"
+
+
+def test_one_list_of_readable_suffixes_used_by_every_reader():
+    from samed import datasets, registry
+    from samed.batch import cases
+    from samed.io import nifti, readers, writers
+
+    assert readers.SUPPORTED_SUFFIXES is registry.READABLE_SUFFIXES
+    assert nifti.NIBABEL_SUFFIXES is registry.NIBABEL_SUFFIXES
+    assert datasets._SUFFIXES is registry.VOLUME_SUFFIXES
+    assert writers._NIFTI_SUFFIXES is registry.NIFTI_SUFFIXES
+    assert set(cases.IMAGE_SUFFIXES) == set(registry.NIBABEL_SUFFIXES + registry.ITK_SUFFIXES)
+    for name, stem in [
+        ("ct.nii.gz", "ct"), ("CT.NII.GZ", "CT"), ("brain.mgz", "brain"), ("a.b.nrrd", "a.b"),
+        ("slice.dcm", "slice"), ("notes.txt", "notes"), ("noext", "noext"), (".nii.gz", ".nii"),
+    ]:
+        assert registry.strip_volume_suffix(name) == stem, name

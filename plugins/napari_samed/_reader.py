@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from samed.registry import ITK_SUFFIXES, NIBABEL_SUFFIXES
+
 __all__ = ["get_reader", "read_volume", "volume_layer_data", "SUFFIXES"]
 
-SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+SUFFIXES = (*NIBABEL_SUFFIXES, *ITK_SUFFIXES, ".dcm")
 #: Abdomen window (level 40, width 400 HU) used as the initial display of a CT.
 _CT_DISPLAY = (-160.0, 240.0)
 _MAX_LABEL_VALUES = 256

@@ -25,12 +25,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..registry import NIFTI_SUFFIXES, VOLUME_SUFFIXES
+
 if TYPE_CHECKING:  # the readers (pydicom, nibabel, MONAI) load only when a conversion runs
     from .volume import Volume
 
 __all__ = ["add_parser", "run_convert", "convert"]
 
-_NIFTI = (".nii", ".nii.gz")
+_NIFTI = NIFTI_SUFFIXES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -92,9 +94,7 @@ def _compact(array: np.ndarray, stored_dtype: str) -> np.ndarray:
 def _dicom_kind(path: Path) -> str:
     from .dicom import read_header
 
-    if not path.is_file() or path.name.lower().endswith(
-        (*_NIFTI, ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd", ".npz")
-    ):
+    if not path.is_file() or path.name.lower().endswith(VOLUME_SUFFIXES):
         return ""
     ds = read_header(path)
     return str(ds.get("Modality", "")) if ds is not None else ""

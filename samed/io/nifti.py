@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from ..registry import NIBABEL_SUFFIXES
 from .volume import VolumeReadError
 
 __all__ = ["NIBABEL_SUFFIXES", "nibabel_affine", "load_nibabel"]
 
 #: Suffixes read by :func:`load_nibabel`.
-NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 
 # Deflate cannot compress better than about 1032:1; anything claiming more is a wrong header.
 _DEFLATE_MAX_RATIO = 1100

@@ -22,24 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from ..registry import ITK_SUFFIXES, READABLE_SUFFIXES
 from .dicom import choose_series, load_dicom_series, read_header, refuse_non_image
 from .nifti import NIBABEL_SUFFIXES, load_nibabel
 from .volume import LPS_TO_RAS, Volume, VolumeReadError, check_same_grid
 
 __all__ = ["load_volume", "load_label_map", "detect_format", "SUPPORTED_SUFFIXES"]
 
-SUPPORTED_SUFFIXES = (
-    ".nii",
-    ".nii.gz",
-    ".mgz",
-    ".mgh",
-    ".nrrd",
-    ".nhdr",
-    ".mha",
-    ".mhd",
-    ".npz",
-    ".dcm",
-)
+SUPPORTED_SUFFIXES = READABLE_SUFFIXES
 _NONFINITE = ("error", "zero")
 
 
@@ -58,7 +48,7 @@ def detect_format(path: str | os.PathLike) -> str:
     name = p.name.lower()
     if name.endswith(NIBABEL_SUFFIXES):
         return "nifti"
-    if name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+    if name.endswith(ITK_SUFFIXES):
         return "itk"
     if name.endswith(".npz"):
         return "npz"

@@ -8,11 +8,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..registry import NIFTI_SUFFIXES
 from .volume import GeometryError, Volume, atomic_write
 
 __all__ = ["save_nifti", "nifti_dtype"]
 
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_NIFTI_SUFFIXES = NIFTI_SUFFIXES
 
 
 def nifti_dtype(array: np.ndarray) -> np.dtype:

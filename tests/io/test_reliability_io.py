@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import shared_path
+from realdata import shared_path
 from pydicom.data import get_testdata_file
 
 from samed.io import (

@@ -19,17 +19,17 @@ from samed.lora import (
     remove_adapter,
     save_adapter,
 )
-from samed.model import AdapterState, build_model, build_tiny_model, load_model
+from samed.model import AdapterState, build_model, load_model
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def folders(tmp_path_factory, make_tiny_model):
     root = tmp_path_factory.mktemp("adapters")
     torch.manual_seed(1)
-    prompted = apply_lora(build_tiny_model("tinyvit"), LoraConfig(r=2))
+    prompted = apply_lora(make_tiny_model("tinyvit"), LoraConfig(r=2))
     for prm in prompted.parameters():  # non-zero LoRA B so the adapter changes outputs
         prm.data.add_(0.01 * torch.randn_like(prm))
-    auto = apply_lora(build_tiny_model("tinyvit"), LoraConfig(mode="automatic", num_classes=4))
+    auto = apply_lora(make_tiny_model("tinyvit"), LoraConfig(mode="automatic", num_classes=4))
     return {
         "prompted": save_adapter(prompted, root / "tiny-prompted", labels={1: "liver"}),
         "automatic": save_adapter(
@@ -56,15 +56,15 @@ def test_exported_from_samed():
     assert samed.load_model is load_model and samed.AdapterState is AdapterState
 
 
-def test_same_model_as_build_optimize_and_load_adapter(folders):
+def test_same_model_as_build_optimize_and_load_adapter(folders, make_tiny_model):
     folder = folders["prompted"]
-    m = load_model(build_tiny_model("tinyvit"), adapter=folder)
-    ref = optimize_for_inference(build_tiny_model("tinyvit"))
+    m = load_model(make_tiny_model("tinyvit"), adapter=folder)
+    ref = optimize_for_inference(make_tiny_model("tinyvit"))
     load_adapter(ref, folder)
     for a, b in zip(_outputs(m), _outputs(ref), strict=True):
         assert torch.equal(a, b)
     assert any(isinstance(mod, ConvGELU) for mod in m.image_encoder.modules())  # optimised
-    base = _outputs(optimize_for_inference(build_tiny_model("tinyvit")))
+    base = _outputs(optimize_for_inference(make_tiny_model("tinyvit")))
     assert not torch.equal(_outputs(m)[1], base[1])  # the adapter is really attached
     st = m.adapter
     assert isinstance(st, AdapterState) and st.name == "tiny-prompted" and st.mode == "prompted"
@@ -74,19 +74,19 @@ def test_same_model_as_build_optimize_and_load_adapter(folders):
     assert st.config.r == 2 and m.lora_config is st.config and len(st.targets) > 0
 
 
-def test_no_optimize_and_merge(folders):
+def test_no_optimize_and_merge(folders, make_tiny_model):
     m = load_model(
-        build_tiny_model("tinyvit"), adapter=folders["prompted"], optimize=False, merge=True
+        make_tiny_model("tinyvit"), adapter=folders["prompted"], optimize=False, merge=True
     )
     assert not any(isinstance(mod, ConvGELU) for mod in m.image_encoder.modules())
     assert m.adapter.merged
-    ref = load_adapter(build_tiny_model("tinyvit"), folders["prompted"])
+    ref = load_adapter(make_tiny_model("tinyvit"), folders["prompted"])
     for a, b in zip(_outputs(m), _outputs(ref), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_automatic_adapter_state_and_remove(folders):
-    m = load_model(build_tiny_model("tinyvit"), adapter=folders["automatic"])
+def test_automatic_adapter_state_and_remove(folders, tiny_model):
+    m = load_model(tiny_model, adapter=folders["automatic"])
     st = m.adapter
     assert st.mode == "automatic" and st.num_classes == 4
     assert st.postprocessing == {"largest_component": [1]} == m.adapter_postprocessing
@@ -98,19 +98,19 @@ def test_automatic_adapter_state_and_remove(folders):
     assert m.num_mask_outputs == 3  # the base prompted decoder is back
 
 
-def test_apply_lora_and_merge_update_the_state():
-    m = apply_lora(build_tiny_model("tinyvit"), LoraConfig(r=2))
+def test_apply_lora_and_merge_update_the_state(make_tiny_model):
+    m = apply_lora(make_tiny_model("tinyvit"), LoraConfig(r=2))
     assert m.adapter.name == "unsaved" and m.adapter.digest == "" and m.adapter.path is None
     merge_adapter(m)
     assert m.adapter.merged
     m.adapter_labels = {1: "organ"}
     assert m.adapter.labels == {1: "organ"}
     with pytest.raises(ValueError, match="no adapter"):
-        build_tiny_model("tinyvit").adapter_labels = {1: "x"}
+        make_tiny_model("tinyvit").adapter_labels = {1: "x"}
 
 
-def test_bad_arguments_are_value_errors(folders):
-    tiny = build_tiny_model("tinyvit")
+def test_bad_arguments_are_value_errors(folders, tiny_model):
+    tiny = tiny_model
     with pytest.raises(ValueError, match="checkpoint='x.pth' given with an already built model"):
         load_model(tiny, checkpoint="x.pth")
     with pytest.raises(ValueError, match="device='cpu' given with an already built model"):

@@ -398,13 +398,32 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{cfg_path}: not valid JSON ({exc})") from exc
-    if not isinstance(cfg, dict) or cfg.get("format") != "samed-lora":
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_path}: must hold a JSON object; got {type(cfg).__name__}")
+    if cfg.get("format") != "samed-lora":
         raise AdapterError(f"{cfg_path}: 'format' must be 'samed-lora'")
     required = ("base_model", "r", "lora_alpha", "target_modules", "projections", "mode")
     missing = [k for k in required if k not in cfg]
     if missing:
         raise AdapterError(f"{cfg_path}: missing fields {missing}")
     return cfg
+
+
+def _config_labels(cfg: dict[str, Any], where: Path) -> dict[int, str]:
+    """``labels`` of an adapter config as {int value: name}; refuses non-integer keys and
+    duplicate names (the summary keys volumes by name)."""
+    raw = cfg.get("labels") or {}
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{where}: 'labels' must be an object {{\"1\": \"liver\"}}; got {raw!r}")
+    try:
+        labels = {int(k): str(v) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise AdapterError(f"{where}: 'labels' keys must be integers; got {sorted(raw)[:8]}") from None
+    names = [n for k, n in labels.items() if k != 0]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise AdapterError(f"{where}: label names {dup} are given to more than one value")
+    return labels
 
 
 def _read_metadata(folder: Path) -> tuple[dict[str, Any], Any]:
@@ -447,13 +466,15 @@ def load_adapter(
         check_base: refuse an adapter trained on another base model kind or checkpoint SHA-256.
 
     Raises:
-        AdapterError: base-model mismatch, missing/unknown keys, wrong shapes, not safetensors.
+        AdapterError: base-model mismatch, missing/unknown keys, wrong shapes, NaN/inf weights
+            (naming the file and tensor), not safetensors, bad ``labels``.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
     cfg = read_adapter_config(folder)
+    labels = _config_labels(cfg, folder / ADAPTER_CONFIG)
     post, intensity = _read_metadata(folder)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
@@ -474,6 +495,13 @@ def load_adapter(
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{weights}: not a valid safetensors file ({exc})") from exc
+    for key, tensor in state.items():  # a NaN/inf weight gives empty masks, never an error
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterError(
+                f"{weights}: tensor {key!r} holds {bad} NaN or infinite values of "
+                f"{tensor.numel()}; the adapter is damaged"
+            )
     try:
         config = LoraConfig(
             r=int(cfg["r"]),
@@ -526,7 +554,7 @@ def load_adapter(
         targets=model.adapter.targets if model.adapter is not None else (),
         path=folder.resolve(),
         digest=digest.hexdigest(),
-        labels={int(k): str(v) for k, v in (cfg.get("labels") or {}).items()},
+        labels=labels,
         postprocessing=post,
         intensity=intensity,
     )

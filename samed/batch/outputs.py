@@ -72,7 +72,8 @@ def check_outputs(
                 f"output folder {out} is inside the input folder {p}; choose an output folder "
                 "outside every input folder (inputs are never written to)"
             )
-    outputs = [out / name for name in SUMMARY_FILES] + [out / c.case_id for c in case_list]
+    outputs = [_resolved(out / name) for name in SUMMARY_FILES]
+    outputs += [_resolved(out / c.case_id) for c in case_list]  # a symlinked case folder too
     for o in outputs:
         for p in ins:
             if _overlaps(o, p):

@@ -384,7 +384,7 @@ class FinetuneConfig:
         from ..paths import safe_name
 
         try:
-            safe_name(self.name, "config name (the adapter's folder name)")
+            safe_name(self.name, "name (the adapter's folder name)")
         except ValueError as exc:
             raise ValueError(f"config {exc}") from None
         if self.mode not in MODES:

@@ -177,3 +177,29 @@ def test_folder_without_declared_labels_needs_values_without_gaps(tmp_path):
     (ds / "dataset.json").unlink()  # imagesTr/labelsTr pairing: no label map is declared
     with pytest.raises(ValueError, match=r"values \[0, 1, 255\], which are not 0..K without gaps"):
         load_cases(_data_section(ds), "all")
+
+
+def test_finetune_export_replaces_only_its_own_adapter(tmp_path, capsys):
+    from samed.cli import main
+
+    ds = _dataset(tmp_path / "ds")
+    export = tmp_path / "adapters"
+    _fake_adapter(export / "bone-test")  # an earlier export of this adapter: replaced
+    (export / "other.txt").write_text("user file")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "bone-test", "model": {"kind": "tiny"},
+        "data": {"root": str(ds), "train_split": "all", "val_split": None},
+        "lora": {"r": 2, "alpha": 2, "target_modules": r"image_encoder\.layers\.3\..*\.attn\.qkv"},
+        "augment": {"enabled": False},
+        "train": {"iterations": 2, "batch_size": 1, "device": "cpu", "log_interval": 100,
+                  "checkpoint_interval": 100},
+    }))
+    before = _hashes(ds)
+    rc = main(["finetune", "--config", str(cfg), "--out", str(tmp_path / "run"), "--export", str(export)])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in export.iterdir()) == ["bone-test", "other.txt"]
+    got = export / "bone-test" / "adapter_model.safetensors"
+    assert got.read_bytes() == (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (export / "other.txt").read_text() == "user file"
+    assert _hashes(ds) == before

@@ -320,7 +320,8 @@ def save_adapter(
             the adapter was tuned for, informational).
         metadata: free-form metadata.json content (description, intended use, preprocessing,
             spacing, training data, metrics, licence...).
-        overwrite: replace an existing folder.
+        overwrite: replace an existing adapter folder (one holding only adapter files; any
+            other folder is refused with FileExistsError).
 
     Returns:
         The folder path.
@@ -335,6 +336,14 @@ def save_adapter(
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"adapter folder {folder} exists; pass overwrite=True to replace it")
+    files = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_METADATA)
+    if folder.exists() or folder.is_symlink():  # replace only an adapter, never other files
+        extra = [] if folder.is_dir() and not folder.is_symlink() else [folder.name]
+        extra = extra or sorted(q.name for q in folder.iterdir() if q.name not in files)
+        if extra:
+            raise FileExistsError(
+                f"{folder} is not replaced: it is not an adapter folder (holds {extra[:5]})"
+            )
     labels = {int(k): str(v) for k, v in (labels or model.adapter.labels or {}).items()}
     if config.mode == "automatic" and len(labels) not in (0, config.num_classes):
         raise ValueError(
@@ -375,11 +384,13 @@ def save_adapter(
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / ADAPTER_METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         if folder.exists():
-            backup = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
+            backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            backup.rmdir()
             folder.rename(backup)
             tmp.rename(folder)
-            shutil.rmtree(backup, ignore_errors=True)
+            for name in files:  # the old adapter's own files, then its (now empty) folder
+                (backup / name).unlink(missing_ok=True)
+            backup.rmdir()
         else:
             tmp.rename(folder)
     except BaseException:

@@ -203,3 +203,24 @@ def test_finetune_export_replaces_only_its_own_adapter(tmp_path, capsys):
     assert got.read_bytes() == (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert (export / "other.txt").read_text() == "user file"
     assert _hashes(ds) == before
+
+
+def test_save_adapter_overwrite_replaces_only_an_adapter_folder(tmp_path):
+    from samed.lora import LoraConfig, apply_lora, save_adapter
+    from samed.model import build_tiny_model
+
+    model = apply_lora(build_tiny_model("tinyvit", seed=0), LoraConfig(r=2))
+    user = tmp_path / "adapter"
+    user.mkdir()
+    (user / "results.xlsx").write_text("user data")
+    (tmp_path / ".adapter.old").mkdir()  # the old fixed backup name: never touched
+    (tmp_path / ".adapter.old" / "keep.txt").write_text("mine")
+    before = _hashes(tmp_path)
+    with pytest.raises(FileExistsError, match="not an adapter folder"):
+        save_adapter(model, user, overwrite=True)
+    assert _hashes(tmp_path) == before
+    first = save_adapter(model, tmp_path / "good")
+    again = save_adapter(model, first, overwrite=True)
+    assert sorted(p.name for p in again.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "metadata.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.old", "adapter", "good"]

@@ -57,7 +57,8 @@ def _info(args: argparse.Namespace) -> int:
     info["models"] = {k: s.description for k, s in MODEL_KINDS.items()}
     info["adapters"] = [
         {"name": a.name, "mode": a.mode, "base_model": a.base_model, "path": str(a.path)}
-        for a in find_adapters()
+        | ({"unusable": a.problem} if a.problem else {})
+        for a in find_adapters(include_unusable=True)
     ]
     if args.json:
         print(json.dumps(info, indent=2))
@@ -70,6 +71,9 @@ def _info(args: argparse.Namespace) -> int:
         elif k == "adapters":
             print("adapters:" + ("" if v else " none found"))
             for a in v:
+                if "unusable" in a:
+                    print(f"  {a['name']:<28} UNUSABLE: {a['unusable']} ({a['path']})")
+                    continue
                 print(f"  {a['name']:<28} {a['mode']:<10} {a['base_model']:<12} {a['path']}")
         else:
             print(f"{k}: {v}")
@@ -77,11 +81,12 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _adapters(args: argparse.Namespace) -> int:
-    adapters = find_adapters()
+    adapters = find_adapters(include_unusable=True)
     if args.json:
         print(json.dumps([
             {"name": a.name, "mode": a.mode, "base_model": a.base_model, "path": str(a.path),
              "labels": a.labels, "description": a.description}
+            | ({"unusable": a.problem} if a.problem else {})
             for a in adapters
         ], indent=2))
         return 0
@@ -90,6 +95,9 @@ def _adapters(args: argparse.Namespace) -> int:
         return 0
     print(f"{'name':<28}{'mode':<11}{'base':<12}labels")
     for a in adapters:
+        if a.problem:
+            print(f"{a.name:<28}UNUSABLE: {a.problem} ({a.path})")
+            continue
         labels = ", ".join(f"{k}:{v}" for k, v in sorted(a.labels.items()) if k != 0)
         print(f"{a.name:<28}{a.mode:<11}{a.base_model:<12}{labels}")
         if a.description:

@@ -51,6 +51,8 @@ class LabeledDataset:
     splits: dict[str, list[str]] = field(default_factory=dict)
     name: str = ""
     modality: str = ""
+    #: whether ``labels`` was declared (``dataset.json`` ``labels``) rather than assumed
+    labels_declared: bool = True
 
     def split(self, name: str | None) -> list[Case]:
         """Cases of split ``name`` (None or ``"all"``: every case), in dataset order.
@@ -114,7 +116,10 @@ def load_dataset(root: str | os.PathLike) -> LabeledDataset:
         splits = {str(k): [str(x) for x in v] for k, v in (meta.get("splits") or {}).items()}
         modality = meta.get("modality", {})
         modality = str(modality.get("0", "")) if isinstance(modality, dict) else str(modality)
-        return LabeledDataset(root, cases, labels, splits, str(meta.get("name", root.name)), modality)
+        return LabeledDataset(
+            root, cases, labels, splits, str(meta.get("name", root.name)), modality,
+            labels_declared=bool(meta.get("labels")),
+        )
     img_dir, lab_dir = root / "imagesTr", root / "labelsTr"
     if not (img_dir.is_dir() and lab_dir.is_dir()):
         raise ValueError(
@@ -127,4 +132,6 @@ def load_dataset(root: str | os.PathLike) -> LabeledDataset:
             cases.append(Case(_case_id(p), p, labels_by_id[_case_id(p)]))
     if not cases:
         raise ValueError(f"{root}: no image in imagesTr/ has a label of the same name in labelsTr/")
-    return LabeledDataset(root, cases, {0: "background", 1: "foreground"}, {}, root.name)
+    return LabeledDataset(
+        root, cases, {0: "background", 1: "foreground"}, {}, root.name, labels_declared=False
+    )

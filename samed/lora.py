@@ -320,7 +320,8 @@ def save_adapter(
             the adapter was tuned for, informational).
         metadata: free-form metadata.json content (description, intended use, preprocessing,
             spacing, training data, metrics, licence...).
-        overwrite: replace an existing folder.
+        overwrite: replace an existing adapter folder (one holding only adapter files; any
+            other folder is refused with FileExistsError).
 
     Returns:
         The folder path.
@@ -335,6 +336,14 @@ def save_adapter(
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"adapter folder {folder} exists; pass overwrite=True to replace it")
+    files = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_METADATA)
+    if folder.exists() or folder.is_symlink():  # replace only an adapter, never other files
+        extra = [] if folder.is_dir() and not folder.is_symlink() else [folder.name]
+        extra = extra or sorted(q.name for q in folder.iterdir() if q.name not in files)
+        if extra:
+            raise FileExistsError(
+                f"{folder} is not replaced: it is not an adapter folder (holds {extra[:5]})"
+            )
     labels = {int(k): str(v) for k, v in (labels or model.adapter.labels or {}).items()}
     if config.mode == "automatic" and len(labels) not in (0, config.num_classes):
         raise ValueError(
@@ -375,11 +384,13 @@ def save_adapter(
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / ADAPTER_METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         if folder.exists():
-            backup = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
+            backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            backup.rmdir()
             folder.rename(backup)
             tmp.rename(folder)
-            shutil.rmtree(backup, ignore_errors=True)
+            for name in files:  # the old adapter's own files, then its (now empty) folder
+                (backup / name).unlink(missing_ok=True)
+            backup.rmdir()
         else:
             tmp.rename(folder)
     except BaseException:
@@ -398,13 +409,32 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{cfg_path}: not valid JSON ({exc})") from exc
-    if not isinstance(cfg, dict) or cfg.get("format") != "samed-lora":
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_path}: must hold a JSON object; got {type(cfg).__name__}")
+    if cfg.get("format") != "samed-lora":
         raise AdapterError(f"{cfg_path}: 'format' must be 'samed-lora'")
     required = ("base_model", "r", "lora_alpha", "target_modules", "projections", "mode")
     missing = [k for k in required if k not in cfg]
     if missing:
         raise AdapterError(f"{cfg_path}: missing fields {missing}")
     return cfg
+
+
+def _config_labels(cfg: dict[str, Any], where: Path) -> dict[int, str]:
+    """``labels`` of an adapter config as {int value: name}; refuses non-integer keys and
+    duplicate names (the summary keys volumes by name)."""
+    raw = cfg.get("labels") or {}
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{where}: 'labels' must be an object {{\"1\": \"liver\"}}; got {raw!r}")
+    try:
+        labels = {int(k): str(v) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise AdapterError(f"{where}: 'labels' keys must be integers; got {sorted(raw)[:8]}") from None
+    names = [n for k, n in labels.items() if k != 0]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise AdapterError(f"{where}: label names {dup} are given to more than one value")
+    return labels
 
 
 def _read_metadata(folder: Path) -> tuple[dict[str, Any], Any]:
@@ -447,13 +477,15 @@ def load_adapter(
         check_base: refuse an adapter trained on another base model kind or checkpoint SHA-256.
 
     Raises:
-        AdapterError: base-model mismatch, missing/unknown keys, wrong shapes, not safetensors.
+        AdapterError: base-model mismatch, missing/unknown keys, wrong shapes, NaN/inf weights
+            (naming the file and tensor), not safetensors, bad ``labels``.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
     cfg = read_adapter_config(folder)
+    labels = _config_labels(cfg, folder / ADAPTER_CONFIG)
     post, intensity = _read_metadata(folder)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
@@ -474,6 +506,13 @@ def load_adapter(
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{weights}: not a valid safetensors file ({exc})") from exc
+    for key, tensor in state.items():  # a NaN/inf weight gives empty masks, never an error
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterError(
+                f"{weights}: tensor {key!r} holds {bad} NaN or infinite values of "
+                f"{tensor.numel()}; the adapter is damaged"
+            )
     try:
         config = LoraConfig(
             r=int(cfg["r"]),
@@ -526,7 +565,7 @@ def load_adapter(
         targets=model.adapter.targets if model.adapter is not None else (),
         path=folder.resolve(),
         digest=digest.hexdigest(),
-        labels={int(k): str(v) for k, v in (cfg.get("labels") or {}).items()},
+        labels=labels,
         postprocessing=post,
         intensity=intensity,
     )

@@ -188,6 +188,8 @@ class AdapterInfo:
         base_model: model kind the adapter was trained on.
         labels: class index -> name (empty for prompted adapters without classes).
         description: one line from metadata.json.
+        problem: why the folder cannot be used ("" for a usable adapter); unusable folders are
+            listed only by ``find_adapters(include_unusable=True)``.
     """
 
     name: str
@@ -196,6 +198,11 @@ class AdapterInfo:
     base_model: str
     labels: dict[int, str] = field(default_factory=dict)
     description: str = ""
+    problem: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return not self.problem
 
 
 def adapter_search_paths() -> list[Path]:
@@ -221,38 +228,66 @@ def adapter_search_paths() -> list[Path]:
 
 
 def _read_adapter_info(folder: Path) -> AdapterInfo | None:
+    """The folder's adapter facts; None when it is not an adapter folder at all, an
+    :class:`AdapterInfo` with ``problem`` set when it is one that cannot be used (one bad folder
+    never breaks the listing of the others)."""
     cfg_path = folder / "adapter_config.json"
-    if not cfg_path.is_file() or not (folder / "adapter_model.safetensors").is_file():
+    if not cfg_path.is_file():
         return None
+
+    def unusable(why: str) -> AdapterInfo:
+        return AdapterInfo(folder.name, folder, "", "", problem=f"{why}")
+
+    if not (folder / "adapter_model.safetensors").is_file():
+        return unusable("adapter_model.safetensors is missing")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         meta_path = folder / "metadata.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return None
-    labels = {int(k): str(v) for k, v in (cfg.get("labels") or {}).items()}
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return unusable(f"unreadable JSON: {exc}")
+    if not isinstance(cfg, dict):
+        return unusable(f"adapter_config.json holds a {type(cfg).__name__}, not an object")
+    if not isinstance(meta, dict):
+        meta = {}
+    raw_labels = cfg.get("labels") or {}
+    try:
+        labels = {int(k): str(v) for k, v in dict(raw_labels).items()}
+    except (TypeError, ValueError):
+        return unusable(f"adapter_config.json 'labels' must map integers to names; got {raw_labels!r:.80}")
+    mode = str(cfg.get("mode", "prompted"))
+    problem = "" if mode in ("prompted", "automatic") else f"mode {mode!r} is not prompted/automatic"
+    if cfg.get("format") != "samed-lora":
+        problem = "adapter_config.json 'format' is not 'samed-lora'"
     return AdapterInfo(
         name=folder.name,
         path=folder,
-        mode=str(cfg.get("mode", "prompted")),
+        mode=mode,
         base_model=str(cfg.get("base_model", "")),
         labels=labels,
         description=str(meta.get("description", "")),
+        problem=problem,
     )
 
 
-def find_adapters() -> list[AdapterInfo]:
-    """List adapters in :func:`adapter_search_paths` (first one found wins for a name)."""
+def find_adapters(include_unusable: bool = False) -> list[AdapterInfo]:
+    """List adapters in :func:`adapter_search_paths` (first one found wins for a name).
+
+    Args:
+        include_unusable: also list adapter folders that cannot be used (``problem`` says why).
+    """
     found: dict[str, AdapterInfo] = {}
     for root in adapter_search_paths():
-        if not root.is_dir():
+        try:
+            subs = sorted(root.iterdir()) if root.is_dir() else []
+        except OSError:
             continue
-        for sub in sorted(root.iterdir()):
+        for sub in subs:
             if sub.is_dir() and sub.name not in found:
                 info = _read_adapter_info(sub)
                 if info is not None:
                     found[sub.name] = info
-    return list(found.values())
+    return [a for a in found.values() if include_unusable or a.usable]
 
 
 def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
@@ -264,8 +299,10 @@ def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
     p = Path(name_or_path)
     if p.is_dir() and (p / "adapter_config.json").is_file():
         return p.resolve()
-    for info in find_adapters():
+    for info in find_adapters(include_unusable=True):
         if info.name == str(name_or_path):
+            if not info.usable:
+                raise ValueError(f"adapter {info.name!r} ({info.path}) cannot be used: {info.problem}")
             return info.path
     known = ", ".join(a.name for a in find_adapters()) or "none found"
     raise ValueError(

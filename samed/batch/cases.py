@@ -6,10 +6,11 @@ import hashlib
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..paths import WINDOWS_RESERVED, safe_name
 from ..registry import ITK_SUFFIXES, NIBABEL_SUFFIXES, strip_volume_suffix
 
 __all__ = ["CaseInput", "IMAGE_SUFFIXES", "discover_cases", "check_output_location"]
@@ -17,6 +18,8 @@ __all__ = ["CaseInput", "IMAGE_SUFFIXES", "discover_cases", "check_output_locati
 #: File suffixes taken as image volumes when a folder is searched (DICOM is found by content).
 # image files a batch picks up in a folder (MedSAM .npz is an explicit input only)
 IMAGE_SUFFIXES = (*NIBABEL_SUFFIXES, *ITK_SUFFIXES)
+#: Case ids that would name the output folder's own files.
+_RESERVED_IDS = ("summary.csv", "summary.json")
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,15 @@ class CaseInput:
         path: the image file, or the folder searched for the DICOM series.
         series_uid: SeriesInstanceUID for DICOM cases, else None.
         error: set when the input could not even be listed (the case then fails with it).
+        files: the files the case is read from (the image file; every slice of a DICOM series),
+            for the output check and the resume fingerprint (empty: ``path`` alone).
     """
 
     case_id: str
     path: Path
     series_uid: str | None = None
     error: str = ""
+    files: tuple[Path, ...] = ()
 
     @property
     def is_dicom(self) -> bool:
@@ -51,6 +57,10 @@ def _short_hash(text: str, n: int = 8) -> str:
 
 def _file_stem(path: Path) -> str:
     return strip_volume_suffix(path.name)
+
+
+def _reserved(case_id: str) -> bool:
+    return case_id.lower() in _RESERVED_IDS or case_id.split(".")[0].upper() in WINDOWS_RESERVED
 
 
 def _is_image_file(path: Path) -> bool:
@@ -83,8 +93,10 @@ def discover_cases(inputs: Sequence[str | os.PathLike]) -> list[CaseInput]:
       found under it is a case with id ``<PatientID>_<SeriesDescription>_<8 hex of
       sha1(SeriesInstanceUID)>`` (sanitized to ``[A-Za-z0-9._-]``).
 
-    Ids that collide (two ``ct.nii.gz`` in different folders) all get ``_<8 hex of sha1(path)>``
-    appended, so an id does not depend on the order of the inputs. An input that cannot be
+    Ids that collide (two ``ct.nii.gz`` in different folders; compared case-insensitively) all
+    get ``_<8 hex of sha1(path)>`` appended, so an id does not depend on the order of the inputs;
+    ids equal to the summary's files (``summary.csv``, ``summary.json``) get ``_case``. Every id
+    passes :func:`samed.paths.safe_name`. An input that cannot be
     listed (missing path, corrupt DICOM under a folder) becomes a case that fails with that error.
 
     Args:
@@ -92,6 +104,9 @@ def discover_cases(inputs: Sequence[str | os.PathLike]) -> list[CaseInput]:
 
     Returns:
         The cases, in input order (folders: files by path, then DICOM series).
+
+    Raises:
+        ValueError: two inputs that still share an id after the suffixes (named).
     """
     from ..io import VolumeReadError, list_series
 
@@ -104,32 +119,52 @@ def discover_cases(inputs: Sequence[str | os.PathLike]) -> list[CaseInput]:
             )
             continue
         if p.is_file():
-            found.append(CaseInput(_sanitize(_file_stem(p)) or "case", p.resolve()))
+            found.append(CaseInput(_sanitize(_file_stem(p)) or "case", p.resolve(), files=(p.resolve(),)))
             continue
         p = p.resolve()
         for f in sorted(q for q in p.rglob("*") if q.is_file() and _is_image_file(q)):
-            found.append(CaseInput(_sanitize(_file_stem(f)) or "case", f))
+            found.append(CaseInput(_sanitize(_file_stem(f)) or "case", f, files=(f,)))
         try:
             series = [s for s in list_series(p) if s.is_image]
         except VolumeReadError as exc:
             found.append(CaseInput(_sanitize(p.name) or "folder", p, error=str(exc)))
             continue
         for info in series:
-            found.append(CaseInput(_dicom_case_id(info), p, series_uid=info.series_uid))
-    counts: dict[str, int] = {}
-    for c in found:
-        counts[c.case_id] = counts.get(c.case_id, 0) + 1
-    out = []
+            files = tuple(sorted(Path(f).resolve() for f in info.paths))
+            found.append(
+                CaseInput(_dicom_case_id(info), p, series_uid=info.series_uid, files=files)
+            )
+    # ids that would be the summary's own files get a suffix (summary.csv.nii.gz -> summary.csv_case)
+    found = [
+        replace(c, case_id=f"{c.case_id}_case") if _reserved(c.case_id) else c
+        for c in found
+    ]
+    unique: list[CaseInput] = []
     seen: set[tuple[Path, str | None]] = set()
     for c in found:
         key = (c.path, c.series_uid)
         if key in seen and not c.error:
             continue  # the same file or series named twice (e.g. a file and its folder)
         seen.add(key)
-        if counts[c.case_id] > 1:
+        unique.append(c)
+    # ids are compared case-insensitively: CT and ct are one folder on macOS and Windows
+    counts: dict[str, int] = {}
+    for c in unique:
+        counts[c.case_id.lower()] = counts.get(c.case_id.lower(), 0) + 1
+    out = []
+    for c in unique:
+        if counts[c.case_id.lower()] > 1:
             tag = f"{c.path}|{c.series_uid or ''}"
-            c = CaseInput(f"{c.case_id}_{_short_hash(tag)}", c.path, c.series_uid, c.error)
+            c = replace(c, case_id=f"{c.case_id}_{_short_hash(tag)}")
         out.append(c)
+    ids: dict[str, CaseInput] = {}
+    for c in out:
+        safe_name(c.case_id, "case id")
+        other = ids.setdefault(c.case_id.lower(), c)
+        if other is not c:
+            raise ValueError(
+                f"inputs {other.path} and {c.path} both give case id {c.case_id!r}; rename one"
+            )
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,8 @@ def run_segment(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     print(summary.table())
+    for w in summary.warnings:
+        print(f"samed segment: warning: {w}", file=sys.stderr)
     print(
         f"{summary.count('ok')} segmented, {summary.count('skipped')} skipped (finished earlier), "
         f"{summary.count('error')} failed in {summary.seconds:.1f} s; summary: "

@@ -30,6 +30,7 @@ inside ``box`` are separated by spaces, points by ``;`` (``"120 80; 130 85"``).
 from __future__ import annotations
 
 import csv
+import io as _stdio
 import json
 import os
 from collections.abc import Sequence
@@ -244,8 +245,8 @@ def read_prompts(path: str | os.PathLike) -> list[ObjectPrompt]:
     suffix = p.suffix.lower()
     if suffix == ".json":
         try:
-            data = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json.loads(p.read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"prompts file {p} is not valid JSON: {exc}") from exc
         if isinstance(data, dict) and "prompts" in data:
             data = data["prompts"]
@@ -255,8 +256,17 @@ def read_prompts(path: str | os.PathLike) -> list[ObjectPrompt]:
             )
         prompts = [parse_prompt(e, f"{p.name} entry {i}") for i, e in enumerate(data)]
     elif suffix == ".csv":
-        with open(p, newline="") as fh:
+        # utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"prompts file {p} is not UTF-8 text ({exc}); save it as CSV UTF-8"
+            ) from None
+        with _stdio.StringIO(text, newline="") as fh:
             reader = csv.DictReader(fh)
+            if reader.fieldnames:
+                reader.fieldnames = [str(f).strip() for f in reader.fieldnames]
             missing = {"case", "label"} - set(reader.fieldnames or [])
             if missing:
                 raise ValueError(
@@ -270,12 +280,20 @@ def read_prompts(path: str | os.PathLike) -> list[ObjectPrompt]:
     else:
         raise ValueError(f"prompts file {p}: suffix {suffix!r} is not one of ['.json', '.csv']")
     seen: dict[tuple[str, int], str] = {}
+    by_name: dict[tuple[str, str], ObjectPrompt] = {}
     for pr in prompts:
         prev = seen.setdefault((pr.case, pr.label), pr.name)
         if prev != pr.name:
             raise ValueError(
                 f"{pr.where}: label {pr.label} of case {pr.case!r} is named {pr.name!r} here and "
                 f"{prev!r} earlier; one label value has one name"
+            )
+        first = by_name.setdefault((pr.case, pr.name), pr)
+        if first.label != pr.label:
+            raise ValueError(
+                f"prompts file {p}: {pr.where}: name {pr.name!r} of case {pr.case!r} is given to "
+                f"label {pr.label} here and to label {first.label} in {first.where}; one name "
+                "per label value (the summary reports volumes by name)"
             )
     return prompts
 

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .cases import CaseInput, check_output_location, discover_cases
+from .outputs import (
+    TMP_PREFIX,
+    check_outputs,
+    check_writable,
+    clean_temporaries,
+    commit_case_folder,
+    fingerprint_differences,
+    input_fingerprint,
+    new_case_folder,
+)
 from .prompts import ObjectPrompt, prompts_by_case, read_prompts, resolve_prompt
 from .summary import (
     BatchSummary,
@@ -83,6 +94,10 @@ def _volumes_ml(
     labels: np.ndarray, names: dict[int, str], spacing: Sequence[float]
 ) -> dict[str, float]:
     voxel_ml = float(np.prod(spacing)) / 1000.0
+    fg = [n for v, n in names.items() if v > 0]
+    dup = sorted({n for n in fg if fg.count(n) > 1})
+    if dup:  # the summary keys volumes by name: one would be lost
+        raise ValueError(f"label names {dup} are given to more than one label value")
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(names, default=0) + 1)
     return {names[v]: round(float(counts[v]) * voxel_ml, 3) for v in sorted(names) if v > 0}
 
@@ -160,6 +175,19 @@ def _segment_automatic(
         names.setdefault(c, f"label_{c}")
     names.pop(0, None)
     return out.astype(_label_dtype(max(names, default=0)), copy=False), names
+
+
+def _remove_unfinished(folder: Path) -> None:
+    """Remove a case folder that holds no finished result (no valid case.json) and nothing but
+    files a batch writes (a failed case leaves only its error row); anything else is kept."""
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    ours = {_LABELS_FILE, _SEG_FILE, _QC_FILE, _MARKER}
+    entries = list(folder.iterdir())
+    if all(p.is_file() and (p.name in ours or p.name.startswith(TMP_PREFIX)) for p in entries):
+        for p in entries:
+            p.unlink(missing_ok=True)
+        folder.rmdir()
 
 
 def _read_marker(folder: Path) -> dict[str, Any] | None:
@@ -333,8 +361,15 @@ def segment_batch(
 
     Raises:
         ValueError: bad options (no mode, both modes, unknown format/window, unreadable prompts
-            file, output inside an input folder). Errors of single cases are not raised: they
-            are rows of the summary.
+            file), an output folder that is not writable, or an output path that is, holds or
+            lies inside an input (:func:`samed.batch.outputs.check_outputs`). Errors of single
+            cases are not raised: they are rows of the summary.
+
+    Resume: a case folder with a ``case.json`` is skipped only when its settings and its
+    input's content (SHA-256, :func:`samed.batch.outputs.input_fingerprint`) are this run's;
+    otherwise the case is an error row naming what differs (``overwrite`` redoes it). A case is
+    written into ``OUT/.tmp-<case>-*`` and swapped in whole when it succeeded; a failed case
+    leaves only its row (an earlier finished result stays as it was).
     """
     import torch
 
@@ -347,6 +382,8 @@ def segment_batch(
     intensity = parse_intensity(window, "window")
     out = Path(out_dir).expanduser()
     check_output_location(out, inputs)
+    cases = discover_cases(inputs)
+    check_outputs(out, inputs, cases)
     if not 0.0 <= float(min_slice_iou) < 1.0:
         raise ValueError(f"min_slice_iou={min_slice_iou} must be in [0, 1)")
     from ..postprocess import POSTPROCESS_CHOICES, describe_postprocessing
@@ -404,9 +441,17 @@ def segment_batch(
         settings=settings,
         amp=amp,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    cases = discover_cases(inputs)
+    check_writable(out)
+    clean_temporaries(out)
     summary = BatchSummary(out_dir=out, results=[], mode=mode)
+    ids = {c.case_id for c in cases}
+    stray = sorted(set(job.prompts) - ids)
+    if stray:
+        summary.warnings.append(
+            f"the prompts file names cases that are not among the inputs (their prompts were not "
+            f"used): {', '.join(stray[:10])}{' ...' if len(stray) > 10 else ''}; cases here: "
+            f"{', '.join(sorted(ids)[:10])}"
+        )
     for i, case in enumerate(cases):
 
         def emit(
@@ -425,7 +470,26 @@ def segment_batch(
         wanted = _case_settings(job, case)
         marker = _read_marker(folder)
         t0 = time.perf_counter()
-        if marker is not None and not overwrite:
+        fingerprint: dict[str, Any] = {}
+        other_input = ""
+        if not case.error:
+            try:
+                fingerprint = input_fingerprint(case)
+            except OSError as exc:
+                case = replace(case, error=f"cannot read {case.path}: {exc}")
+        if marker is not None and not overwrite and not case.error:
+            other_input = fingerprint_differences(marker.get("input"), fingerprint)
+        if marker is not None and not overwrite and other_input:
+            row = CaseResult(
+                case=case.case_id,
+                source=str(case.path),
+                status="error",
+                mode=mode,
+                error=f"{folder} was finished by an earlier run on another input: {other_input}; "
+                "its results are kept and not reported for this input; rerun with --overwrite "
+                "to replace them, or give the inputs distinct case ids (file names)",
+            )
+        elif marker is not None and not overwrite:
             if marker.get("settings") == wanted:
                 row = CaseResult(
                     case=case.case_id,
@@ -453,10 +517,17 @@ def segment_batch(
                     f"(differing: {', '.join(diff)}); rerun with --overwrite to replace it",
                 )
         else:
+            tmp = new_case_folder(out, case.case_id)
             try:
-                if marker is not None:
-                    (folder / _MARKER).unlink()
-                row = _run_case(job, case, folder, emit)
+                row = _run_case(job, case, tmp, emit)
+                row.seconds = round(time.perf_counter() - t0, 3)
+                if row.status == "ok":
+                    write_json(
+                        tmp / _MARKER, {**row.to_json(), "settings": wanted, "input": fingerprint}
+                    )
+                    commit_case_folder(tmp, folder)
+                elif marker is None:
+                    _remove_unfinished(folder)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:  # noqa: BLE001 - one bad case never stops the batch
@@ -469,12 +540,15 @@ def segment_batch(
                 )
                 if not isinstance(exc, ValueError):
                     row.error += "\n" + "".join(traceback.format_exception(exc)[-3:]).strip()
+                if marker is None:
+                    _remove_unfinished(folder)
+                else:
+                    row.error += f"\n(the earlier finished result in {folder} is kept unchanged)"
             finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # gone after a commit; else a failed try
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             row.seconds = round(time.perf_counter() - t0, 3)
-            if row.status == "ok":
-                write_json(folder / _MARKER, {**row.to_json(), "settings": wanted})
         summary.results.append(row)
         summary.seconds = time.perf_counter() - t_start
         write_summary(out, summary)

@@ -58,12 +58,15 @@ class BatchSummary:
         results: the rows.
         mode: ``"prompted"`` or ``"automatic"``.
         seconds: wall time of the whole run.
+        warnings: things the user should know that are no case's error (e.g. prompts for case
+            ids that are not among the inputs).
     """
 
     out_dir: Path
     results: list[CaseResult]
     mode: str
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     def count(self, status: str) -> int:
         """Number of rows with ``status`` (one of ``ok``, ``skipped``, ``error``)."""
@@ -82,6 +85,7 @@ class BatchSummary:
             "mode": self.mode,
             "seconds": round(self.seconds, 3),
             "counts": {s: self.count(s) for s in _STATUSES},
+            "warnings": list(self.warnings),
             "cases": [r.to_json() for r in self.results],
         }
 

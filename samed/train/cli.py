@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,17 +59,28 @@ def run_finetune(args: argparse.Namespace) -> int:
     if argv[:1] != ["finetune"]:  # python -m samed.train: arguments come without the verb
         argv = ["finetune", *argv]
     command = "samed " + " ".join(shlex.quote(a) for a in argv)
+    export = getattr(args, "export", None)
+    if export:
+        from .export import check_export
+
+        try:  # refuse a bad destination before training, not after
+            check_export(export, cfg.name)
+        except ValueError as exc:
+            print(f"samed finetune: {exc}", file=sys.stderr)
+            return 2
     try:
         res = finetune(cfg, out, resume=args.resume, device=args.device, command=command)
     except ValueError as exc:
         print(f"samed finetune: {exc}", file=sys.stderr)
         return 2
-    export = getattr(args, "export", None)
     if export:
-        dst = Path(export) / cfg.name
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(res["adapter"], dst)
+        from .export import export_adapter
+
+        try:
+            dst = export_adapter(res["adapter"], export, cfg.name)
+        except (ValueError, OSError) as exc:
+            print(f"samed finetune: export failed: {exc}", file=sys.stderr)
+            return 2
         print(f"exported adapter to {dst}")
     return 0
 

@@ -381,8 +381,12 @@ class FinetuneConfig:
     validation: ValidationSection = field(default_factory=ValidationSection)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or "/" in self.name:
-            _fail("", "name", self.name, "a non-empty folder name without '/'")
+        from ..paths import safe_name
+
+        try:
+            safe_name(self.name, "name (the adapter's folder name)")
+        except ValueError as exc:
+            raise ValueError(f"config {exc}") from None
         if self.mode not in MODES:
             _fail("", "mode", self.mode, ", ".join(MODES))
 

@@ -50,26 +50,42 @@ class VolumeCase:
     source: str
 
 
-def _read(path: Path, label: bool, reference: Any = None) -> tuple[np.ndarray, str]:
-    """(Z, Y, X) array and modality through samed.io (NIfTI, NRRD, MHA, npz, DICOM, SEG)."""
-    try:
-        from ..io.readers import load_label_map, load_volume
-    except ImportError:  # samed.io absent or incomplete: NIfTI / MedSAM npz only
-        return _read_fallback(path, label), ""
-    if label:
-        return np.asarray(load_label_map(path, reference).array), ""
-    vol = load_volume(path)
-    return np.asarray(vol.array, dtype=np.float32), str(vol.modality or "")
+def _read_pair(image_path: Path, label_path: Path) -> tuple[np.ndarray, str, np.ndarray]:
+    """(Z, Y, X) image, its modality and the (Z, Y, X) label map through samed.io (NIfTI, NRRD,
+    MHA, npz, DICOM, SEG). The label map must lie on the image's grid: same shape and affine
+    (:func:`samed.io.volume.check_same_grid`, the rule ``samed evaluate`` applies), so a label
+    with a flipped axis is refused instead of trained on."""
+    from ..io.readers import load_label_map, load_volume
+
+    vol = load_volume(image_path)
+    labels = load_label_map(label_path, reference=vol)
+    return np.asarray(vol.array, dtype=np.float32), str(vol.modality or ""), np.asarray(labels.array)
 
 
-def _read_fallback(path: Path, label: bool) -> np.ndarray:
-    name = path.name
-    if name.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as z:
-            return np.asarray(z["gts" if label else "imgs"])
-    import nibabel as nib
+def check_label_values(
+    label: np.ndarray, path: Path, declared: dict[int, str] | None, where: str
+) -> None:
+    """Refuse label values that the declared label map does not list.
 
-    return np.ascontiguousarray(np.asarray(nib.load(str(path)).dataobj).T)
+    Args:
+        label: (Z, Y, X) integer label map.
+        path: its file (named in the error).
+        declared: label value -> name that ``where`` declares; None when nothing is declared
+            (then only negative values are refused).
+        where: what declares the map (e.g. ``dataset.json``), for the message.
+
+    Raises:
+        ValueError: naming the file, the values found and the declared ones.
+    """
+    found = np.unique(label)
+    bad = [int(v) for v in found if v < 0 or (declared is not None and int(v) not in declared)]
+    if bad:
+        allowed = sorted(declared) if declared is not None else "integers >= 0"
+        raise ValueError(
+            f"{path}: label values {bad[:10]} are not declared in {where} (values found: "
+            f"{[int(v) for v in found[:20]]}; declared: {allowed}); fix the label file or "
+            "declare the values"
+        )
 
 
 def _remap(label: np.ndarray, mapping: dict[int, dict[str, Any]] | None) -> np.ndarray:
@@ -94,13 +110,17 @@ def load_cases(
         (cases, labels {class id: name} incl. 0 background, summary for the metadata).
 
     Raises:
-        ValueError: unknown split, unreadable files, label/image shape mismatch.
+        ValueError: unknown split, unreadable files, a label map not on its image's grid (shape
+            or affine), label values not declared (dataset.json ``labels`` or ``data.labels``
+            sources) or negative.
     """
     from ..datasets import load_dataset
 
     entries: list[tuple[str, Path, Path, tuple[int, int] | None]] = []
     labels: dict[int, str]
     dataset_name = ""
+    declared_by_dataset = False
+    declared: dict[int, str] | None = None  # label values a label file may hold
     if data.format == "pairs":
         for c in data.cases:
             if split not in (None, "all") and c.get("split", "train") != split:
@@ -117,19 +137,24 @@ def load_cases(
         ds = load_dataset(data.root)
         dataset_name = ds.name
         labels = dict(ds.labels)
+        declared_by_dataset = ds.labels_declared
+        declared = dict(ds.labels) if ds.labels_declared else None
         for c in ds.split(split):
             entries.append((c.case_id, c.image, c.label, None))
     if data.labels is not None:
         labels = {0: "background", **{k: v["name"] for k, v in data.labels.items()}}
+    # declared: dataset.json's labels; else data.labels' sources (and background 0); else
+    # nothing (then the values must be 0..K without gaps, below)
+    where = f"{Path(data.root) / 'dataset.json'} 'labels'"
+    if not declared_by_dataset and data.labels is not None:
+        declared = {0: "background"}
+        declared.update({int(s): spec["name"] for spec in data.labels.values() for s in spec["source"]})
+        where = "the config's data.labels sources"
     cases = []
     modality_seen = data.modality
     for cid, img_path, lab_path, zr in entries:
-        image, modality = _read(img_path, False)
-        label = _read(lab_path, True)[0]
-        if image.shape != label.shape:
-            raise ValueError(
-                f"{lab_path}: label shape {label.shape} differs from image {img_path} {image.shape}"
-            )
+        image, modality, label = _read_pair(img_path, lab_path)
+        check_label_values(label, lab_path, declared, where)
         if zr is not None:
             image, label = image[zr[0] : zr[1]], label[zr[0] : zr[1]]
         modality_seen = data.modality or modality
@@ -137,8 +162,14 @@ def load_cases(
         image = np.nan_to_num(np.asarray(fn(image), dtype=np.float32))
         cases.append(VolumeCase(cid, image, _remap(label, data.labels), str(img_path)))
     if data.labels is None and cases:
-        top = max(int(c.label.max()) for c in cases)
-        for k in range(top + 1):
+        present = sorted({int(v) for c in cases for v in np.unique(c.label)} | {0})
+        if not declared_by_dataset and present != list(range(len(present))):
+            raise ValueError(
+                f"the label files of {data.root} hold the values {present[:20]}, which are not "
+                "0..K without gaps; declare them in data.labels ({new_id: {name, source: "
+                "[values]}}) so that no class is made up"
+            )
+        for k in range(max(present) + 1):
             labels.setdefault(k, f"class{k}")
     summary = {
         "dataset": dataset_name,

@@ -18,8 +18,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from realdata import shared_path
 from pydicom.data import get_testdata_file
+from realdata import shared_path
 
 from samed.io import (
     VolumeReadError,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QWidget
 from superqt.utils import create_worker
 
@@ -217,6 +218,9 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
                     # prompt layers exist as soon as there is an image to draw on; the model
                     # loads in a worker meanwhile
                     self._ensure_prompt_layers()
+                    # napari selects an opened layer after its insert events: make the boxes
+                    # layer active once that is done, ready for the first box
+                    QTimer.singleShot(0, self._select_boxes)
                     depth = int(np.shape(image.data)[0])
                     for spin, value in ((self.ui.range_from, 0), (self.ui.range_to, depth - 1)):
                         spin.setRange(0, depth - 1)
@@ -226,6 +230,12 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
             self._apply_view()
         finally:
             self._choosing = False
+
+    def _select_boxes(self) -> None:
+        boxes = self._layers.get(BOXES)
+        if boxes is not None and boxes in self.viewer.layers:
+            self.viewer.layers.selection.active = boxes
+            boxes.mode = "add_rectangle"
 
     def _on_layer_label(self, *_: Any) -> None:
         if self._labels is not None:

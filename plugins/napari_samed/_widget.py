@@ -25,6 +25,7 @@ from superqt.utils import create_worker
 from samed.annotation import SlicePrompts
 
 from ._layers import prompts_from_layers
+from ._prefs import activate
 from ._session import PluginSession, default_cache_dir
 from ._tasks import TaskMixin, _catching, _guarded
 from ._ui import build_ui
@@ -111,6 +112,7 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
         self._choosing = False
         self._model_worker: Any = None
         self._after_model: list[Callable[[], Any]] = []
+        activate()  # samed as napari's reader for medical formats (also on plugin activation)
         self.ui = build_ui(self)
         self._connect()
         self._refresh_choices()

@@ -1,0 +1,203 @@
+"""Widget behaviour a clinician meets on first use (issue #11), on real files from ../shared/data.
+
+A :class:`conftest.BoxModel` stands in for the network where only the widget's logic is under test
+(its mask is the prompt box), so these run in seconds; the model-loading test uses LiteMedSAM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from realdata import shared_path
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari_samed._layers import box_vertices  # noqa: E402
+
+pytestmark = pytest.mark.gui
+
+CT = ("totalsegmentator", "ct_3mm", "example_ct.nii.gz")
+SEG = ("totalsegmentator", "ct_3mm", "example_seg_fast_force_split.nii.gz")
+NRRD = ("pyradiomics", "brain1_image.nrrd")
+DICOM = ("totalsegmentator", "dicom_ct", "example_ct_dicom")
+
+
+def _liver_box(z: int | None = None):
+    from samed.io import load_label_map
+
+    gt = load_label_map(shared_path(*SEG)).array == 5
+    z = int(gt.sum((1, 2)).argmax()) if z is None else z
+    ys, xs = np.nonzero(gt[z])
+    return z, (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
+
+
+@pytest.fixture
+def ct_widget(make_napari_viewer, qtbot, box_model_session):
+    from napari_samed._widget import SamedWidget
+
+    viewer = make_napari_viewer(show=True)
+    [image] = viewer.open(str(shared_path(*CT)), plugin="samed")
+    widget = SamedWidget(viewer, session=box_model_session)
+    viewer.window.add_dock_widget(widget, name="samed")
+    qtbot.waitUntil(lambda: widget.session.model_loaded, timeout=60_000)
+    yield viewer, widget, image
+    widget.stop()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+
+
+def _box(qtbot, viewer, widget, z, box):
+    viewer.layers["samed boxes"].add_rectangles(box_vertices(z, box))
+    qtbot.waitUntil(lambda: z in widget.annotator.masks, timeout=60_000)
+
+
+def _propagate(qtbot, widget):
+    widget.propagate()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    assert not widget.last_error, widget.last_error
+
+
+def test_slice_range_limits_propagation(ct_widget, qtbot):
+    viewer, widget, _ = ct_widget
+    z, box = _liver_box()
+    viewer.dims.set_current_step(0, z)
+    _box(qtbot, viewer, widget, z, box)
+    ann = widget.annotator
+    _propagate(qtbot, widget)
+    unlimited = {k for k, m in ann.masks.items() if m.any()}
+    assert min(unlimited) < z - 2 and max(unlimited) > z + 1  # the object runs past the range
+    widget.undo()
+    widget.ui.range_check.setChecked(True)
+    widget.ui.range_from.setValue(z - 2)
+    widget.ui.range_to.setValue(z + 1)
+    assert widget.slice_range() == (z - 2, z + 1)
+    _propagate(qtbot, widget)
+    limited = {k for k, m in ann.masks.items() if m.any()}
+    assert limited == set(range(z - 2, z + 2))
+    widget.ui.range_from.setValue(z + 1)  # the prompted slice outside the range: refused
+    widget.propagate()
+    assert "outside the slice range" in widget.last_error
+
+
+def test_delete_active_label_on_one_slice_is_undoable(ct_widget, qtbot):
+    viewer, widget, _ = ct_widget
+    z, box = _liver_box()
+    viewer.dims.set_current_step(0, z)
+    _box(qtbot, viewer, widget, z, box)
+    _propagate(qtbot, widget)
+    widget.ui.label_spin.setValue(5)
+    widget.accept()
+    labels = viewer.layers["example_ct labels"]
+    before = labels.data.copy()
+    assert (before[z + 1] == 5).any() and (before[z] == 5).any()
+    n = widget.delete_slice(z + 1)
+    assert n == int((before[z + 1] == 5).sum())
+    assert not (labels.data[z + 1] == 5).any()
+    np.testing.assert_array_equal(np.delete(labels.data, z + 1, 0), np.delete(before, z + 1, 0))
+    widget.undo()
+    np.testing.assert_array_equal(labels.data, before)
+    bound = {str(k).replace("+", "-"): f for k, f in viewer.keymap.items()}
+    viewer.dims.set_current_step(0, z)
+    bound["Shift-D"](viewer)  # the shortcut deletes on the slice on screen
+    assert not (labels.data[z] == 5).any() and (labels.data[z + 1] == 5).any()
+
+
+def test_stopping_embedding_says_stopped_and_keeps_what_it_embedded(ct_widget, qtbot):
+    _viewer, widget, image = ct_widget
+    widget.session.fake_model.encode_seconds = 0.05
+    widget.embed()
+    qtbot.waitUntil(lambda: widget.ui.progress.value() >= 3, timeout=60_000)
+    widget.stop()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    engine = widget.annotator.engine
+    done = sum(engine.is_embedded(z) for z in range(image.data.shape[0]))
+    assert 3 <= done < image.data.shape[0]
+    status = widget.ui.status.text()
+    assert status.startswith("embedding stopped") and f"{done} of" in status
+    assert "ready" not in status
+
+
+def test_stopped_propagation_keeps_an_earlier_propagation(ct_widget, qtbot):
+    viewer, widget, _ = ct_widget
+    z, box = _liver_box()
+    viewer.dims.set_current_step(0, z)
+    _box(qtbot, viewer, widget, z, box)
+    ann = widget.annotator
+    _propagate(qtbot, widget)
+    first = {k: m.copy() for k, m in ann.masks.items()}
+    assert len(first) > 10
+    widget.session.fake_model.encode_seconds = 0.0
+    widget.propagate()  # again, and stop at once
+    widget.stop()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    assert set(ann.masks) == set(first), "slices of the earlier propagation were dropped"
+    for k, m in first.items():
+        np.testing.assert_array_equal(ann.masks[k], m)
+    assert "stopped" in widget.ui.status.text()
+
+
+def test_prompt_layers_exist_and_model_loads_in_a_worker(make_napari_viewer, qtbot, monkeypatch):
+    from qtpy.QtCore import QTimer
+
+    monkeypatch.setenv("SAMED_CACHE_DIR", "none")
+    viewer = make_napari_viewer(show=True)
+    _dock, widget = viewer.window.add_plugin_dock_widget("samed", "samed segmentation")
+    assert widget.ui.model_state.text().startswith("Model: not loaded")
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(widget.model_loading))
+    timer.start(20)
+    viewer.open(str(shared_path(*NRRD)), plugin="samed")
+    for name in ("samed boxes", "samed positive", "samed negative", "samed preview"):
+        assert name in viewer.layers  # before any button
+    assert widget.model_loading and "loading litemedsam" in widget.ui.model_state.text()
+    assert widget.ui.model_progress.isVisible()
+    qtbot.waitUntil(lambda: widget.session.model_loaded, timeout=120_000)
+    qtbot.waitUntil(lambda: not widget.model_loading, timeout=10_000)
+    timer.stop()
+    assert sum(ticks) >= 3, "the GUI's event loop did not run while the model loaded"
+    assert widget.ui.model_state.text().startswith("Model: ready: litemedsam")
+    assert not widget.ui.model_progress.isVisible()
+    # an MR image: auto means percentile scaling, and the display shows that contrast
+    assert widget.ui.window_combo.itemText(0) == "auto (MR: percentile 0.5-99.5)"
+    image = viewer.layers["brain1_image"]
+    lo, hi = np.percentile(image.data[:: max(1, image.data.shape[0] // 16)], (0.5, 99.5))
+    np.testing.assert_allclose(image.contrast_limits, (lo, hi), rtol=1e-5)
+    widget.ui.window_combo.setCurrentIndex(widget.ui.window_combo.findData("minmax"))
+    np.testing.assert_allclose(image.contrast_limits, (image.data.min(), image.data.max()))
+
+
+@pytest.mark.parametrize("parts", [CT, NRRD, DICOM])
+def test_samed_is_the_preferred_reader(make_napari_viewer, qtbot, parts):
+    from napari.settings import get_settings
+    from napari_samed._prefs import READER_PATTERNS, prefer_samed_reader
+
+    viewer = make_napari_viewer(show=True)
+    get_settings().plugins.extension2reader = {"*.nrrd": "napari"}  # a choice the user made
+    assert "*.nrrd" not in prefer_samed_reader()  # ... is kept
+    assert get_settings().plugins.extension2reader["*.nrrd"] == "napari"
+    get_settings().plugins.extension2reader = {}
+    from importlib.resources import files
+
+    import npe2
+
+    mf = npe2.PluginManifest.from_file(files("napari_samed") / "napari.yaml")
+    assert mf.on_activate == "napari_samed._prefs:activate"  # first use of any contribution
+    _dock, widget = viewer.window.add_plugin_dock_widget("samed", "samed segmentation")  # or this
+    assert {
+        p: "samed" for p in READER_PATTERNS
+    }.items() <= get_settings().plugins.extension2reader.items()
+    path = str(shared_path(*parts))
+    # what File > Open does with the chosen files (no reader dialog: the preference decides)
+    viewer.window._qt_viewer._qt_open([path], stack=False)
+    layer = (
+        viewer.layers[-1]
+        if "samed boxes" not in viewer.layers
+        else next(ly for ly in viewer.layers if "samed_volume" in ly.metadata)
+    )
+    vol = layer.metadata["samed_volume"]
+    np.testing.assert_allclose(layer.scale, vol.spacing)
+    assert layer.source.reader_plugin == "samed"
+    [again] = viewer.open(path, plugin=None)  # a script that leaves the choice to napari
+    assert "samed_volume" in again.metadata
+    qtbot.waitUntil(lambda: not widget.model_loading, timeout=120_000)

@@ -27,6 +27,7 @@ def test_python_m_samed_info_lists_versions_device_models_and_adapters():
         assert re.search(rf"^\s+{re.escape(name)}\s+(automatic|prompted)\s+litemedsam", adapters, re.M)
 
 
+@pytest.mark.slow
 def test_evaluate_box_protocol_on_one_real_acdc_volume(tmp_path, capsys):
     data = shared_path("acdc")
     out = tmp_path / "eval.json"

@@ -7,6 +7,7 @@ the last run). CI machines have no GPU, so the module is skipped there with that
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from samed.registry import resolve_adapter
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.slow,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)"),
 ]
 
@@ -101,7 +103,10 @@ def test_automatic_adapter_on_cuda_matches_cpu(models, acdc):
 
 
 def test_finetune_with_amp_on_cuda(tmp_path: Path):
-    from test_train import _cfg, make_tiny_dataset  # the CPU training tests' synthetic data
+    # the CPU training tests' synthetic data (tests/train/test_train.py; on sys.path here too
+    # when this file runs alone)
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
+    from test_train import _cfg, make_tiny_dataset
 
     from samed.train import finetune
 

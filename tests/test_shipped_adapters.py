@@ -12,6 +12,8 @@ from samed.lora import load_adapter, remove_adapter
 from samed.model import build_model
 from samed.registry import find_adapters, resolve_adapter
 
+pytestmark = pytest.mark.slow  # the real LiteMedSAM with each shipped adapter
+
 SHIPPED = ("acdc-cardiac-mri", "acdc-cardiac-mri-prompted", "abdomen-ct")
 
 

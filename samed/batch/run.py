@@ -153,10 +153,9 @@ def _segment_automatic(
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     out = apply_postprocessing(out, postprocess, session.model)
-    names = {
-        int(k): str(v) for k, v in (getattr(session.model, "adapter_labels", None) or {}).items()
-    }
-    num_classes = int(getattr(session.model.lora_config, "num_classes", 0) or 0)
+    adapter = session.model.adapter
+    names = {int(k): str(v) for k, v in (adapter.labels if adapter else {}).items()}
+    num_classes = adapter.num_classes if adapter else 0
     for c in range(1, max(num_classes, int(out.max()) + 1)):
         names.setdefault(c, f"label_{c}")
     names.pop(0, None)
@@ -249,7 +248,7 @@ def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None
             outputs.append(_SEG_FILE)
     if job.qc:
         window = None
-        name = str(getattr(session, "intensity_name", ""))
+        name = session.intensity_name
         if name.startswith("ct:"):
             from ..registry import CT_WINDOWS
 
@@ -272,29 +271,6 @@ def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     if bad or not out:
         raise ValueError(f"format {formats!r}: {bad or 'empty'} not in the allowed {list(FORMATS)}")
     return out
-
-
-def _parse_window(window: object) -> object:
-    """``"auto"``, a preset name, ``"LOW,HIGH"`` or a (low, high) pair -> a Session intensity."""
-    from ..registry import CT_WINDOWS
-
-    if isinstance(window, tuple | list) and len(window) == 2:
-        return ("window", float(window[0]), float(window[1]))
-    if isinstance(window, str):
-        w = window.strip()
-        if w in ("auto", "minmax", "percentile") or w in CT_WINDOWS:
-            return w
-        parts = w.split(",")
-        if len(parts) == 2:
-            try:
-                lo, hi = float(parts[0]), float(parts[1])
-            except ValueError:
-                pass
-            else:
-                if hi > lo:
-                    return ("window", lo, hi)
-    allowed = ["auto", "minmax", "percentile", *CT_WINDOWS, "LOW,HIGH"]
-    raise ValueError(f"window {window!r} is not one of {allowed}")
 
 
 def segment_batch(
@@ -332,8 +308,9 @@ def segment_batch(
         batch_size: slices per encoder batch (default 16 on CUDA, 2 on CPU); on CUDA an
             out-of-memory error halves it and retries.
         overwrite: redo cases that an earlier run finished (default: skip them).
-        window: intensity mapping: ``"auto"`` (CT: abdomen window), a preset of
-            :data:`samed.registry.CT_WINDOWS`, ``"LOW,HIGH"`` (HU) or ``(low, high)``.
+        window: intensity mapping in :func:`samed.intensity.parse_intensity`'s grammar:
+            ``"auto"`` (CT: abdomen window), a preset of :data:`samed.registry.CT_WINDOWS`,
+            ``"LOW,HIGH"`` (HU), ``(low, high)``, ``"percentile"``...
         model: a model kind of :data:`samed.registry.MODEL_KINDS` or a built
             :class:`samed.model.SamModel` (then ``device`` and ``checkpoint`` are ignored).
         checkpoint: checkpoint file for kinds without bundled weights.
@@ -361,13 +338,13 @@ def segment_batch(
     """
     import torch
 
-    from ..lora import load_adapter
-    from ..model import build_model, resolve_device
+    from ..intensity import parse_intensity
+    from ..model import load_model
     from ..registry import resolve_adapter
 
     t_start = time.perf_counter()
     fmt = _parse_formats(formats)
-    intensity = _parse_window(window)
+    intensity = parse_intensity(window, "window")
     out = Path(out_dir).expanduser()
     check_output_location(out, inputs)
     if not 0.0 <= float(min_slice_iou) < 1.0:
@@ -384,18 +361,10 @@ def segment_batch(
     prompt_list = read_prompts(prompts) if prompts is not None else None
     adapter_path = resolve_adapter(adapter) if adapter is not None else None
     if isinstance(model, str):
-        from ..engine import optimize_for_inference
-
-        net = optimize_for_inference(build_model(model, checkpoint, device=resolve_device(device)))
-    else:
-        net = model
-    if adapter_path is not None:
-        dev = net.device
-        load_adapter(net, adapter_path)
-        # samed.lora creates the LoRA index buffers on the CPU; keep the whole model on `dev`.
-        net.to(dev)
-    cfg = getattr(net, "lora_config", None)
-    automatic = cfg is not None and cfg.mode == "automatic"
+        net = load_model(model, checkpoint, adapter=adapter_path, device=device)
+    else:  # a built model is used as it is: not moved, not optimised
+        net = load_model(model, adapter=adapter_path, optimize=False)
+    automatic = net.adapter is not None and net.adapter.mode == "automatic"
     if automatic and prompt_list is not None:
         raise ValueError(
             f"adapter {adapter!r} is automatic (no prompts); drop --prompts or use a prompted adapter"
@@ -412,9 +381,9 @@ def segment_batch(
         "mode": mode,
         "model": net.kind,
         "checkpoint_sha256": net.checkpoint_sha256,
-        "adapter": getattr(net, "adapter_name", None),
-        "adapter_sha256": getattr(net, "adapter_digest", "") or "",
-        "intensity": list(intensity) if isinstance(intensity, tuple) else intensity,
+        "adapter": net.adapter_name,
+        "adapter_sha256": net.adapter_digest,
+        "intensity": intensity.setting(),
         "formats": list(fmt),
         "min_slice_iou": float(min_slice_iou) if mode == "prompted" else None,
         "postprocess": describe_postprocessing(postprocess, net) if mode == "automatic" else None,

@@ -5,6 +5,11 @@ reoriented) maps frame ``z`` to the source file ``reference.meta["files"][z]``. 
 one BINARY segment per non-zero label value, numbered 1..N in increasing label order; each segment's
 TrackingID is ``"samed label <value>"`` so that :func:`read_dicom_seg` restores the original values
 (other SEGs: segment number = label value).
+
+Reliability: a SEG is only written for a series whose slices have distinct SOPInstanceUIDs (it
+references them by UID); the output is always UTF-8 (``ISO_IR 192``), whatever the source's
+SpecificCharacterSet (real files carry empty or odd values); and the written file is read back with
+:func:`read_dicom_seg`'s own logic and compared voxel by voxel before it replaces ``path``.
 """
 
 from __future__ import annotations
@@ -71,6 +76,32 @@ def _source_files(reference: Volume) -> list[Path]:
     return paths
 
 
+def _check_unique_sop_uids(reference: Volume, what: str) -> None:
+    """Refuse a series whose slices share SOPInstanceUIDs: a SEG cannot tell them apart."""
+    uids = [str(u) for u in reference.meta.get("sop_instance_uids", [])]
+    files = [Path(f).name for f in reference.meta.get("files", [])]
+    seen: dict[str, int] = {}
+    dup = []
+    for i, uid in enumerate(uids):
+        if uid in seen or not uid:
+            dup.append((seen.get(uid), i, uid))
+        seen.setdefault(uid, i)
+    if not dup:
+        return
+    first, second, uid = dup[0]
+    names = (
+        f" (e.g. {files[first]} and {files[second]})"
+        if first is not None and len(files) == len(uids)
+        else ""
+    )
+    raise VolumeReadError(
+        f"cannot {what}: series {reference.meta.get('SeriesInstanceUID', '?')} in "
+        f"{reference.source} has {len(uids)} slices but only {len(set(uids) - {''})} distinct "
+        f"SOPInstanceUIDs{names}, SOPInstanceUID {uid!r}; a DICOM SEG references slices by "
+        "SOPInstanceUID, so it cannot be placed on this series (the volume itself loads)"
+    )
+
+
 def _fill_sop_class(ds: Any, reference: Volume) -> Any:
     """Anonymisers sometimes blank SOPClassUID/SOPInstanceUID and the study/series UIDs; restore
     them in memory (from the file meta and the UIDs :func:`load_volume` derived), since highdicom
@@ -135,6 +166,8 @@ def save_dicom_seg(
     Raises:
         ValueError: if the reference is not a DICOM series, the label map is empty or not integer.
         GeometryError: if the label map is not on the reference grid.
+        VolumeReadError: the series' slices share SOPInstanceUIDs, or the written SEG does not
+            read back to the same label map (nothing is written then).
     """
     import highdicom as hd
     import pydicom
@@ -142,6 +175,7 @@ def save_dicom_seg(
 
     arr = _label_array(labels, reference)
     files = _source_files(reference)
+    _check_unique_sop_uids(reference, "write a DICOM SEG")
     values = [int(v) for v in np.unique(arr) if v != 0]
     if not values:
         raise ValueError("label map is empty (all 0); a DICOM SEG needs at least one segment")
@@ -195,12 +229,34 @@ def save_dicom_seg(
             software_versions=version,
             device_serial_number="0",
             content_description=f"{algorithm} segmentation"[:64],
+            # Sources carry '' or odd SpecificCharacterSet values that highdicom rejects; the
+            # output is UTF-8, which encodes any text copied from them.
+            specific_character_set="ISO_IR 192",
         )
     seg.SeriesDescription = series_description[:64]
     out = Path(path)
+    expected = np.where(arr > 0, arr, 0)
     with atomic_write(out) as tmp:
         seg.save_as(tmp)
+        _verify_readback(tmp, reference, expected, out)
     return out
+
+
+def _verify_readback(tmp: Path, reference: Volume, expected: np.ndarray, out: Path) -> None:
+    """Read a just-written SEG back as :func:`read_dicom_seg` does; raise unless it matches."""
+    try:
+        labels, _ = _seg_labels(_segread(tmp), reference, tmp)
+    except (VolumeReadError, GeometryError) as exc:
+        raise VolumeReadError(
+            f"the DICOM SEG written for {out} does not read back on series "
+            f"{reference.meta.get('SeriesInstanceUID', '?')} ({exc}); nothing was written"
+        ) from exc
+    if labels.shape != expected.shape or not np.array_equal(labels, expected):
+        n = int(np.count_nonzero(labels != expected)) if labels.shape == expected.shape else -1
+        raise VolumeReadError(
+            f"the DICOM SEG written for {out} reads back differently ({n} voxels differ, shape "
+            f"{labels.shape} vs {expected.shape}); nothing was written"
+        )
 
 
 def _referenced_series(ds: Any) -> str | None:
@@ -298,22 +354,45 @@ def read_dicom_seg(path: str | os.PathLike, reference_dir: str | os.PathLike) ->
     Raises:
         VolumeReadError: not a SEG, no frame references the series, or segments overlap.
     """
+    p = Path(path)
+    seg = _segread(p)
+    reference = _load_reference(reference_dir, _referenced_series(seg))
+    labels, segments = _seg_labels(seg, reference, p)
+    meta = dict(reference.meta)
+    meta.update(
+        reader="highdicom.segread",
+        segments=segments,
+        label_names={v: s["label"] for v, s in segments.items()},
+        seg_series_uid=str(seg.SeriesInstanceUID),
+        seg_sop_instance_uid=str(seg.SOPInstanceUID),
+    )
+    return Volume(labels, reference.affine.copy(), p, "SEG", meta)
+
+
+def _segread(p: Path) -> Any:
     import highdicom as hd
 
-    p = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            seg = hd.seg.segread(p)
+            return hd.seg.segread(p)
     except Exception as exc:  # noqa: BLE001
         raise VolumeReadError(f"cannot read {p} as a DICOM SEG: {exc}") from exc
-    reference = _load_reference(reference_dir, _referenced_series(seg))
+
+
+def _seg_labels(
+    seg: Any, reference: Volume, p: Path
+) -> tuple[np.ndarray, dict[int, dict[str, Any]]]:
+    """A read SEG's ``(Z, Y, X)`` label array on ``reference`` and its segments by label value."""
+    import highdicom as hd
+
+    _check_unique_sop_uids(reference, f"read {p} on its reference")
     uids = list(reference.meta["sop_instance_uids"])
     referenced = {str(u[2]) for u in seg.get_source_image_uids()}
     if not referenced & set(uids):
         raise VolumeReadError(
             f"{p} references none of the {len(uids)} slices of series "
-            f"{reference.meta.get('SeriesInstanceUID')} in {reference_dir}"
+            f"{reference.meta.get('SeriesInstanceUID')} in {reference.source}"
         )
     _check_seg_geometry(seg, reference, p)
     segment_numbers = list(seg.segment_numbers)
@@ -373,15 +452,7 @@ def read_dicom_seg(path: str | os.PathLike, reference_dir: str | os.PathLike) ->
         }
         for n in segment_numbers
     }
-    meta = dict(reference.meta)
-    meta.update(
-        reader="highdicom.segread",
-        segments=segments,
-        label_names={v: s["label"] for v, s in segments.items()},
-        seg_series_uid=str(seg.SeriesInstanceUID),
-        seg_sop_instance_uid=str(seg.SOPInstanceUID),
-    )
-    return Volume(labels, reference.affine.copy(), p, "SEG", meta)
+    return labels, segments
 
 
 def _rt_series(reference: Volume) -> list[Any]:

@@ -244,15 +244,14 @@ def test_shape_mismatch_and_bad_prompts():
         ann.add_box(17, (0, 0, 1, 1))
 
 
-def test_with_real_engine_session_and_tiny_model():
+def test_with_real_engine_session_and_tiny_model(make_tiny_model):
     pytest.importorskip("torch")
     from samed.engine import Session
-    from samed.model import build_tiny_model
 
     rng = np.random.default_rng(0)
     vol = rng.normal(size=(3, 32, 40)).astype(np.float32)
     vol[:, 10:20, 12:25] += 4
-    eng = Session(build_tiny_model("tinyvit", seed=0), vol, intensity="minmax")
+    eng = Session(make_tiny_model("tinyvit", seed=0), vol, intensity="minmax")
     ann = Annotator(eng, np.zeros(vol.shape, np.uint8))
     m = ann.add_box(1, (12, 10, 24, 19))
     assert m.shape == (32, 40) and m.dtype == bool

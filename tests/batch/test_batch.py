@@ -26,7 +26,6 @@ from samed.batch import add_parser, discover_cases, run_segment, segment_batch
 from samed.batch.run import _OomFallbackModel, _propagate
 from samed.engine import Prediction, Session
 from samed.io import load_volume
-from samed.model import build_tiny_model
 
 SEED = 2  # a tiny random model whose box masks are neither empty nor the whole slice here
 
@@ -63,8 +62,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def tiny() -> object:
-    return build_tiny_model("tinyvit", seed=SEED)
+def tiny(make_tiny_model) -> object:
+    return make_tiny_model("tinyvit", seed=SEED)
 
 
 @pytest.fixture(scope="module")
@@ -288,17 +287,19 @@ def test_case_without_prompts_is_an_error_row(inputs, tiny, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def automatic_adapter(tmp_path_factory) -> Path:
+def automatic_adapter(tmp_path_factory, make_tiny_model) -> Path:
     from samed.lora import LoraConfig, apply_lora, save_adapter
 
-    model = build_tiny_model("tinyvit", seed=SEED)
+    model = make_tiny_model("tinyvit", seed=SEED)
     apply_lora(model, LoraConfig(mode="automatic", num_classes=3))
     folder = tmp_path_factory.mktemp("adapters") / "tiny-auto"
     return save_adapter(model, folder, labels={0: "background", 1: "liver", 2: "spleen"})
 
 
-def test_automatic_mode_with_a_tiny_automatic_adapter(inputs, automatic_adapter, tmp_path):
-    model = build_tiny_model("tinyvit", seed=SEED)
+def test_automatic_mode_with_a_tiny_automatic_adapter(
+    inputs, automatic_adapter, tmp_path, make_tiny_model
+):
+    model = make_tiny_model("tinyvit", seed=SEED)
     res = segment_batch(
         [inputs["nifti"]], tmp_path / "out", adapter=automatic_adapter, model=model, batch_size=4
     )
@@ -312,7 +313,7 @@ def test_automatic_mode_with_a_tiny_automatic_adapter(inputs, automatic_adapter,
             [inputs["nifti"]],
             tmp_path / "o2",
             adapter=automatic_adapter,
-            model=build_tiny_model("tinyvit", seed=SEED),
+            model=make_tiny_model("tinyvit", seed=SEED),
             prompts=tmp_path / "x.json",
         )
 
@@ -344,8 +345,8 @@ def test_oom_fallback_halves_the_batch_and_gives_the_same_embeddings(tiny):
         single.encode(x[:1])  # one slice that does not fit is a real failure
 
 
-def test_oom_fallback_inside_a_session(inputs, monkeypatch):
-    model = build_tiny_model("tinyvit", seed=SEED)
+def test_oom_fallback_inside_a_session(inputs, monkeypatch, make_tiny_model):
+    model = make_tiny_model("tinyvit", seed=SEED)
     vol = load_volume(inputs["nifti"]).array[:3]
     ref = Session(model, vol, intensity="abdomen", batch_size=4)
     ref.embed()

@@ -8,7 +8,7 @@ import torch
 
 from samed.engine import Session
 from samed.lora import make_automatic_decoder
-from samed.model import build_model, build_tiny_model
+from samed.model import build_model
 from samed.model.fast_decoder import fast_mask_decoder
 
 
@@ -39,6 +39,7 @@ def _prompts(s: int) -> list[dict]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("multimask", [False, True])
 @pytest.mark.parametrize("case", range(5))
 def test_fast_decoder_equals_sam_on_the_real_weights(lite, case, multimask):
@@ -52,9 +53,9 @@ def test_fast_decoder_equals_sam_on_the_real_weights(lite, case, multimask):
 
 
 @pytest.mark.parametrize("family", ["tinyvit", "vit"])
-def test_fast_decoder_equals_sam_on_other_shapes_and_automatic_decoders(family):
+def test_fast_decoder_equals_sam_on_other_shapes_and_automatic_decoders(make_tiny_model, family):
     torch.manual_seed(1)
-    model = build_tiny_model(family)
+    model = make_tiny_model(family)
     emb = torch.randn(1, 256, *model.embedding_size)
     for kw in _prompts(model.image_size)[:4]:
         (ref, _), (fast, _) = _both(model, emb, multimask_output=True, **kw)
@@ -65,6 +66,7 @@ def test_fast_decoder_equals_sam_on_other_shapes_and_automatic_decoders(family):
     assert (fast - ref).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_state_from_other_weights_is_refused(lite):
     emb = torch.randn(1, 256, 64, 64)
     with torch.inference_mode():
@@ -75,9 +77,9 @@ def test_state_from_other_weights_is_refused(lite):
             fast_mask_decoder(dec, state, sparse, True)
 
 
-def test_session_clicks_reuse_the_slice_state_and_notice_new_weights():
+def test_session_clicks_reuse_the_slice_state_and_notice_new_weights(make_tiny_model):
     torch.manual_seed(2)
-    model = build_tiny_model("tinyvit")
+    model = make_tiny_model("tinyvit")
     vol = np.random.default_rng(0).random((3, 40, 50)).astype(np.float32)
     s = Session(model, vol, intensity="minmax")
     box = [5, 5, 30, 25]

@@ -20,7 +20,7 @@ from samed.lora import (
     trainable_parameters,
     unmerge_adapter,
 )
-from samed.model import build_model, build_tiny_model
+from samed.model import build_model
 
 X = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
 
@@ -45,8 +45,8 @@ def _outputs(model):
 
 
 @pytest.mark.parametrize("family", ["tinyvit", "vit"])
-def test_zero_b_leaves_outputs_identical(family):
-    m = build_tiny_model(family)
+def test_zero_b_leaves_outputs_identical(make_tiny_model, family):
+    m = make_tiny_model(family)
     emb0, log0 = _outputs(m)
     apply_lora(m, LoraConfig(r=4))
     emb1, log1 = _outputs(m)
@@ -54,8 +54,8 @@ def test_zero_b_leaves_outputs_identical(family):
 
 
 @pytest.mark.parametrize("family", ["tinyvit", "vit"])
-def test_merged_equals_unmerged(family):
-    m = apply_lora(build_tiny_model(family), LoraConfig(r=4, projections=("q", "k", "v")))
+def test_merged_equals_unmerged(make_tiny_model, family):
+    m = apply_lora(make_tiny_model(family), LoraConfig(r=4, projections=("q", "k", "v")))
     _randomize_lora(m)
     emb_u, log_u = _outputs(m)
     merge_adapter(m)
@@ -67,8 +67,8 @@ def test_merged_equals_unmerged(family):
     assert (emb_u - emb_b).abs().max() < 1e-5
 
 
-def test_tinyvit_layout_touches_only_the_chosen_projection():
-    m = build_tiny_model("tinyvit")
+def test_tinyvit_layout_touches_only_the_chosen_projection(tiny_model):
+    m = tiny_model
     apply_lora(m, LoraConfig(r=2, projections=("v",)))
     _randomize_lora(m)
     layer = next(mod for mod in m.modules() if isinstance(mod, LoRAQKV))
@@ -85,9 +85,9 @@ def test_tinyvit_layout_touches_only_the_chosen_projection():
 
 
 @pytest.mark.parametrize("mode", ["prompted", "automatic"])
-def test_save_load_round_trip_is_bit_exact(tmp_path, mode):
+def test_save_load_round_trip_is_bit_exact(tmp_path, mode, make_tiny_model):
     cfg = LoraConfig(r=4, mode=mode, num_classes=3 if mode == "automatic" else 0)
-    m = apply_lora(build_tiny_model("tinyvit"), cfg)
+    m = apply_lora(make_tiny_model("tinyvit"), cfg)
     _randomize_lora(m)
     ref = _outputs(m)
     labels = {0: "background", 1: "a", 2: "b"} if mode == "automatic" else {1: "organ"}
@@ -96,7 +96,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, mode):
     assert cfg_json["base_model"] == "litemedsam" and cfg_json["r"] == 4
     assert cfg_json["mode"] == mode and cfg_json["projections"] == ["q", "v"]
     assert cfg_json["targets"]
-    fresh = build_tiny_model("tinyvit")
+    fresh = make_tiny_model("tinyvit")
     load_adapter(fresh, folder)
     out = _outputs(fresh)
     assert torch.equal(ref[0], out[0]) and torch.equal(ref[1], out[1])
@@ -104,63 +104,63 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, mode):
         assert out[1].shape[1] == 3
 
 
-def _saved(tmp_path):
-    m = apply_lora(build_tiny_model("tinyvit"), LoraConfig(r=2))
+def _saved(tmp_path, make_tiny_model):
+    m = apply_lora(make_tiny_model("tinyvit"), LoraConfig(r=2))
     return save_adapter(m, tmp_path / "ad")
 
 
-def test_base_model_mismatch_is_refused(tmp_path):
-    folder = _saved(tmp_path)
+def test_base_model_mismatch_is_refused(tmp_path, make_tiny_model):
+    folder = _saved(tmp_path, make_tiny_model)
     with pytest.raises(AdapterError, match="trained on base model 'litemedsam'"):
-        load_adapter(build_tiny_model("vit"), folder)
+        load_adapter(make_tiny_model("vit"), folder)
     cfg = json.loads((folder / "adapter_config.json").read_text())
     cfg["base_model_sha256"] = "0" * 64
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(AdapterError, match="SHA-256"):
-        load_adapter(build_tiny_model("tinyvit"), folder)
+        load_adapter(make_tiny_model("tinyvit"), folder)
 
 
-def test_unknown_keys_and_wrong_shapes_are_refused(tmp_path):
+def test_unknown_keys_and_wrong_shapes_are_refused(tmp_path, make_tiny_model):
     from safetensors.torch import load_file, save_file
 
-    folder = _saved(tmp_path)
+    folder = _saved(tmp_path, make_tiny_model)
     path = folder / "adapter_model.safetensors"
     state = load_file(str(path))
     save_file({**state, "image_encoder.evil": torch.zeros(1)}, str(path))
     with pytest.raises(AdapterError, match="unknown keys"):
-        load_adapter(build_tiny_model("tinyvit"), folder)
+        load_adapter(make_tiny_model("tinyvit"), folder)
     key = next(k for k in state if ".lora_A." in k)
     save_file({**state, key: torch.zeros(3, 3)}, str(path))
-    m = build_tiny_model("tinyvit")
+    m = make_tiny_model("tinyvit")
     with pytest.raises(AdapterError, match="shape mismatches"):
         load_adapter(m, folder)
     assert getattr(m, "lora_config", None) is None  # a failed load leaves the base model
 
 
-def test_pickle_is_refused(tmp_path):
-    folder = _saved(tmp_path)
+def test_pickle_is_refused(tmp_path, make_tiny_model):
+    folder = _saved(tmp_path, make_tiny_model)
     with open(folder / "adapter_model.safetensors", "wb") as fh:
         pickle.dump({"x": 1}, fh)
     with pytest.raises(AdapterError, match="not a valid safetensors"):
-        load_adapter(build_tiny_model("tinyvit"), folder)
+        load_adapter(make_tiny_model("tinyvit"), folder)
 
 
-def test_missing_files_and_bad_json(tmp_path):
+def test_missing_files_and_bad_json(tmp_path, make_tiny_model):
     with pytest.raises(AdapterError, match="not an adapter folder"):
-        load_adapter(build_tiny_model("tinyvit"), tmp_path)
-    folder = _saved(tmp_path)
+        load_adapter(make_tiny_model("tinyvit"), tmp_path)
+    folder = _saved(tmp_path, make_tiny_model)
     (folder / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterError, match="not valid JSON"):
-        load_adapter(build_tiny_model("tinyvit"), folder)
+        load_adapter(make_tiny_model("tinyvit"), folder)
 
 
-def test_switching_adapters_without_reloading_the_base(tmp_path):
-    m = build_tiny_model("tinyvit")
+def test_switching_adapters_without_reloading_the_base(tmp_path, make_tiny_model):
+    m = make_tiny_model("tinyvit")
     base = _outputs(m)
-    a = apply_lora(build_tiny_model("tinyvit"), LoraConfig(r=2))
+    a = apply_lora(make_tiny_model("tinyvit"), LoraConfig(r=2))
     _randomize_lora(a, 1)
     fa = save_adapter(a, tmp_path / "a")
-    b = apply_lora(build_tiny_model("tinyvit"), LoraConfig(r=4, mode="automatic", num_classes=4))
+    b = apply_lora(make_tiny_model("tinyvit"), LoraConfig(r=4, mode="automatic", num_classes=4))
     _randomize_lora(b, 2)
     fb = save_adapter(b, tmp_path / "b")
     load_adapter(m, fa)
@@ -171,7 +171,7 @@ def test_switching_adapters_without_reloading_the_base(tmp_path):
     assert torch.equal(_outputs(m)[0], base[0]) and torch.equal(_outputs(m)[1], base[1])
 
 
-def test_config_validation():
+def test_config_validation(make_tiny_model):
     with pytest.raises(ValueError, match="rank"):
         LoraConfig(r=0)
     with pytest.raises(ValueError, match="projections"):
@@ -179,9 +179,10 @@ def test_config_validation():
     with pytest.raises(ValueError, match="num_classes"):
         LoraConfig(mode="automatic", num_classes=1)
     with pytest.raises(ValueError, match="matches no Linear"):
-        apply_lora(build_tiny_model("vit"), LoraConfig(target_modules=r"nothing\.here"))
+        apply_lora(make_tiny_model("vit"), LoraConfig(target_modules=r"nothing\.here"))
 
 
+@pytest.mark.slow
 def test_trainable_parameter_counts_on_litemedsam():
     m = build_model("litemedsam", device="cpu")
     apply_lora(m, LoraConfig(r=4, train_decoder=False))

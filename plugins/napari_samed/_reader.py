@@ -167,10 +167,24 @@ def read_volume(path: str | Sequence[str]) -> list[LayerData]:
 
     Raises:
         ValueError: the file cannot be read (``samed.io.VolumeReadError`` names file and cause).
+            The message is also shown as a napari error notification in full: napari's own
+            notice for a failed reader is generic and cut short.
     """
     from samed.io import load_volume
 
     p = _single_path(path)
-    if p is None:
-        raise ValueError(f"samed reads one volume at a time; got {path!r}")
-    return [volume_layer_data(load_volume(p))]
+    try:
+        if p is None:
+            raise ValueError(f"samed reads one volume at a time; got {path!r}")
+        return [volume_layer_data(load_volume(p))]
+    except (OSError, ValueError) as exc:
+        _notify_error(f"samed could not read {p.name if p else path}: {exc}")
+        raise
+
+
+def _notify_error(message: str) -> None:
+    try:
+        from napari.utils.notifications import show_error
+    except ImportError:  # used without napari (npe2 alone): the exception carries the message
+        return
+    show_error(message)

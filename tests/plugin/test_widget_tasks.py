@@ -201,3 +201,31 @@ def test_samed_is_the_preferred_reader(make_napari_viewer, qtbot, parts):
     [again] = viewer.open(path, plugin=None)  # a script that leaves the choice to napari
     assert "samed_volume" in again.metadata
     qtbot.waitUntil(lambda: not widget.model_loading, timeout=120_000)
+
+
+def test_mgz_opens_through_the_plugin_and_read_errors_reach_the_user(
+    make_napari_viewer, qtbot, tmp_path
+):
+    import nibabel as nib
+    from napari.utils.notifications import notification_manager
+
+    src = nib.load(str(shared_path("sammed3d_brats", "BraTS2021_01646_flair.nii.gz")))
+    mgz = tmp_path / "flair.mgz"
+    nib.save(nib.MGHImage(np.asarray(src.dataobj, dtype=np.float32), src.affine), str(mgz))
+    viewer = make_napari_viewer(show=True)
+    _dock, widget = viewer.window.add_plugin_dock_widget("samed", "samed segmentation")
+    [layer] = viewer.open(str(mgz), plugin=None)  # napari's reader choice: samed
+    vol = layer.metadata["samed_volume"]
+    np.testing.assert_allclose(vol.affine, src.affine, atol=1e-4)
+    assert layer.data.shape == src.shape[::-1]
+    np.testing.assert_allclose(layer.scale, (1.5, 1.5, 1.5))
+    # an unreadable file: samed's own message, in full, as a notification
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    n0 = len(notification_manager.records)
+    with pytest.raises(Exception):  # noqa: B017 - napari wraps the reader's error in its own
+        viewer.open(str(bad), plugin=None)
+    messages = [str(r.message) for r in notification_manager.records[n0:]]
+    assert any(m.startswith("samed could not read broken.nii.gz: ") for m in messages), messages
+    assert any("broken.nii.gz" in m and len(m) > 60 for m in messages)
+    qtbot.waitUntil(lambda: not widget.model_loading, timeout=120_000)

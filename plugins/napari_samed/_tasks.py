@@ -299,8 +299,14 @@ class TaskMixin:
                 self._status("automatic stopped; labels unchanged")
                 return
             ann.fill(result, preserve=preserve, description="automatic")
+            meta = self._labels.metadata
             if names:
-                self._labels.metadata["samed_label_names"] = names
+                meta.setdefault("samed_label_names", {}).update(names)
+            kinds = meta.setdefault("samed_label_algorithm", {})
+            for v in np.unique(result):  # the adapter's classes, no person involved
+                if v:
+                    kinds[int(v)] = "AUTOMATIC"
+            self.ui.label_table.show_layer(self._labels, int(self.ui.label_spin.value()))
             self._labels.refresh()
             self._status("automatic segmentation written")
 

@@ -118,6 +118,15 @@ def build_ui(parent: QWidget) -> SimpleNamespace:
     form.addRow("", ui.radiological_check)
     root.addWidget(data_box)
 
+    from ._labeltable import LabelTable
+
+    table_box = QGroupBox("Label table (name, concept and colour go into DICOM SEG)")
+    box = QVBoxLayout(table_box)
+    ui.label_table = LabelTable(on_change=lambda: None)
+    ui.label_table.setMinimumHeight(110)
+    box.addWidget(ui.label_table)
+    root.addWidget(table_box)
+
     act_box = QGroupBox("Segment")
     grid = QGridLayout(act_box)
     for i, (attr, text, key, tip) in enumerate(_BUTTONS):

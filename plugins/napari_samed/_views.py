@@ -114,6 +114,45 @@ class LayersMixin:
         preview.data[z] = 0 if mask is None else np.asarray(mask, dtype=np.uint8)
         preview.refresh()
 
+    def _auto_intensity(self) -> str:
+        """What ``"auto"`` means for the chosen image (as :func:`samed.engine.preprocess.
+        resolve_intensity` decides it): ``"abdomen"`` for CT, ``"minmax"`` for data already in
+        [0, 1], else ``"percentile"`` (MR)."""
+        image = self._image
+        if image is None:
+            return "abdomen"
+        ref = reference_volume(image.metadata)
+        a = np.asarray(image.data)
+        lo, hi = (float(np.nanmin(a)), float(np.nanmax(a))) if a.size else (0.0, 0.0)
+        if str(getattr(ref, "modality", "") or "").upper() == "CT" or lo < -500:
+            return "abdomen"
+        return "minmax" if lo >= 0.0 and hi <= 1.0 else "percentile"
+
+    def _on_image_intensity(self) -> None:
+        """Say in the window combo what ``auto`` is for this image, and show the image with the
+        contrast the model will see."""
+        auto = self._auto_intensity()
+        text = {"abdomen": "auto (CT: abdomen)", "percentile": "auto (MR: percentile 0.5-99.5)"}
+        self.ui.window_combo.setItemText(0, text.get(auto, "auto (0-1 data: unchanged)"))
+        self._on_window()
+
+    def _display_limits(self, name: str) -> tuple[float, float] | None:
+        """Display contrast limits for an intensity choice on the chosen image (None: keep)."""
+        from samed.registry import CT_WINDOWS
+
+        if name == "auto":
+            name = self._auto_intensity()
+        preset = CT_WINDOWS.get(name)
+        if preset is not None:
+            return (preset.low, preset.high)
+        a = np.asarray(self._image.data)
+        sample = a[:: max(1, a.shape[0] // 16)] if a.ndim == 3 else a
+        if name == "percentile":
+            lo, hi = np.nanpercentile(sample, (0.5, 99.5))
+        else:  # min-max
+            lo, hi = np.nanmin(a), np.nanmax(a)
+        return (float(lo), float(hi)) if hi > lo else None
+
     def _apply_view(self, *_: Any) -> None:
         """Orient the 2D view: radiological for an axial volume whose geometry is known, shown
         in its own axial plane (rows vertical, columns horizontal). Only the camera turns: layer

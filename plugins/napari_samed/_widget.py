@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from superqt.utils import create_worker
 
 from samed.annotation import SlicePrompts
 
+from ._labeltable import ALGORITHM, apply_label_colors
 from ._layers import prompts_from_layers
 from ._prefs import activate
 from ._session import PluginSession, default_cache_dir
@@ -39,7 +41,7 @@ from ._views import (
     viewer_camera,
     viewer_text_overlay,
 )
-from ._writer import reference_volume, save_labels
+from ._writer import reference_volume, save_labels, seg_options
 
 __all__ = [
     "SamedWidget",
@@ -69,6 +71,9 @@ KEYS = {
     "Shift-E": "embed",
     "Shift-N": "next_label",
 }
+#: napari's own undo keys, bound to the widget's undo/redo while the widget is open (one history:
+#: the widget's covers prompts, propagation and label edits).
+UNDO_KEYS = {"Control-Z": "undo", "Control-Shift-Z": "redo"}
 
 
 class SamedWidget(LayersMixin, TaskMixin, QWidget):
@@ -152,7 +157,7 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
         getattr(self, name)()
 
     def _bind_keys(self) -> None:
-        for key, name in KEYS.items():
+        for key, name in {**KEYS, **UNDO_KEYS}.items():
             self.viewer.bind_key(key, functools.partial(self._key, name), overwrite=True)
 
     def _key(self, name: str, _viewer: Any) -> None:
@@ -160,7 +165,7 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
         self.stop()
-        for key in KEYS:
+        for key in {**KEYS, **UNDO_KEYS}:
             self.viewer.bind_key(key, None, overwrite=True)
         super().closeEvent(event)
 
@@ -214,6 +219,8 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
                 labels.events.selected_label.connect(self._on_layer_label)
                 self.ui.label_spin.setValue(int(labels.selected_label))
                 labels.preserve_labels = self.ui.preserve_check.isChecked()
+                apply_label_colors(labels)
+            self.ui.label_table.show_layer(labels, int(self.ui.label_spin.value()))
             if new_image:
                 self._clear_prompt_layers()
                 if _is_volume(image):
@@ -246,6 +253,8 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
     def _on_label_spin(self, value: int) -> None:
         if self._labels is not None and int(self._labels.selected_label) != value:
             self._labels.selected_label = value
+        if self._labels is not None:
+            self.ui.label_table.show_layer(self._labels, value)
 
     def _on_preserve(self, checked: bool) -> None:
         if self._labels is not None:
@@ -278,45 +287,6 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
             model_kind=kind, adapter=adapter, checkpoint=ui.checkpoint_edit.text().strip()
         )
         self._annotator = None
-
-    def _auto_intensity(self) -> str:
-        """What ``"auto"`` means for the chosen image (as :func:`samed.engine.preprocess.
-        resolve_intensity` decides it): ``"abdomen"`` for CT, ``"minmax"`` for data already in
-        [0, 1], else ``"percentile"`` (MR)."""
-        image = self._image
-        if image is None:
-            return "abdomen"
-        ref = reference_volume(image.metadata)
-        a = np.asarray(image.data)
-        lo, hi = (float(np.nanmin(a)), float(np.nanmax(a))) if a.size else (0.0, 0.0)
-        if str(getattr(ref, "modality", "") or "").upper() == "CT" or lo < -500:
-            return "abdomen"
-        return "minmax" if lo >= 0.0 and hi <= 1.0 else "percentile"
-
-    def _on_image_intensity(self) -> None:
-        """Say in the window combo what ``auto`` is for this image, and show the image with the
-        contrast the model will see."""
-        auto = self._auto_intensity()
-        text = {"abdomen": "auto (CT: abdomen)", "percentile": "auto (MR: percentile 0.5-99.5)"}
-        self.ui.window_combo.setItemText(0, text.get(auto, "auto (0-1 data: unchanged)"))
-        self._on_window()
-
-    def _display_limits(self, name: str) -> tuple[float, float] | None:
-        """Display contrast limits for an intensity choice on the chosen image (None: keep)."""
-        from samed.registry import CT_WINDOWS
-
-        if name == "auto":
-            name = self._auto_intensity()
-        preset = CT_WINDOWS.get(name)
-        if preset is not None:
-            return (preset.low, preset.high)
-        a = np.asarray(self._image.data)
-        sample = a[:: max(1, a.shape[0] // 16)] if a.ndim == 3 else a
-        if name == "percentile":
-            lo, hi = np.nanpercentile(sample, (0.5, 99.5))
-        else:  # min-max
-            lo, hi = np.nanmin(a), np.nanmax(a)
-        return (float(lo), float(hi)) if hi > lo else None
 
     def _on_window(self, *_: Any) -> None:
         name = self.ui.window_combo.currentData() or "auto"
@@ -473,8 +443,11 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
         if edit is None:
             show_info("samed: nothing to accept (the object is empty)")
             return
+        # a person prompted the model: a semi-automatic segment (DICOM SEG algorithm type)
+        self._labels.metadata.setdefault(ALGORITHM, {})[label] = "SEMIAUTOMATIC"
         self._labels.refresh()
         self._sync_layers()
+        self.ui.label_table.show_layer(self._labels, label)
         self._status(f"accepted {edit.size} voxels as label {label}")
         self._update_buttons()
 
@@ -544,28 +517,43 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
         """
         if self._labels is None:
             raise ValueError("no labels layer to export")
+        ref = reference_volume(self._labels.metadata)
+        if ref is None and self._image is not None:
+            ref = reference_volume(self._image.metadata)
         if path is None:
             path, _ = QFileDialog.getSaveFileName(
                 self,
                 "Export labels",
-                f"{self._labels.name}.nii.gz",
+                str(self.export_folder(ref) / f"{self._labels.name}.nii.gz"),
                 "NIfTI (*.nii.gz *.nii);;DICOM SEG (*.dcm)",
             )
             if not path:
                 return None
-        ref = reference_volume(self._labels.metadata)
-        if ref is None and self._image is not None:
-            ref = reference_volume(self._image.metadata)
+        self._labels.metadata["samed_algorithm"] = self.algorithm_name()
         out = save_labels(
             path,
             np.asarray(self._labels.data),
             ref,
-            label_names=self._labels.metadata.get("samed_label_names"),
+            **seg_options(self._labels.metadata),
             attributes={"scale": self._labels.scale, "translate": self._labels.translate},
         )
         self._status(f"saved {out[0]}")
         show_info(f"samed: saved {out[0]}")
         return out
+
+    @staticmethod
+    def export_folder(ref: Any) -> Path:
+        """Where the export dialog opens: beside the source file (a DICOM series: its folder's
+        parent, so the SEG does not land among the slices), else the working folder."""
+        src = Path(str(getattr(ref, "source", "") or ""))
+        if not str(src) or str(src) == ".":
+            return Path.cwd()
+        return src.parent if src.is_dir() or src.is_file() else Path.cwd()
+
+    def algorithm_name(self) -> str:
+        """The algorithm recorded in DICOM SEG: samed, the model and the adapter."""
+        st = self.session.settings
+        return f"samed {st.model_kind}" + (f" + {st.adapter}" if st.adapter else "")
 
     def _update_buttons(self) -> None:
         ann = self._annotator

@@ -229,3 +229,58 @@ def test_mgz_opens_through_the_plugin_and_read_errors_reach_the_user(
     assert any(m.startswith("samed could not read broken.nii.gz: ") for m in messages), messages
     assert any("broken.nii.gz" in m and len(m) > 60 for m in messages)
     qtbot.waitUntil(lambda: not widget.model_loading, timeout=120_000)
+
+
+def test_label_table_names_concepts_colours_and_algorithm_type_go_into_dicom_seg(
+    make_napari_viewer, qtbot, box_model_session, tmp_path
+):
+    import highdicom as hd
+    from napari_samed._labeltable import set_label_info
+    from napari_samed._widget import SamedWidget
+
+    viewer = make_napari_viewer(show=True)
+    [image] = viewer.open(str(shared_path(*DICOM)), plugin="samed")
+    widget = SamedWidget(viewer, session=box_model_session)
+    viewer.window.add_dock_widget(widget, name="samed")
+    qtbot.waitUntil(lambda: widget.session.model_loaded, timeout=60_000)
+    ann = widget.annotator
+    labels = widget._labels
+    # label 1 drawn interactively, named and coded in the table
+    widget.ui.label_spin.setValue(1)
+    table = widget.ui.label_table
+    assert table.rowCount() == 1 and table.item(0, 0).text() == "1"
+    combo = table.cellWidget(0, 2)
+    combo.setCurrentIndex(combo.findData("liver"))  # the concept names the label
+    assert table.item(0, 1).text() == "liver"
+    table.item(0, 3).setText("200, 80, 40")  # the colour
+    viewer.layers["samed boxes"].add_rectangles(box_vertices(10, (150, 150, 300, 320)))
+    qtbot.waitUntil(lambda: 10 in ann.masks, timeout=60_000)
+    widget.accept()
+    # label 2 as the automatic mode writes it (the adapter's class, no person involved)
+    auto = np.zeros(labels.data.shape, labels.data.dtype)
+    auto[12:14, 350:400, 100:160] = 2
+    ann.fill(auto, description="automatic")
+    labels.metadata["samed_label_algorithm"][2] = "AUTOMATIC"
+    set_label_info(labels, 2, name="right kidney", concept="right kidney")
+    out = widget.export(str(tmp_path / "seg.dcm"))
+    seg = hd.seg.segread(out[0])
+    d1, d2 = seg.get_segment_description(1), seg.get_segment_description(2)
+    assert d1.SegmentLabel == "liver" and d2.SegmentLabel == "right kidney"
+    assert d1.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"  # SNOMED CT liver
+    assert d1.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"  # anatomy
+    assert d2.SegmentedPropertyTypeCodeSequence[0].CodeValue == "9846003"
+    assert d1.SegmentAlgorithmType == "SEMIAUTOMATIC" and d2.SegmentAlgorithmType == "AUTOMATIC"
+    assert d1.SegmentAlgorithmName == "samed litemedsam"
+    lab = hd.color.CIELabColor.from_rgb(200, 80, 40).value
+    assert tuple(d1.RecommendedDisplayCIELabValue) == tuple(lab)
+    # the layer shows the table's colour
+    np.testing.assert_allclose(
+        labels.colormap.map(np.array([1]))[0][:3], (200 / 255, 80 / 255, 40 / 255), atol=0.01
+    )
+    # Ctrl-Z is the widget's undo while the widget is open
+    bound = {str(k).replace("+", "-"): f for k, f in viewer.keymap.items()}
+    key = next(k for k in bound if k.lower() in ("ctrl-z", "control-z"))
+    bound[key](viewer)
+    assert not (labels.data == 2).any() and (labels.data == 1).any()
+    # the export dialog opens beside the source series
+    assert widget.export_folder(image.metadata["samed_volume"]) == shared_path(*DICOM).parent

@@ -102,6 +102,8 @@ class LabelTable(QTableWidget):
         self.setHorizontalHeaderLabels(self.HEADERS)
         self.verticalHeader().setVisible(False)
         self.horizontalHeader().setStretchLastSection(True)
+        for col, width in enumerate((44, 110, 190)):
+            self.setColumnWidth(col, width)
         self._layer: Any = None
         self._filling = False
         self._on_change = on_change
@@ -138,7 +140,8 @@ class LabelTable(QTableWidget):
         combo.addItem("(from the name)", "")
         for key, c in CONCEPTS.items():
             combo.addItem(f"{c.name} ({c.type.meaning}, {c.type.value})", key)
-        combo.setCurrentIndex(max(0, combo.findData(concept)))
+        found = find_concept(concept or name)
+        combo.setCurrentIndex(max(0, combo.findData(concept or (found.name if found else ""))))
         combo.currentIndexChanged.connect(lambda _i, v=value, cb=combo: self._concept(v, cb))
         self.setCellWidget(row, 2, combo)
         swatch = QTableWidgetItem(f"{rgb[0]}, {rgb[1]}, {rgb[2]}")

@@ -284,3 +284,71 @@ def test_label_table_names_concepts_colours_and_algorithm_type_go_into_dicom_seg
     assert not (labels.data == 2).any() and (labels.data == 1).any()
     # the export dialog opens beside the source series
     assert widget.export_folder(image.metadata["samed_volume"]) == shared_path(*DICOM).parent
+
+
+def test_seg_opened_back_shows_names_and_colours(
+    make_napari_viewer, qtbot, box_model_session, tmp_path
+):
+    """Export a SEG from the label table, read it back on its series and show it with the SEG's
+    names and colours (screenshots: ``SAMED_SCREENSHOT_DIR``, else tmp_path)."""
+    import os
+    from pathlib import Path
+
+    import highdicom as hd
+    from napari_samed._labeltable import label_info, set_label_info
+    from napari_samed._widget import SamedWidget
+
+    from samed.io import read_dicom_seg
+
+    folder = Path(os.environ.get("SAMED_SCREENSHOT_DIR", tmp_path))
+    folder.mkdir(parents=True, exist_ok=True)
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1500, 1000)
+    [image] = viewer.open(str(shared_path(*DICOM)), plugin="samed")
+    widget = SamedWidget(viewer, session=box_model_session)
+    viewer.window.add_dock_widget(widget, name="samed")
+    qtbot.waitUntil(lambda: widget.session.model_loaded, timeout=60_000)
+    labels = widget.new_labels_layer()
+    z, (x0, y0, x1, y1) = _liver_box_dicom(image)
+    labels.data[z - 2 : z + 3, y0:y1, x0:x1] = 1  # stand-ins for two accepted objects
+    labels.data[z - 1 : z + 2, y0 + 60 : y0 + 110, x0 + 70 : x0 + 130] = 2
+    set_label_info(labels, 1, name="liver", concept="liver")
+    set_label_info(labels, 2, name="tumour", concept="tumour", color=(255, 220, 0))
+    labels.metadata["samed_label_algorithm"] = {1: "SEMIAUTOMATIC", 2: "SEMIAUTOMATIC"}
+    widget.ui.label_spin.setValue(2)
+    viewer.dims.set_current_step(0, z)
+    qtbot.wait(200)
+    viewer.screenshot(str(folder / "plugin_label_table.png"), canvas_only=False)
+    out = widget.export(str(tmp_path / "seg.dcm"))
+
+    back = read_dicom_seg(out[0], shared_path(*DICOM))
+    seg = hd.seg.segread(out[0])
+    layer = viewer.add_labels(
+        back.array, name="SEG read back", scale=back.spacing, metadata={"samed_volume": back}
+    )
+    for value, info in back.meta["segments"].items():
+        d = seg.get_segment_description(info["segment_number"])
+        rgb = hd.color.CIELabColor.from_dicom_value(d.RecommendedDisplayCIELabValue).to_rgb()
+        assert np.abs(np.subtract(rgb, label_info(labels, value)[2])).max() <= 2  # as set
+        set_label_info(layer, value, name=info["label"], color=rgb)
+    for name in (labels.name, "samed preview"):
+        viewer.layers[name].visible = False
+    widget.ui.labels_combo.setCurrentText(layer.name)
+    assert [widget.ui.label_table.item(r, 1).text() for r in range(2)] == ["liver", "tumour"]
+    np.testing.assert_array_equal(layer.data, labels.data)
+    qtbot.wait(200)
+    viewer.screenshot(str(folder / "plugin_seg_read_back.png"), canvas_only=False)
+    assert (folder / "plugin_seg_read_back.png").stat().st_size > 10_000
+
+
+def _liver_box_dicom(image):
+    from samed.io import align_to, load_label_map
+
+    seg = align_to(
+        load_label_map(shared_path(*DICOM[:2], "example_seg_dicom.nii.gz")),
+        image.metadata["samed_volume"],
+    )
+    gt = seg.array == 5
+    z = int(gt.sum((1, 2)).argmax())
+    ys, xs = np.nonzero(gt[z])
+    return z, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))

@@ -72,16 +72,19 @@ def set_label_info(
     apply_label_colors(layer)
 
 
-def apply_label_colors(layer: Any) -> None:
-    """Show the table's colours on the labels layer (other values keep napari's colours)."""
-    colors = layer.metadata.get(COLORS, {})
-    if not colors:
+def apply_label_colors(layer: Any, values: Any = ()) -> None:
+    """Show the colours that go into DICOM SEG on the labels layer: the table's, else the
+    concept's, else :func:`samed.colors.label_color` (for ``values`` and every named or coloured
+    label; other values keep napari's colours)."""
+    meta = layer.metadata
+    wanted = {int(v) for v in values} | set(meta.get(COLORS, {})) | set(meta.get(NAMES, {}))
+    if not wanted:
         return
     try:
         from napari.utils.colormaps import DirectLabelColormap
 
         table: dict[Any, Any] = {None: (0.5, 0.5, 0.5, 1.0), 0: (0, 0, 0, 0)}
-        for v in set(colors) | set(layer.metadata.get(NAMES, {})):
+        for v in wanted:
             table[int(v)] = (*(c / 255.0 for c in label_info(layer, int(v))[2]), 1.0)
         layer.colormap = DirectLabelColormap(color_dict=table)
     except (ImportError, TypeError, ValueError):  # older napari: the default colours stay
@@ -125,6 +128,7 @@ class LabelTable(QTableWidget):
                 values.add(int(active))
             for v in sorted(values):
                 self._add_row(v)
+            apply_label_colors(layer, values)
         finally:
             self._filling = False
 

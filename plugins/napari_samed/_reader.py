@@ -60,14 +60,16 @@ def _folder_has_dicom(folder: Path, limit: int = 64) -> bool:
 def get_reader(path: str | Sequence[str]) -> Callable[[Any], list[LayerData]] | None:
     """Return :func:`read_volume` if ``path`` looks readable by ``samed.io``, else None.
 
-    Never raises: napari then offers the path to other readers.
+    Never raises: napari then offers the path to other readers. A folder without DICOM images
+    goes to napari's builtins reader (image stacks), because samed is napari's preferred reader
+    for folders (see :mod:`napari_samed._prefs`).
     """
     p = _single_path(path)
     if p is None:
         return None
     try:
         if p.is_dir():
-            return read_volume if _folder_has_dicom(p) else None
+            return read_volume if _folder_has_dicom(p) else _builtins_reader(path)
         if not p.is_file() or not p.name.lower().endswith(SUFFIXES):
             return None
         if p.name.lower().endswith(".dcm"):
@@ -79,6 +81,40 @@ def get_reader(path: str | Sequence[str]) -> Callable[[Any], list[LayerData]] | 
     except (OSError, ValueError):
         return None
     return read_volume
+
+
+#: Image stacks napari's builtins reader reads from a folder.
+_STACK_SUFFIXES = (
+    ".png",
+    ".tif",
+    ".tiff",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".npy",
+    ".csv",
+    ".zarr",
+)
+
+
+def _builtins_reader(path: str | Sequence[str]) -> Callable[[Any], Any] | None:
+    """napari's builtins reader for a folder of images it can stack, else None."""
+    p = _single_path(path)
+    try:
+        names = [q.name.lower() for q in p.iterdir()] if p is not None else []
+    except OSError:
+        return None
+    if not any(n.endswith(_STACK_SUFFIXES) for n in names):
+        return None
+    try:
+        from napari_builtins.io import napari_get_reader
+    except ImportError:
+        return None
+    try:
+        return napari_get_reader(path)
+    except Exception:  # noqa: BLE001 - a reader that cannot decide means "not mine"
+        return None
 
 
 def _looks_like_labels(volume: Any) -> bool:
@@ -131,10 +167,24 @@ def read_volume(path: str | Sequence[str]) -> list[LayerData]:
 
     Raises:
         ValueError: the file cannot be read (``samed.io.VolumeReadError`` names file and cause).
+            The message is also shown as a napari error notification in full: napari's own
+            notice for a failed reader is generic and cut short.
     """
     from samed.io import load_volume
 
     p = _single_path(path)
-    if p is None:
-        raise ValueError(f"samed reads one volume at a time; got {path!r}")
-    return [volume_layer_data(load_volume(p))]
+    try:
+        if p is None:
+            raise ValueError(f"samed reads one volume at a time; got {path!r}")
+        return [volume_layer_data(load_volume(p))]
+    except (OSError, ValueError) as exc:
+        _notify_error(f"samed could not read {p.name if p else path}: {exc}")
+        raise
+
+
+def _notify_error(message: str) -> None:
+    try:
+        from napari.utils.notifications import show_error
+    except ImportError:  # used without napari (npe2 alone): the exception carries the message
+        return
+    show_error(message)

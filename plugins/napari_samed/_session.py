@@ -91,14 +91,28 @@ class PluginSession:
 
     @property
     def model_loaded(self) -> bool:
-        return self._model is not None
+        """Whether the model for the current settings is loaded."""
+        return self._model is not None and self._model_key == self.settings.model_key
 
     def model(self) -> Any:
         """The model for the current settings (built on first use; seconds)."""
         if self._model is None or self._model_key != self.settings.model_key:
-            self._model = self.model_factory(self.settings)
-            self._model_key = self.settings.model_key
+            settings = self.settings
+            self.set_model(settings, self.model_factory(settings))
         return self._model
+
+    def build_model(self, settings: Settings) -> Any:
+        """Build the model for ``settings`` without keeping it (thread-safe: for a worker; hand
+        the result to :meth:`set_model` on the GUI thread)."""
+        return self.model_factory(settings)
+
+    def set_model(self, settings: Settings, model: Any) -> bool:
+        """Keep ``model`` if it was built for the current settings; returns whether it was kept
+        (False when the settings changed while it was loading)."""
+        if settings.model_key != self.settings.model_key:
+            return False
+        self._model, self._model_key = model, settings.model_key
+        return True
 
     # ------------------------------------------------------------------ engines and annotators
     def engine(self, image: np.ndarray, modality: str = "") -> Any:

@@ -87,40 +87,124 @@ class TaskMixin:
             self._stop.set()
             self._status(f"stopping {self._task} ...")
 
+    # ------------------------------------------------------------------ model
+    @property
+    def model_loading(self) -> bool:
+        """Whether the model is being loaded in a worker."""
+        return self._model_worker is not None
+
+    def _model_ready(self, then: Callable[[], Any] | None = None) -> bool:
+        """True when the model is loaded; otherwise start loading it in a worker (the GUI stays
+        responsive) and run ``then`` when it is ready."""
+        if self.session.model_loaded:
+            return True
+        if then is not None and then not in self._after_model:
+            self._after_model.append(then)
+        self.load_model()
+        return False
+
+    def load_model(self) -> None:
+        """Load the chosen model (and adapter) in a worker; the state label says how it went."""
+        if self.session.model_loaded or self._model_worker is not None:
+            return
+        session = self.session
+        settings = session.settings
+        what = settings.model_kind + (f" + {settings.adapter}" if settings.adapter else "")
+        t0 = time.perf_counter()
+        worker = create_worker(_catching(lambda: session.build_model(settings)))
+        self._model_worker = worker
+        self._model_state(f"loading {what} ...")
+        self.ui.model_progress.setVisible(True)
+
+        def done(result: Any) -> None:
+            self._model_worker = None
+            self.ui.model_progress.setVisible(False)
+            then, self._after_model = self._after_model, []
+            if isinstance(result, BaseException):
+                self._model_state(f"not loaded: {result}")
+                if then:  # the user asked for something that needs the model
+                    self._error(result)
+                return
+            if not session.set_model(settings, result):
+                self._after_model = then
+                self.load_model()  # the settings changed while loading: load the new choice
+                return
+            dev = getattr(result, "device", "cpu")
+            self.timings["model_load_s"] = time.perf_counter() - t0
+            self._model_state(f"ready: {what} on {dev} ({self.timings['model_load_s']:.1f} s)")
+            for fn in then:
+                fn()
+
+        worker.returned.connect(done)
+        worker.start()
+
+    def _model_state(self, text: str) -> None:
+        self.ui.model_state.setText(f"Model: {text}")
+
+    # ------------------------------------------------------------------ embedding
     @_guarded
     def embed(self) -> None:
-        """Embed every slice in a worker, nearest to the current slice first."""
+        """Embed every slice in a worker, nearest to the current slice first.
+
+        The worker embeds one slice per step on the CPU (a batch per step on a GPU), so *Stop*
+        waits for one slice at most; a stopped run keeps the slices it embedded in memory (the
+        disk cache is written by the next complete run or propagation)."""
+        if not self._model_ready(self.embed):
+            return
         ann = self._ensure()
         engine = ann.engine
         z0 = self._current_z()
         order = sorted(range(engine.shape[0]), key=lambda k: (abs(k - z0), k))
+        order = [z for z in order if not engine.is_embedded(z)]
+        gpu = str(getattr(engine.model, "device", "cpu")).startswith("cuda")
+        step = engine.batch_size if gpu else 1
         stop = self._stop
         t0 = time.perf_counter()
 
         def job() -> Iterator[Any]:
-            it = engine.embed_iter(order)
+            saved, engine.cache_dir = engine.cache_dir, None  # one save at the end, not per step
             try:
-                for done, total in it:
-                    yield done, total
+                yield 0, len(order)
+                for i in range(0, len(order), step):
                     if stop.is_set():
-                        break
+                        return "stopped", i, len(order)
+                    for _ in engine.embed_iter(order[i : i + step]):
+                        pass
+                    yield min(i + step, len(order)), len(order)
             finally:
-                it.close()
-            if stop.is_set() and engine.cache_dir is not None:
+                engine.cache_dir = saved
+            if saved is not None and order:
                 engine.save_cache()
+            return "done", len(order), len(order)
 
         def on_yield(v: tuple[int, int]) -> None:
             self._progress(v[0], v[1], f"embedding {v[0]}/{v[1]} slices")
 
-        def on_done(_: Any) -> None:
+        def on_done(result: tuple[str, int, int]) -> None:
+            what, n, total = result
             self.timings["embed_s"] = time.perf_counter() - t0
-            self._status(f"embeddings ready ({self.timings['embed_s']:.1f} s)")
+            if what == "stopped":
+                self._status(f"embedding stopped: {n} of {total} slices embedded")
+            else:
+                self._status(f"embeddings ready ({self.timings['embed_s']:.1f} s)")
 
         self._start("embed", job, on_yield, on_done)
 
+    # ------------------------------------------------------------------ propagation
+    def slice_range(self) -> tuple[int, int] | None:
+        """The (first, last) slice the object may reach (inclusive), or None for the whole
+        volume (the widget's *Slices from / to* boxes)."""
+        if not self.ui.range_check.isChecked():
+            return None
+        lo, hi = int(self.ui.range_from.value()), int(self.ui.range_to.value())
+        return (min(lo, hi), max(lo, hi))
+
     @_guarded
     def propagate(self) -> None:
-        """Propagate the current object through the volume (direction from the combo box)."""
+        """Propagate the current object through the volume (direction from the combo box),
+        within the slice range when one is set."""
+        if not self._model_ready(self.propagate):
+            return
         ann = self._ensure()
         if not self._require_idle(self.propagate):
             return
@@ -129,34 +213,57 @@ class TaskMixin:
             raise ValueError("nothing to propagate: place a box or points on a slice first")
         engine = ann.engine
         direction = self.ui.direction_combo.currentText()
+        runs = _propagation_runs(seed, direction, self.slice_range(), engine.shape[0])
         opts = dict(self.propagate_options)
         stop = self._stop
+        before = {z for z, m in ann.masks.items() if m.any()}
         t0 = time.perf_counter()
 
         def job() -> Iterator[Any]:
             # The engine saves its disk cache after every look-ahead batch; save once instead.
             saved, engine.cache_dir = engine.cache_dir, None
-            it = ann.propagate_iter(seed, direction, **opts)
+            recorded = 0
             try:
-                for step in it:
-                    yield step
+                for d, limit in runs:
+                    it = ann.propagate_iter(seed, d, **opts, max_distance=limit)
+                    try:
+                        for step in it:
+                            yield step
+                            if stop.is_set():
+                                break
+                    finally:
+                        it.close()  # records the run as one undoable step
+                        recorded += 1
                     if stop.is_set():
                         break
             finally:
-                it.close()
                 engine.cache_dir = saved
             if saved is not None:
                 engine.save_cache()
+            return recorded
 
         def on_yield(step: Any) -> None:
             self._show_mask(step.z, None if step.stopped else step.mask)
             self._progress(step.done, step.total, f"propagating: slice {step.z}")
 
-        def on_done(_: Any) -> None:
+        def on_done(recorded: int) -> None:
             self.timings["propagate_s"] = time.perf_counter() - t0
+            lost = before - {z for z, m in ann.masks.items() if m.any()}
+            if self._stop.is_set() and lost:
+                # a stopped run would drop slices an earlier propagation had filled: take it
+                # back as a whole (Redo brings the partial result back)
+                for _ in range(recorded):
+                    ann.undo()
+                self._sync_layers()
+                self._status(
+                    f"propagation stopped: the object is as before it ({len(before)} slices; "
+                    "Redo shows the partial result)"
+                )
+                return
             self._sync_layers()
             n = sum(1 for m in ann.masks.values() if m.any())
-            self._status(f"object on {n} slices ({self.timings['propagate_s']:.1f} s)")
+            word = "stopped: " if self._stop.is_set() else ""
+            self._status(f"{word}object on {n} slices ({self.timings['propagate_s']:.1f} s)")
 
         self._start("propagate", job, on_yield, on_done)
 
@@ -192,8 +299,14 @@ class TaskMixin:
                 self._status("automatic stopped; labels unchanged")
                 return
             ann.fill(result, preserve=preserve, description="automatic")
+            meta = self._labels.metadata
             if names:
-                self._labels.metadata["samed_label_names"] = names
+                meta.setdefault("samed_label_names", {}).update(names)
+            kinds = meta.setdefault("samed_label_algorithm", {})
+            for v in np.unique(result):  # the adapter's classes, no person involved
+                if v:
+                    kinds[int(v)] = "AUTOMATIC"
+            self.ui.label_table.show_layer(self._labels, int(self.ui.label_spin.value()))
             self._labels.refresh()
             self._status("automatic segmentation written")
 
@@ -210,6 +323,29 @@ class TaskMixin:
         self._then = then
         self._status("pausing the embedding ...")
         return False
+
+
+def _propagation_runs(
+    seed: int, direction: str, limits: tuple[int, int] | None, depth: int
+) -> list[tuple[str, int | None]]:
+    """(direction, max_distance) runs of one propagation: the direction as chosen without a slice
+    range; with a range (first, last), one run per direction that stops at its end."""
+    if direction not in ("both", "forward", "backward"):
+        raise ValueError(f"direction {direction!r} must be 'both', 'forward' or 'backward'")
+    if limits is None:
+        return [(direction, None)]
+    lo, hi = max(0, limits[0]), min(depth - 1, limits[1])
+    if not lo <= seed <= hi:
+        raise ValueError(
+            f"the object's slice {seed} is outside the slice range {lo}-{hi}: widen the range "
+            "or prompt a slice inside it"
+        )
+    runs: list[tuple[str, int | None]] = []
+    if direction in ("both", "forward"):
+        runs.append(("forward", hi - seed))
+    if direction in ("both", "backward"):
+        runs.append(("backward", seed - lo))
+    return runs
 
 
 def _catching(fn: Callable[[], Any]) -> Callable[[], Any]:

@@ -35,6 +35,12 @@ _BUTTONS = (
     ),
     ("propagate", "Propagate", "Shift-P", "Carry the object through the volume"),
     ("clear_object", "Clear object", "Shift-C", "Drop the current prompts and preview"),
+    (
+        "delete_slice",
+        "Delete on slice",
+        "Shift-D",
+        "Remove the active label from the current slice (and the object's prompts there)",
+    ),
     ("automatic", "Automatic", "", "Segment all classes with an automatic adapter"),
     ("undo", "Undo", "Shift-U", "Undo the last prompt, propagation, clear or accept"),
     ("redo", "Redo", "Shift-R", "Redo"),
@@ -67,6 +73,15 @@ def build_ui(parent: QWidget) -> SimpleNamespace:
     form.addRow("Model", ui.model_combo)
     form.addRow("Checkpoint", ui.checkpoint_edit)
     form.addRow("Adapter", ui.adapter_combo)
+    ui.model_state = QLabel("Model: not loaded (loads when an image is chosen)")
+    ui.model_state.setWordWrap(True)
+    ui.model_progress = QProgressBar()
+    ui.model_progress.setRange(0, 0)  # indeterminate: loading has no steps to count
+    ui.model_progress.setMaximumHeight(8)
+    ui.model_progress.setTextVisible(False)
+    ui.model_progress.setVisible(False)
+    form.addRow(ui.model_state)
+    form.addRow(ui.model_progress)
     root.addWidget(model_box)
 
     data_box = QGroupBox("Data")
@@ -103,6 +118,15 @@ def build_ui(parent: QWidget) -> SimpleNamespace:
     form.addRow("", ui.radiological_check)
     root.addWidget(data_box)
 
+    from ._labeltable import LabelTable
+
+    table_box = QGroupBox("Label table (name, concept and colour go into DICOM SEG)")
+    box = QVBoxLayout(table_box)
+    ui.label_table = LabelTable(on_change=lambda: None)
+    ui.label_table.setMinimumHeight(110)
+    box.addWidget(ui.label_table)
+    root.addWidget(table_box)
+
     act_box = QGroupBox("Segment")
     grid = QGridLayout(act_box)
     for i, (attr, text, key, tip) in enumerate(_BUTTONS):
@@ -115,6 +139,23 @@ def build_ui(parent: QWidget) -> SimpleNamespace:
     n = len(_BUTTONS)
     grid.addWidget(QLabel("Propagate direction"), (n + 1) // 2, 0)
     grid.addWidget(ui.direction_combo, (n + 1) // 2, 1)
+    ui.range_check = QCheckBox("Slices from")
+    ui.range_check.setToolTip(
+        "Limit propagation to these slices (inclusive): the object never goes beyond them"
+    )
+    ui.range_from = QSpinBox()
+    ui.range_to = QSpinBox()
+    for spin in (ui.range_from, ui.range_to):
+        spin.setRange(0, 0)
+        spin.setEnabled(False)
+    ui.range_check.toggled.connect(ui.range_from.setEnabled)
+    ui.range_check.toggled.connect(ui.range_to.setEnabled)
+    row = QHBoxLayout()
+    row.addWidget(ui.range_from)
+    row.addWidget(QLabel("to"))
+    row.addWidget(ui.range_to)
+    grid.addWidget(ui.range_check, (n + 1) // 2 + 1, 0)
+    grid.addLayout(row, (n + 1) // 2 + 1, 1)
     ui.stop_btn.setEnabled(False)
     ui.undo_btn.setEnabled(False)
     ui.redo_btn.setEnabled(False)

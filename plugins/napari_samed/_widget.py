@@ -13,31 +13,51 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from napari.layers import Image, Labels, Points, Shapes
+from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QWidget
 from superqt.utils import create_worker
 
 from samed.annotation import SlicePrompts
 
-from ._layers import prompt_layer_data, prompts_from_layers, radiological_orientation2d
+from ._labeltable import ALGORITHM, apply_label_colors
+from ._layers import prompts_from_layers
+from ._prefs import activate
 from ._session import PluginSession, default_cache_dir
 from ._tasks import TaskMixin, _catching, _guarded
 from ._ui import build_ui
-from ._writer import reference_volume, save_labels
+from ._views import (
+    BOXES,
+    NEGATIVE,
+    OWN_LAYERS,
+    POSITIVE,
+    PREVIEW,
+    LayersMixin,
+    viewer_camera,
+    viewer_text_overlay,
+)
+from ._writer import reference_volume, save_labels, seg_options
 
-__all__ = ["SamedWidget", "PREVIEW", "POSITIVE", "NEGATIVE", "BOXES", "KEYS"]
+__all__ = [
+    "SamedWidget",
+    "PREVIEW",
+    "POSITIVE",
+    "NEGATIVE",
+    "BOXES",
+    "KEYS",
+    "unwrap",
+    "viewer_camera",
+    "viewer_text_overlay",
+]
 
 log = logging.getLogger(__name__)
 
-PREVIEW = "samed preview"
-POSITIVE = "samed positive"
-NEGATIVE = "samed negative"
-BOXES = "samed boxes"
-_OWN = (PREVIEW, POSITIVE, NEGATIVE, BOXES)
+_OWN = OWN_LAYERS
 
 #: Keyboard shortcuts (bound on the viewer) -> widget method name.
 KEYS = {
@@ -45,14 +65,18 @@ KEYS = {
     "Shift-P": "propagate",
     "Shift-X": "stop",
     "Shift-C": "clear_object",
+    "Shift-D": "delete_slice",
     "Shift-U": "undo",
     "Shift-R": "redo",
     "Shift-E": "embed",
     "Shift-N": "next_label",
 }
+#: napari's own undo keys, bound to the widget's undo/redo while the widget is open (one history:
+#: the widget's covers prompts, propagation and label edits).
+UNDO_KEYS = {"Control-Z": "undo", "Control-Shift-Z": "redo"}
 
 
-class SamedWidget(TaskMixin, QWidget):
+class SamedWidget(LayersMixin, TaskMixin, QWidget):
     """Interactive segmentation dock widget.
 
     Args:
@@ -64,10 +88,17 @@ class SamedWidget(TaskMixin, QWidget):
 
     def __init__(self, napari_viewer: Any, session: PluginSession | None = None) -> None:
         super().__init__()
-        self.viewer = napari_viewer
+        # napari hands plugin widgets a PublicOnlyProxy of the viewer, whose layers come back
+        # wrapped in new proxies on every access: identity checks (``is``) between them fail.
+        # The widget keeps the viewer itself, so its layers are the layers.
+        self.viewer = unwrap(napari_viewer)
         self.session = session or PluginSession(cache_dir=default_cache_dir())
         #: Keyword arguments for propagation (see :meth:`samed.engine.Session.propagate`).
-        self.propagate_options: dict[str, Any] = {"box_margin": 2.0, "min_area": 10, "max_step_px": 2}
+        self.propagate_options: dict[str, Any] = {
+            "box_margin": 2.0,
+            "min_area": 10,
+            "max_step_px": 2,
+        }
         #: Last measured times (click -> preview in ms, embed / propagate in s).
         self.timings: dict[str, float] = {}
         self.last_error: str = ""
@@ -83,6 +114,10 @@ class SamedWidget(TaskMixin, QWidget):
         self._dirty = False
         self._then: Callable[[], Any] | None = None
         self._view_turned = False  # whether this widget set the camera orientation / overlay
+        self._choosing = False
+        self._model_worker: Any = None
+        self._after_model: list[Callable[[], Any]] = []
+        activate()  # samed as napari's reader for medical formats (also on plugin activation)
         self.ui = build_ui(self)
         self._connect()
         self._refresh_choices()
@@ -100,6 +135,7 @@ class SamedWidget(TaskMixin, QWidget):
             "undo",
             "redo",
             "clear_object",
+            "delete_slice",
             "export",
         ):
             getattr(ui, f"{name}_btn").clicked.connect(functools.partial(self._click, name))
@@ -121,7 +157,7 @@ class SamedWidget(TaskMixin, QWidget):
         getattr(self, name)()
 
     def _bind_keys(self) -> None:
-        for key, name in KEYS.items():
+        for key, name in {**KEYS, **UNDO_KEYS}.items():
             self.viewer.bind_key(key, functools.partial(self._key, name), overwrite=True)
 
     def _key(self, name: str, _viewer: Any) -> None:
@@ -129,7 +165,7 @@ class SamedWidget(TaskMixin, QWidget):
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
         self.stop()
-        for key in KEYS:
+        for key in {**KEYS, **UNDO_KEYS}:
             self.viewer.bind_key(key, None, overwrite=True)
         super().closeEvent(event)
 
@@ -163,51 +199,52 @@ class SamedWidget(TaskMixin, QWidget):
     def _chosen(self, combo: Any, kind: type) -> Any:
         name = combo.currentText()
         if name in self.viewer.layers and isinstance(self.viewer.layers[name], kind):
-            return self.viewer.layers[name]
+            return unwrap(self.viewer.layers[name])
         return None
 
     def _on_layer_choice(self, *_: Any) -> None:
+        if self._choosing:  # adding the prompt layers below re-enters through layer events
+            return
         image = self._chosen(self.ui.image_combo, Image)
         labels = self._chosen(self.ui.labels_combo, Labels)
-        if image is not self._image or labels is not self._labels:
+        if image is self._image and labels is self._labels:
+            return
+        self._choosing = True
+        try:
             if self._labels is not None:
                 self._labels.events.selected_label.disconnect(self._on_layer_label)
+            new_image = image is not self._image
             self._image, self._labels, self._annotator = image, labels, None
             if labels is not None:
                 labels.events.selected_label.connect(self._on_layer_label)
                 self.ui.label_spin.setValue(int(labels.selected_label))
                 labels.preserve_labels = self.ui.preserve_check.isChecked()
-            if self._layers:
-                self._sync_layers()
+                apply_label_colors(labels)
+            self.ui.label_table.show_layer(labels, int(self.ui.label_spin.value()))
+            if new_image:
+                self._clear_prompt_layers()
+                if _is_volume(image):
+                    # prompt layers exist as soon as there is an image to draw on; the model
+                    # loads in a worker meanwhile
+                    self._ensure_prompt_layers()
+                    # napari selects an opened layer after its insert events: make the boxes
+                    # layer active once that is done, ready for the first box
+                    QTimer.singleShot(0, self._select_boxes)
+                    depth = int(np.shape(image.data)[0])
+                    for spin, value in ((self.ui.range_from, 0), (self.ui.range_to, depth - 1)):
+                        spin.setRange(0, depth - 1)
+                        spin.setValue(value)
+                    self.load_model()
+                self._on_image_intensity()
             self._apply_view()
+        finally:
+            self._choosing = False
 
-    def _apply_view(self, *_: Any) -> None:
-        """Orient the 2D view: radiological for an axial volume whose geometry is known, shown
-        in its own axial plane (rows vertical, columns horizontal). Only the camera turns: layer
-        data and world coordinates stay as they are. Otherwise, what this widget turned earlier
-        is turned back (a camera or overlay set by the user or another plugin is left alone)."""
-        orient = None
-        ref = reference_volume(self._image.metadata) if self._image is not None else None
-        ndim = self.viewer.dims.ndim
-        axial_plane = ndim >= 2 and tuple(self.viewer.dims.order[-2:]) == (ndim - 2, ndim - 1)
-        if ref is not None and self.ui.radiological_check.isChecked() and axial_plane:
-            orient = radiological_orientation2d(ref.orientation)
-        camera = viewer_camera(self.viewer)
-        if not hasattr(camera, "orientation2d"):  # napari < 0.6: no camera orientation
-            self.ui.radiological_check.setEnabled(False)
-            self.ui.radiological_check.setToolTip("needs napari >= 0.6 (camera orientation)")
-            return
-        overlay = viewer_text_overlay(self.viewer)
-        if orient is not None:
-            camera.orientation2d = orient
-            overlay.text = "radiological view: anterior up, patient's right on the left"
-            overlay.visible = True
-            self._view_turned = True
-            self._status(f"view: radiological ({ref.orientation} volume)")
-        elif self._view_turned:
-            camera.orientation2d = ("down", "right")
-            overlay.visible = False
-            self._view_turned = False
+    def _select_boxes(self) -> None:
+        boxes = self._layers.get(BOXES)
+        if boxes is not None and boxes in self.viewer.layers:
+            self.viewer.layers.selection.active = boxes
+            boxes.mode = "add_rectangle"
 
     def _on_layer_label(self, *_: Any) -> None:
         if self._labels is not None:
@@ -216,6 +253,8 @@ class SamedWidget(TaskMixin, QWidget):
     def _on_label_spin(self, value: int) -> None:
         if self._labels is not None and int(self._labels.selected_label) != value:
             self._labels.selected_label = value
+        if self._labels is not None:
+            self.ui.label_table.show_layer(self._labels, value)
 
     def _on_preserve(self, checked: bool) -> None:
         if self._labels is not None:
@@ -250,12 +289,11 @@ class SamedWidget(TaskMixin, QWidget):
         self._annotator = None
 
     def _on_window(self, *_: Any) -> None:
-        from samed.registry import CT_WINDOWS
-
         name = self.ui.window_combo.currentData() or "auto"
-        preset = CT_WINDOWS.get(name)
-        if preset is not None and self._image is not None:
-            self._image.contrast_limits = (preset.low, preset.high)
+        if self._image is not None:
+            limits = self._display_limits(name)
+            if limits is not None:
+                self._image.contrast_limits = limits
         if name != self.session.settings.intensity:
             self.session.update(intensity=name)
             self._annotator = None
@@ -304,83 +342,16 @@ class SamedWidget(TaskMixin, QWidget):
         if ann is not self._annotator or missing:
             self._annotator = ann
             self._ensure_prompt_layers()
-            self._sync_layers()
+            if ann.prompts or ann.masks or ann.can_undo or ann.can_redo:
+                self._sync_layers()  # an annotator with a past (switching back): show its state
+            # else: a new object; prompts drawn before it existed stay and are read next
         return ann
-
-    def _ensure_prompt_layers(self) -> None:
-        image = self._image
-        shape = tuple(np.shape(image.data))
-        common = {"scale": image.scale, "translate": image.translate}
-        lay = self._layers
-        if PREVIEW not in self.viewer.layers or self.viewer.layers[PREVIEW].data.shape != shape:
-            if PREVIEW in self.viewer.layers:
-                self.viewer.layers.remove(PREVIEW)
-            lay[PREVIEW] = self.viewer.add_labels(
-                np.zeros(shape, np.uint8), name=PREVIEW, opacity=0.6, **common
-            )
-            _set_preview_colour(lay[PREVIEW])
-        else:
-            lay[PREVIEW] = self.viewer.layers[PREVIEW]
-            lay[PREVIEW].scale, lay[PREVIEW].translate = image.scale, image.translate
-        specs = (
-            (POSITIVE, Points, {"face_color": "lime", "size": 4, "ndim": 3}),
-            (NEGATIVE, Points, {"face_color": "red", "size": 4, "ndim": 3}),
-            (
-                BOXES,
-                Shapes,
-                {"edge_color": "yellow", "face_color": "transparent", "edge_width": 1, "ndim": 3},
-            ),
-        )
-        for name, kind, kw in specs:
-            if name in self.viewer.layers:
-                layer = self.viewer.layers[name]
-                layer.scale, layer.translate = image.scale, image.translate
-            else:
-                layer = kind(name=name, **kw, **common)
-                self.viewer.add_layer(layer)
-                layer.events.data.connect(self._on_prompt_data)
-                if name == BOXES:  # ready to draw the first box
-                    layer.mode = "add_rectangle"
-            lay[name] = layer
-        if self._labels is not None:
-            self.ui.labels_combo.setCurrentText(self._labels.name)
 
     def _current_z(self) -> int:
         image = self._require_image()
         depth = np.shape(image.data)[0]
         z = float(image.world_to_data(self.viewer.dims.point)[-3])
         return int(np.clip(np.floor(z + 0.5), 0, depth - 1))
-
-    # ------------------------------------------------------------------ layer <-> state sync
-    def _sync_layers(self) -> None:
-        """Rewrite the prompt layers and the preview from the annotator's state."""
-        ann = self._annotator
-        lay = self._layers
-        if ann is None or not lay:
-            return
-        pos, neg, rects = prompt_layer_data(ann.prompts)
-        self._syncing = True
-        try:
-            lay[POSITIVE].data = pos
-            lay[NEGATIVE].data = neg
-            boxes = lay[BOXES]
-            if len(boxes.data):
-                boxes.selected_data = set(range(len(boxes.data)))
-                boxes.remove_selected()
-            if rects:
-                boxes.add_rectangles(rects)
-        finally:
-            self._syncing = False
-        preview = lay[PREVIEW]
-        preview.data[:] = 0
-        for z, m in ann.masks.items():
-            preview.data[z][m] = 1
-        preview.refresh()
-
-    def _show_mask(self, z: int, mask: np.ndarray | None) -> None:
-        preview = self._layers[PREVIEW]
-        preview.data[z] = 0 if mask is None else np.asarray(mask, dtype=np.uint8)
-        preview.refresh()
 
     def _on_prompt_data(self, event: Any = None) -> None:
         action = str(getattr(event, "action", "") or "")
@@ -400,6 +371,10 @@ class SamedWidget(TaskMixin, QWidget):
             worker first and updated when it returns).
         """
         t0 = time.perf_counter()
+        self._require_image()
+        if not self._model_ready(self.update_prompts):
+            self._status("prompts kept; they are applied when the model is ready")
+            return []
         ann = self._ensure()
         shape = tuple(np.shape(self._image.data))
         new = prompts_from_layers(
@@ -455,6 +430,8 @@ class SamedWidget(TaskMixin, QWidget):
     def _idle_annotator(self) -> Any:
         if self.busy and self._task != "embed":
             raise RuntimeError(f"busy with {self._task}; press Stop (Shift-X) first")
+        if not self._model_ready():
+            raise RuntimeError("the model is still loading; try again when it is ready")
         return self._ensure()
 
     @_guarded
@@ -466,8 +443,11 @@ class SamedWidget(TaskMixin, QWidget):
         if edit is None:
             show_info("samed: nothing to accept (the object is empty)")
             return
+        # a person prompted the model: a semi-automatic segment (DICOM SEG algorithm type)
+        self._labels.metadata.setdefault(ALGORITHM, {})[label] = "SEMIAUTOMATIC"
         self._labels.refresh()
         self._sync_layers()
+        self.ui.label_table.show_layer(self._labels, label)
         self._status(f"accepted {edit.size} voxels as label {label}")
         self._update_buttons()
 
@@ -478,6 +458,29 @@ class SamedWidget(TaskMixin, QWidget):
             self._sync_layers()
             self._status("object cleared")
         self._update_buttons()
+
+    @_guarded
+    def delete_slice(self, z: int | None = None) -> int:
+        """Remove the active label from one slice of the labels layer (default: the slice on
+        screen), and the current object's prompts there; one undoable step.
+
+        Returns:
+            The number of voxels that lost the label.
+        """
+        ann = self._idle_annotator()
+        z = self._current_z() if z is None else int(z)
+        label = int(self.ui.label_spin.value())
+        if z in ann.prompts:
+            ann.set_prompts(z, SlicePrompts())
+        edit = ann.editor.erase(label, z=z, record=False)
+        # one history for the widget: the annotator records label edits next to prompt steps
+        ann._record_edit(f"delete label {label} on slice {z}", edit)
+        self._labels.refresh()
+        self._sync_layers()
+        n = 0 if edit is None else edit.size
+        self._status(f"slice {z}: label {label} removed ({n} voxels)")
+        self._update_buttons()
+        return n
 
     @_guarded
     def undo(self) -> None:
@@ -514,28 +517,43 @@ class SamedWidget(TaskMixin, QWidget):
         """
         if self._labels is None:
             raise ValueError("no labels layer to export")
+        ref = reference_volume(self._labels.metadata)
+        if ref is None and self._image is not None:
+            ref = reference_volume(self._image.metadata)
         if path is None:
             path, _ = QFileDialog.getSaveFileName(
                 self,
                 "Export labels",
-                f"{self._labels.name}.nii.gz",
+                str(self.export_folder(ref) / f"{self._labels.name}.nii.gz"),
                 "NIfTI (*.nii.gz *.nii);;DICOM SEG (*.dcm)",
             )
             if not path:
                 return None
-        ref = reference_volume(self._labels.metadata)
-        if ref is None and self._image is not None:
-            ref = reference_volume(self._image.metadata)
+        self._labels.metadata["samed_algorithm"] = self.algorithm_name()
         out = save_labels(
             path,
             np.asarray(self._labels.data),
             ref,
-            label_names=self._labels.metadata.get("samed_label_names"),
+            **seg_options(self._labels.metadata),
             attributes={"scale": self._labels.scale, "translate": self._labels.translate},
         )
         self._status(f"saved {out[0]}")
         show_info(f"samed: saved {out[0]}")
         return out
+
+    @staticmethod
+    def export_folder(ref: Any) -> Path:
+        """Where the export dialog opens: beside the source file (a DICOM series: its folder's
+        parent, so the SEG does not land among the slices), else the working folder."""
+        src = Path(str(getattr(ref, "source", "") or ""))
+        if not str(src) or str(src) == ".":
+            return Path.cwd()
+        return src.parent if src.is_dir() or src.is_file() else Path.cwd()
+
+    def algorithm_name(self) -> str:
+        """The algorithm recorded in DICOM SEG: samed, the model and the adapter."""
+        st = self.session.settings
+        return f"samed {st.model_kind}" + (f" + {st.adapter}" if st.adapter else "")
 
     def _update_buttons(self) -> None:
         ann = self._annotator
@@ -545,25 +563,14 @@ class SamedWidget(TaskMixin, QWidget):
         ui.redo_btn.setEnabled(ann is not None and ann.can_redo)
 
 
-def viewer_camera(viewer: Any) -> Any:
-    """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+def unwrap(obj: Any) -> Any:
+    """The object behind napari's ``PublicOnlyProxy`` wrappers (``obj`` itself if not wrapped)."""
+    import wrapt
+
+    while isinstance(obj, wrapt.ObjectProxy):
+        obj = obj.__wrapped__
+    return obj
 
 
-def viewer_text_overlay(viewer: Any) -> Any:
-    """The canvas text overlay (``viewer.canvas.overlays.text`` from napari 0.9)."""
-    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
-    text = getattr(overlays, "text", None)
-    return text if text is not None else viewer.text_overlay
-
-
-def _set_preview_colour(layer: Labels) -> None:
-    try:
-        from napari.utils.colormaps import DirectLabelColormap
-
-        layer.colormap = DirectLabelColormap(
-            color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: (1.0, 0.85, 0.0, 1.0)}
-        )
-    except (ImportError, TypeError, ValueError):  # older napari: keep the default colours
-        pass
+def _is_volume(layer: Any) -> bool:
+    return layer is not None and not layer.rgb and np.ndim(layer.data) == 3

@@ -42,6 +42,11 @@ def save_labels(
     reference: Any | None,
     label_names: dict[int, str] | None = None,
     attributes: dict[str, Any] | None = None,
+    *,
+    label_concepts: dict[int, str] | None = None,
+    colors: dict[int, tuple[int, int, int]] | None = None,
+    algorithm_types: dict[int, str] | None = None,
+    algorithm: str = "samed",
 ) -> list[str]:
     """Write a (Z, Y, X) label map next to its source.
 
@@ -52,6 +57,8 @@ def save_labels(
         reference: the source volume (None: a diagonal affine from ``attributes``' scale).
         label_names: label value -> name for DICOM SEG segments.
         attributes: napari layer attributes (scale, translate) for the fallback geometry.
+        label_concepts / colors / algorithm_types / algorithm: DICOM SEG segment metadata (see
+            :func:`samed.io.save_dicom_seg`); ignored for NIfTI.
 
     Returns:
         ``[path]`` written.
@@ -75,7 +82,16 @@ def save_labels(
             )
         present = [int(v) for v in np.unique(labels) if v != 0]
         names = {v: (label_names or {}).get(v, f"label {v}") for v in present}
-        sio.save_dicom_seg(labels, reference, out, label_names=names)
+        sio.save_dicom_seg(
+            labels,
+            reference,
+            out,
+            label_names=names,
+            colors={int(k): v for k, v in (colors or {}).items()},
+            algorithm=algorithm,
+            label_concepts={int(k): v for k, v in (label_concepts or {}).items() if v},
+            algorithm_types={int(k): v for k, v in (algorithm_types or {}).items()},
+        )
         return [str(out)]
     if not name.endswith((".nii", ".nii.gz")):
         raise ValueError(f"{out}: samed writes labels as .nii, .nii.gz or .dcm (DICOM SEG)")
@@ -89,9 +105,17 @@ def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     """npe2 single-layer writer for Labels layers (see :func:`save_labels`)."""
     meta = attributes.get("metadata") or {}
     return save_labels(
-        path,
-        np.asarray(data),
-        reference_volume(meta),
-        label_names=meta.get("samed_label_names"),
-        attributes=attributes,
+        path, np.asarray(data), reference_volume(meta), **seg_options(meta), attributes=attributes
     )
+
+
+def seg_options(meta: dict[str, Any]) -> dict[str, Any]:
+    """DICOM SEG keyword arguments of :func:`save_labels` from a labels layer's metadata (set by
+    the widget's label table, see :mod:`napari_samed._labeltable`)."""
+    return {
+        "label_names": meta.get("samed_label_names"),
+        "label_concepts": meta.get("samed_label_concepts"),
+        "colors": meta.get("samed_label_colors"),
+        "algorithm_types": meta.get("samed_label_algorithm"),
+        "algorithm": str(meta.get("samed_algorithm", "samed")),
+    }

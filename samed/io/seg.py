@@ -25,18 +25,22 @@ import numpy as np
 from ..colors import label_color
 from .volume import GeometryError, Volume, VolumeReadError, atomic_write, check_same_grid
 
-__all__ = ["save_dicom_seg", "read_dicom_seg", "save_rtstruct", "read_rtstruct", "default_color"]
+__all__ = [
+    "save_dicom_seg",
+    "read_dicom_seg",
+    "save_rtstruct",
+    "read_rtstruct",
+    "default_color",
+    "ALGORITHM_TYPES",
+]
 
 _TRACKING_RE = re.compile(r"^samed label (-?\d+)$")
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import version
+    from .. import __version__
 
-        return version("samed")
-    except Exception:  # noqa: BLE001 - not installed (source checkout)
-        return "0.0.0"
+    return __version__
 
 
 #: The default segment / ROI colour of a label value; the same function as the QC pictures'
@@ -118,18 +122,36 @@ def _fill_sop_class(ds: Any, reference: Volume) -> Any:
     return ds
 
 
-def _property_type(name: str) -> tuple[Any, Any]:
-    """(category, type) codes: a SNOMED anatomy code when the name matches one, else Tissue."""
+def _property_type(name: str, concept: str | None = None) -> tuple[Any, Any, Any]:
+    """(category, type, concept or None) codes for a segment: the named concept of
+    :mod:`samed.io.codes` (``concept``, else the label name), else a SNOMED anatomy code of
+    pydicom's dictionary whose keyword matches the name, else Tissue/Tissue."""
     from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code as PydicomCode
 
+    from .codes import find_concept
+
+    found = find_concept(concept) if concept else find_concept(name)
+    if concept and found is None:
+        raise ValueError(f"unknown concept {concept!r}; choose one of samed.io.codes.CONCEPTS")
+    if found is not None:
+        return (
+            PydicomCode(found.category.value, found.category.scheme, found.category.meaning),
+            PydicomCode(found.type.value, found.type.scheme, found.type.meaning),
+            found,
+        )
     keyword = "".join(part.capitalize() for part in re.split(r"[\s_\-]+", name.strip()) if part)
     try:
         code = getattr(codes.SCT, keyword) if keyword else None
     except AttributeError:
         code = None
     if code is not None:
-        return codes.SCT.AnatomicalStructure, code
-    return codes.SCT.Tissue, codes.SCT.Tissue
+        return codes.SCT.AnatomicalStructure, code, None
+    return codes.SCT.Tissue, codes.SCT.Tissue, None
+
+
+#: Segment Algorithm Type values: an algorithm alone, a person helped by one (prompts), by hand.
+ALGORITHM_TYPES = ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL")
 
 
 def save_dicom_seg(
@@ -144,6 +166,8 @@ def save_dicom_seg(
     series_description: str = "samed segmentation",
     series_number: int = 901,
     manufacturer: str = "samed",
+    label_concepts: dict[int, str] | None = None,
+    algorithm_types: dict[int, str] | None = None,
 ) -> Path:
     """Write a label map as a BINARY DICOM SEG that references the source series (highdicom).
 
@@ -159,12 +183,20 @@ def save_dicom_seg(
         series_description: SeriesDescription of the new series.
         series_number: SeriesNumber of the new series.
         manufacturer: Manufacturer of the new object.
+        label_concepts: label value -> concept name of :data:`samed.io.codes.CONCEPTS` (its
+            SNOMED CT category and type, and its colour unless ``colors`` names one); default:
+            the concept matching the label name, else Tissue.
+        algorithm_types: label value -> ``"AUTOMATIC"`` (default), ``"SEMIAUTOMATIC"`` (made
+            interactively: a person prompted the model) or ``"MANUAL"``; the algorithm is
+            identified for every type but MANUAL.
 
     Returns:
         The written path.
 
     Raises:
-        ValueError: if the reference is not a DICOM series, the label map is empty or not integer.
+        ValueError: if the reference is not a DICOM series, the label map is empty or not
+            integer, a concept is unknown or an algorithm type is not one of
+            :data:`ALGORITHM_TYPES`.
         GeometryError: if the label map is not on the reference grid.
         VolumeReadError: the series' slices share SOPInstanceUIDs, or the written SEG does not
             read back to the same label map (nothing is written then).
@@ -187,21 +219,29 @@ def save_dicom_seg(
     algo = hd.AlgorithmIdentificationSequence(
         name=algorithm, version=version, family=codes.cid7162.ArtificialIntelligence
     )
+    concepts = label_concepts or {}
+    kinds = algorithm_types or {}
     descriptions = []
     for number, value in enumerate(values, start=1):
         name = str(names.get(value, f"label {value}"))
-        category, prop = _property_type(name)
-        rgb = tuple(int(c) for c in (cols[value] if value in cols else label_color(value)))
+        category, prop, concept = _property_type(name, concepts.get(value))
+        default_rgb = concept.color if concept is not None else label_color(value)
+        rgb = tuple(int(c) for c in (cols[value] if value in cols else default_rgb))
         if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
             raise ValueError(f"colour for label {value} must be 3 integers in 0..255; got {rgb}")
+        kind = str(kinds.get(value, "AUTOMATIC")).upper()
+        if kind not in ALGORITHM_TYPES:
+            raise ValueError(
+                f"algorithm type {kind!r} for label {value} must be one of {ALGORITHM_TYPES}"
+            )
         descriptions.append(
             hd.seg.SegmentDescription(
                 segment_number=number,
                 segment_label=name[:64],
                 segmented_property_category=category,
                 segmented_property_type=prop,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algo,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues[kind],
+                algorithm_identification=None if kind == "MANUAL" else algo,
                 tracking_uid=hd.UID(),
                 tracking_id=f"samed label {value}",
                 display_color=hd.color.CIELabColor.from_rgb(*rgb),
@@ -330,8 +370,7 @@ def _check_seg_geometry(seg: Any, reference: Volume, path: Path) -> None:
         if off_mm > 0.01 or abs(z - round(z)) > 0.01 or not 0 <= round(z) < reference.shape[0]:
             raise GeometryError(
                 f"{path}: frame {i + 1} at ImagePositionPatient {lps.tolist()} is not on a "
-                "slice of "
-                f"the reference grid (voxel position x={x:.4f}, y={y:.4f}, z={z:.4f}; reference "
+                f"slice of the reference grid (voxel position x={x:.4f}, y={y:.4f}, z={z:.4f}; reference "
                 f"shape {reference.shape} (Z, Y, X), affine\n"
                 f"{np.array2string(reference.affine, precision=4)})"
             )
@@ -348,8 +387,7 @@ def read_dicom_seg(path: str | os.PathLike, reference_dir: str | os.PathLike) ->
     Returns:
         An integer ``(Z, Y, X)`` :class:`Volume` on the reference grid: segment number -> label
         value (or the value in a ``"samed label <value>"`` TrackingID). ``meta["segments"]`` maps
-        each label
-        value to its segment number, label and tracking id; ``meta["label_names"]`` value -> label.
+        each label value to its segment number, label and tracking id; ``meta["label_names"]`` value -> label.
 
     Raises:
         VolumeReadError: not a SEG, no frame references the series, or segments overlap.
@@ -432,8 +470,7 @@ def _seg_labels(
         if "overlap" in str(exc).lower():
             raise VolumeReadError(
                 f"{p}: its {len(segment_numbers)} segments overlap, so they cannot be one label "
-                "map "
-                "(read the segments separately with highdicom)"
+                "map (read the segments separately with highdicom)"
             ) from exc
         raise VolumeReadError(
             f"cannot place the frames of {p} on the reference series: {exc}"

@@ -34,6 +34,7 @@ def setup(make_napari_viewer, qtbot, box_model_session):
     image = viewer.add_image(_volume(), name="vol", scale=(3.0, 1.5, 1.5))
     widget = SamedWidget(viewer, session=box_model_session)
     viewer.window.add_dock_widget(widget, name="samed")
+    qtbot.waitUntil(lambda: widget.session.model_loaded, timeout=60_000)  # loads in a worker
     yield viewer, widget, image
     widget.stop()
     qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from samed.registry import ITK_SUFFIXES, NIBABEL_SUFFIXES
+from samed.registry import ITK_SUFFIXES, NIBABEL_SUFFIXES, strip_volume_suffix
 
-__all__ = ["get_reader", "read_volume", "volume_layer_data", "SUFFIXES"]
+__all__ = ["get_reader", "read_volume", "volume_layer_data", "adopt_layer", "SUFFIXES"]
 
 SUFFIXES = (*NIBABEL_SUFFIXES, *ITK_SUFFIXES, ".dcm")
 #: Abdomen window (level 40, width 400 HU) used as the initial display of a CT.
@@ -153,10 +153,46 @@ def _layer_name(source: Any) -> str:
     if not source:
         return "volume"
     name = Path(source).name
-    for suffix in (".nii.gz", ".nii", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return strip_volume_suffix(name) if name.lower().endswith(SUFFIXES) else name
+
+
+def adopt_layer(layer: Any) -> str | None:
+    """Re-read with samed an image layer that another reader opened (napari's builtins).
+
+    ``viewer.open(path)`` in a script uses napari's builtins reader unless it names a plugin;
+    such a layer has no spacing, orientation or DICOM references, so prompts in mm, the
+    radiological view and DICOM SEG export would be wrong. The layer's file is read again with
+    :func:`samed.io.load_volume` and the layer takes samed's array (z, y, x), voxel spacing
+    (mm) as its scale, and the source volume in its metadata; nothing else changes.
+
+    Returns:
+        the path re-read, or None when the layer already came from samed, has no file source,
+        or samed cannot read the file (then the layer is left as it is).
+    """
+    if layer is None or "samed_volume" in (layer.metadata or {}):
+        return None
+    path = getattr(getattr(layer, "source", None), "path", None)
+    if not path:
+        return None
+    p = Path(path)
+    if not (p.is_dir() or p.name.lower().endswith(SUFFIXES)):
+        return None
+    from samed.io import load_volume
+
+    try:
+        data, kwargs, kind = volume_layer_data(load_volume(p), layer.name)
+    except (OSError, ValueError):
+        return None
+    if kind != "image":
+        return None
+    layer.data = data
+    layer.scale = kwargs["scale"]
+    layer.metadata = {**(layer.metadata or {}), **kwargs["metadata"]}
+    if "contrast_limits" in kwargs:
+        layer.contrast_limits = kwargs["contrast_limits"]
+    else:
+        layer.reset_contrast_limits()
+    return str(p)
 
 
 def read_volume(path: str | Sequence[str]) -> list[LayerData]:

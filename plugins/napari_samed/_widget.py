@@ -28,6 +28,7 @@ from samed.annotation import SlicePrompts
 from ._labeltable import ALGORITHM, apply_label_colors
 from ._layers import prompts_from_layers
 from ._prefs import activate
+from ._reader import adopt_layer
 from ._session import PluginSession, default_cache_dir
 from ._tasks import TaskMixin, _catching, _guarded
 from ._ui import build_ui
@@ -223,6 +224,9 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
             self.ui.label_table.show_layer(labels, int(self.ui.label_spin.value()))
             if new_image:
                 self._clear_prompt_layers()
+                adopted = adopt_layer(image)  # a script's viewer.open(path): napari's builtins
+                if adopted:
+                    show_info(f"samed: re-read {Path(adopted).name} for its geometry (spacing, orientation)")
                 if _is_volume(image):
                     # prompt layers exist as soon as there is an image to draw on; the model
                     # loads in a worker meanwhile

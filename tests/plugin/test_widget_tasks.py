@@ -352,3 +352,26 @@ def _liver_box_dicom(image):
     z = int(gt.sum((1, 2)).argmax())
     ys, xs = np.nonzero(gt[z])
     return z, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+
+
+def test_a_layer_opened_by_napari_builtins_is_re_read_with_samed_geometry(
+    make_napari_viewer, qtbot
+):
+    """A script's plain ``viewer.open(path)`` (napari's default: its builtins reader) gives a
+    layer without spacing; choosing it in the widget re-reads it with samed."""
+    from samed.io import load_volume
+
+    path = str(shared_path(*DICOM))
+    viewer = make_napari_viewer(show=True)
+    [image] = viewer.open(path)  # no plugin named: napari's builtins
+    assert image.source.reader_plugin == "napari"
+    assert "samed_volume" not in image.metadata
+    assert tuple(image.scale) == (1.0, 1.0, 1.0)
+    _dock, widget = viewer.window.add_plugin_dock_widget("samed", "samed segmentation")
+    qtbot.waitUntil(lambda: "samed_volume" in image.metadata, timeout=60_000)
+    vol = load_volume(path)
+    np.testing.assert_allclose(image.scale, vol.spacing)
+    assert image.data.shape == vol.array.shape
+    np.testing.assert_array_equal(np.asarray(image.data), vol.array)
+    assert "samed boxes" in viewer.layers  # prompt layers for the re-read image
+    qtbot.waitUntil(lambda: not widget.model_loading, timeout=120_000)

@@ -6,7 +6,7 @@
 train the shipped adapter nor to choose its post-processing). Each volume is segmented once
 (:meth:`samed.engine.Session.automatic` with ``postprocess="none"``) and scored raw and after
 :func:`samed.postprocess.keep_largest_component` (MONAI metrics through
-:func:`samed.evaluate.score_case`). Prints a table; writes
+:func:`samed.evaluate.metrics.score_case`). Prints a table; writes
 ``bench/results/acdc_automatic_<split>.json``.
 """
 
@@ -34,19 +34,14 @@ def main() -> int:
     args = ap.parse_args()
 
     from samed.datasets import load_dataset
-    from samed.engine import Session, optimize_for_inference, tune_cpu_allocator
+    from samed.engine import Session, tune_cpu_allocator
     from samed.evaluate import score_case
     from samed.io import load_label_map, load_volume
-    from samed.lora import load_adapter, merge_adapter
-    from samed.model import build_model
+    from samed.model import load_model
     from samed.postprocess import keep_largest_component
-    from samed.registry import resolve_adapter
 
     tune_cpu_allocator()
-    model = build_model()
-    load_adapter(model, resolve_adapter(args.adapter))
-    merge_adapter(model)
-    optimize_for_inference(model)
+    model = load_model(adapter=args.adapter, merge=True)
     ds = load_dataset(DATA / "acdc")
     if args.split == "heldout":
         lab7 = {c.case_id.split("_")[0] for c in ds.split("labeled_7")}

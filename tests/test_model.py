@@ -177,3 +177,22 @@ def test_conv_gelu_equals_conv_then_gelu_or_falls_back(case):
             out = ConvGELU(conv)(x)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert (out.detach() - ref).abs().max().item() < 1e-5
+
+
+def test_builder_table_numbers_describe_every_kind():
+    from samed.model.build import _BUILDERS
+
+    for kind, spec in MODEL_KINDS.items():
+        assert spec.kind == kind and spec.family in _BUILDERS
+        stages = len(spec.encoder_dims)
+        assert len(spec.encoder_depths) == len(spec.encoder_heads) == len(spec.window_sizes) == stages
+        assert all(0 <= i < sum(spec.encoder_depths) for i in spec.global_attn_indexes)
+        assert spec.bundled or (spec.checkpoint_file and spec.checkpoint_file in spec.description)
+    # segment-anything's build_sam.py table
+    assert [(MODEL_KINDS[k].encoder_dims[0], MODEL_KINDS[k].encoder_depths[0],
+             MODEL_KINDS[k].encoder_heads[0], MODEL_KINDS[k].global_attn_indexes)
+            for k in ("sam_vit_b", "sam_vit_l", "sam_vit_h")] == [
+        (768, 12, 12, (2, 5, 8, 11)), (1024, 24, 16, (5, 11, 17, 23)), (1280, 32, 16, (7, 15, 23, 31)),
+    ]
+    m = build_tiny_model("vit")
+    assert len(m.image_encoder.blocks) == 2 and m.embedding_size == (16, 16)

@@ -51,3 +51,16 @@ def test_every_samed_submodule_imports_without_gui():
     assert lines.get("GUI", "") == "", f"samed submodules imported GUI modules: {lines['GUI']}"
     # An optional dependency that is absent must not break this check, but a GUI import would.
     assert "napari" not in lines.get("FAILED", "") and "Qt" not in lines.get("FAILED", "")
+
+
+def test_registry_and_the_intensity_grammar_import_without_torch():
+    # samed info, the plugin's menus and every CLI's choices read these before any model exists
+    mods = "samed.registry, samed.intensity, samed.precision, samed.postprocess"
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import {mods}"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+    assert "samed.registry" in imported and "samed.intensity" in imported  # the check ran
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "monai"))
+    assert heavy == [], f"{mods} imported {heavy[:5]}"

@@ -1,4 +1,4 @@
-"""napari reader: DICOM series folders and files, NIfTI, NRRD and MetaImage through ``samed.io``.
+"""napari reader: DICOM series folders and files, NIfTI, MGZ/MGH, NRRD, MetaImage via ``samed.io``.
 
 Layers are displayed in voxel order ``(z, y, x)`` with ``scale = spacing`` (mm), so distances and
 aspect ratios are right; the full geometry (affine, DICOM UIDs) rides along in
@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from samed.registry import ITK_SUFFIXES, NIBABEL_SUFFIXES
+
 __all__ = ["get_reader", "read_volume", "volume_layer_data", "SUFFIXES"]
 
-SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+SUFFIXES = (*NIBABEL_SUFFIXES, *ITK_SUFFIXES, ".dcm")
 #: Abdomen window (level 40, width 400 HU) used as the initial display of a CT.
 _CT_DISPLAY = (-160.0, 240.0)
 _MAX_LABEL_VALUES = 256
@@ -115,7 +117,7 @@ def _layer_name(source: Any) -> str:
     if not source:
         return "volume"
     name = Path(source).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+    for suffix in (".nii.gz", ".nii", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name

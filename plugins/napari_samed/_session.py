@@ -55,9 +55,9 @@ class PluginSession:
     """Loads models lazily and keeps engine sessions (embedding caches) per image.
 
     Args:
-        model_factory: ``f(settings) -> SamModel``; default builds through
-            :func:`samed.model.build_model` and :func:`samed.lora.load_adapter`. Tests pass a tiny
-            random model here.
+        model_factory: ``f(settings) -> SamModel``; default loads through
+            :func:`samed.load_model` (optimised for inference, adapter attached unmerged). Tests
+            pass a tiny random model here.
         cache_dir: on-disk embedding cache (None: memory only).
         max_engines: engine sessions kept in memory (each holds its embeddings: ~4 MB per
             slice for LiteMedSAM).
@@ -115,7 +115,7 @@ class PluginSession:
             self._engines.move_to_end(key)
             return eng
         model = self.model()
-        batch = 8 if str(getattr(model, "device", "cpu")).startswith("cuda") else 2
+        batch = 8 if model.device.type == "cuda" else 2
         eng = Session(
             model,
             np.asarray(image),
@@ -150,8 +150,7 @@ class PluginSession:
 
 
 def _build_model(settings: Settings) -> Any:
-    from samed.engine import optimize_for_inference
-    from samed.model import build_model
+    from samed.model import load_model
     from samed.registry import MODEL_KINDS
 
     spec = MODEL_KINDS.get(settings.model_kind)
@@ -161,12 +160,9 @@ def _build_model(settings: Settings) -> Any:
         )
     if not spec.bundled and not settings.checkpoint:
         raise ValueError(f"{settings.model_kind} needs a checkpoint file ({spec.description})")
-    model = optimize_for_inference(
-        build_model(settings.model_kind, settings.checkpoint or None, device=settings.device)
+    return load_model(
+        settings.model_kind,
+        settings.checkpoint or None,
+        adapter=settings.adapter or None,
+        device=settings.device,
     )
-    if settings.adapter:
-        from samed.lora import load_adapter
-        from samed.registry import resolve_adapter
-
-        load_adapter(model, resolve_adapter(settings.adapter))
-    return model

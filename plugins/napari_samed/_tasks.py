@@ -167,8 +167,8 @@ class TaskMixin:
         if not self._require_idle(self.automatic):
             return
         engine = ann.engine
-        cfg = getattr(engine.model, "lora_config", None)
-        if cfg is None or getattr(cfg, "mode", "") != "automatic":
+        adapter = engine.model.adapter
+        if adapter is None or adapter.mode != "automatic":
             raise ValueError("automatic mode needs an automatic adapter: choose one under Adapter")
         preserve = self.ui.preserve_check.isChecked()
         stop = self._stop

@@ -5,7 +5,7 @@ Per case, ``OUT/<case id>/`` receives (each file written atomically):
 
 * ``labels.nii.gz``: the label map on the source's exact voxel grid and affine;
 * ``seg.dcm``: a DICOM SEG referencing the source series (DICOM inputs, ``dicom-seg`` format);
-* ``qc.png``: a montage of slices with the labels overlaid (:mod:`samed.qc`);
+* ``qc.png``: a montage of slices with the labels overlaid (:mod:`samed.batch.qc`);
 * ``case.json``: written last; its presence marks the case as finished (resume) and records the
   settings it was made with, so a later run with other settings reports it instead of silently
   keeping or replacing it.
@@ -13,7 +13,7 @@ Per case, ``OUT/<case id>/`` receives (each file written atomically):
 ``OUT/summary.csv`` and ``OUT/summary.json`` are rewritten after every case, so an interrupted
 batch still leaves a truthful summary.
 
-Modes: *prompted* (a prompts file, :mod:`samed.prompts`: each object is segmented on its key
+Modes: *prompted* (a prompts file, :mod:`samed.batch.prompts`: each object is segmented on its key
 slice and propagated through the volume with :meth:`samed.engine.Session.propagate_volume`) and
 *automatic* (an automatic adapter: every class on every slice, no prompt). Objects of one case
 are merged into one label map in file order; a later object only fills voxels that are still

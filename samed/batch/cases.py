@@ -10,10 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..registry import ITK_SUFFIXES, NIBABEL_SUFFIXES, strip_volume_suffix
+
 __all__ = ["CaseInput", "IMAGE_SUFFIXES", "discover_cases", "check_output_location"]
 
 #: File suffixes taken as image volumes when a folder is searched (DICOM is found by content).
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+# image files a batch picks up in a folder (MedSAM .npz is an explicit input only)
+IMAGE_SUFFIXES = (*NIBABEL_SUFFIXES, *ITK_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -47,11 +50,7 @@ def _short_hash(text: str, n: int = 8) -> str:
 
 
 def _file_stem(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES + (".npz", ".dcm"), key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return strip_volume_suffix(path.name)
 
 
 def _is_image_file(path: Path) -> bool:

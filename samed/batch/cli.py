@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..precision import PRECISIONS
+from ..registry import POSTPROCESS_CHOICES, PRECISIONS
 from .run import FORMATS, segment_batch
 from .summary import ProgressEvent
 
@@ -60,7 +60,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--window",
         default="auto",
         metavar="W",
-        help=f"intensity: auto, {', '.join(CT_WINDOWS)}, or LOW,HIGH in HU",
+        help=f"intensity: auto, minmax, percentile, {', '.join(CT_WINDOWS)}, LOW,HIGH in HU, "
+        "window:LOW:HIGH or percentile:LO:HI (see samed.intensity)",
     )
     p.add_argument(
         "--model",
@@ -80,7 +81,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--postprocess",
         default="adapter",
-        choices=["adapter", "none", "largest_component"],
+        choices=list(POSTPROCESS_CHOICES),
         help="automatic mode: clean-up of the label map (default: what the adapter recommends, "
         "e.g. the largest 3D connected component per class)",
     )

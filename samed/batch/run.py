@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..prompts import ObjectPrompt, prompts_by_case, read_prompts, resolve_prompt
 from .cases import CaseInput, check_output_location, discover_cases
+from .prompts import ObjectPrompt, prompts_by_case, read_prompts, resolve_prompt
 from .summary import (
     BatchSummary,
     CaseResult,
@@ -95,17 +95,11 @@ def _propagate(
     report: Callable[[int], None],
 ) -> np.ndarray:
     """Propagate one object from slice z in both directions; (Z, Y, X) bool, with the engine's
-    stop rules (:meth:`samed.engine.Session.propagate`) and ``min_slice_iou`` for the overlap
-    between consecutive slices."""
-    out = np.zeros(session.shape, dtype=bool)
-    out[z] = mask
-    visited = 0
-    for step in session.propagate(z, mask, min_slice_iou=min_slice_iou):
-        visited += 1
-        report(visited)
-        if not step.stopped:
-            out[step.z] = step.mask
-    return out
+    stop rules (:meth:`samed.engine.Session.propagate_volume`) and ``min_slice_iou`` for the
+    overlap between consecutive slices. ``report(slices visited)`` after every slice."""
+    return session.propagate_volume(
+        z, mask, progress=lambda done, total: report(done), min_slice_iou=min_slice_iou
+    )
 
 
 def _segment_prompted(
@@ -159,10 +153,9 @@ def _segment_automatic(
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     out = apply_postprocessing(out, postprocess, session.model)
-    names = {
-        int(k): str(v) for k, v in (getattr(session.model, "adapter_labels", None) or {}).items()
-    }
-    num_classes = int(getattr(session.model.lora_config, "num_classes", 0) or 0)
+    adapter = session.model.adapter
+    names = {int(k): str(v) for k, v in (adapter.labels if adapter else {}).items()}
+    num_classes = adapter.num_classes if adapter else 0
     for c in range(1, max(num_classes, int(out.max()) + 1)):
         names.setdefault(c, f"label_{c}")
     names.pop(0, None)
@@ -207,7 +200,7 @@ def _case_settings(job: _Job, case: CaseInput) -> dict[str, Any]:
 def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None]) -> CaseResult:
     from ..engine import Session
     from ..io import load_volume, save_dicom_seg, save_nifti
-    from ..qc import label_color, save_qc_png
+    from .qc import save_qc_png
 
     source = str(case.path) + (f" (series {case.series_uid})" if case.series_uid else "")
     result = CaseResult(case=case.case_id, source=source, status="error", mode=job.mode)
@@ -250,12 +243,12 @@ def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None
     if "dicom-seg" in job.formats and case.is_dicom:
         present = {v: n for v, n in names.items() if np.any(labels == v)}
         if present:
-            colors = {v: label_color(v) for v in present}
-            save_dicom_seg(labels, volume, folder / _SEG_FILE, label_names=present, colors=colors)
+            # segment colours: samed.colors.label_color, the same as in qc.png
+            save_dicom_seg(labels, volume, folder / _SEG_FILE, label_names=present)
             outputs.append(_SEG_FILE)
     if job.qc:
         window = None
-        name = str(getattr(session, "intensity_name", ""))
+        name = session.intensity_name
         if name.startswith("ct:"):
             from ..registry import CT_WINDOWS
 
@@ -278,29 +271,6 @@ def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     if bad or not out:
         raise ValueError(f"format {formats!r}: {bad or 'empty'} not in the allowed {list(FORMATS)}")
     return out
-
-
-def _parse_window(window: object) -> object:
-    """``"auto"``, a preset name, ``"LOW,HIGH"`` or a (low, high) pair -> a Session intensity."""
-    from ..registry import CT_WINDOWS
-
-    if isinstance(window, tuple | list) and len(window) == 2:
-        return ("window", float(window[0]), float(window[1]))
-    if isinstance(window, str):
-        w = window.strip()
-        if w in ("auto", "minmax", "percentile") or w in CT_WINDOWS:
-            return w
-        parts = w.split(",")
-        if len(parts) == 2:
-            try:
-                lo, hi = float(parts[0]), float(parts[1])
-            except ValueError:
-                pass
-            else:
-                if hi > lo:
-                    return ("window", lo, hi)
-    allowed = ["auto", "minmax", "percentile", *CT_WINDOWS, "LOW,HIGH"]
-    raise ValueError(f"window {window!r} is not one of {allowed}")
 
 
 def segment_batch(
@@ -331,15 +301,16 @@ def segment_batch(
         out_dir: output folder (created); must not lie inside an input folder.
         adapter: adapter name or folder (:func:`samed.registry.resolve_adapter`). An automatic
             adapter selects automatic mode; a prompted adapter tunes prompted mode.
-        prompts: prompts file (:mod:`samed.prompts`); selects prompted mode.
+        prompts: prompts file (:mod:`samed.batch.prompts`); selects prompted mode.
         formats: ``"nifti"`` and/or ``"dicom-seg"`` (comma-separated or a sequence); DICOM SEG is
             written for DICOM inputs only.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` (``"cuda:N"``).
         batch_size: slices per encoder batch (default 16 on CUDA, 2 on CPU); on CUDA an
             out-of-memory error halves it and retries.
         overwrite: redo cases that an earlier run finished (default: skip them).
-        window: intensity mapping: ``"auto"`` (CT: abdomen window), a preset of
-            :data:`samed.registry.CT_WINDOWS`, ``"LOW,HIGH"`` (HU) or ``(low, high)``.
+        window: intensity mapping in :func:`samed.intensity.parse_intensity`'s grammar:
+            ``"auto"`` (CT: abdomen window), a preset of :data:`samed.registry.CT_WINDOWS`,
+            ``"LOW,HIGH"`` (HU), ``(low, high)``, ``"percentile"``...
         model: a model kind of :data:`samed.registry.MODEL_KINDS` or a built
             :class:`samed.model.SamModel` (then ``device`` and ``checkpoint`` are ignored).
         checkpoint: checkpoint file for kinds without bundled weights.
@@ -367,13 +338,13 @@ def segment_batch(
     """
     import torch
 
-    from ..lora import load_adapter
-    from ..model import build_model, resolve_device
+    from ..intensity import parse_intensity
+    from ..model import load_model
     from ..registry import resolve_adapter
 
     t_start = time.perf_counter()
     fmt = _parse_formats(formats)
-    intensity = _parse_window(window)
+    intensity = parse_intensity(window, "window")
     out = Path(out_dir).expanduser()
     check_output_location(out, inputs)
     if not 0.0 <= float(min_slice_iou) < 1.0:
@@ -390,18 +361,10 @@ def segment_batch(
     prompt_list = read_prompts(prompts) if prompts is not None else None
     adapter_path = resolve_adapter(adapter) if adapter is not None else None
     if isinstance(model, str):
-        from ..engine import optimize_for_inference
-
-        net = optimize_for_inference(build_model(model, checkpoint, device=resolve_device(device)))
-    else:
-        net = model
-    if adapter_path is not None:
-        dev = net.device
-        load_adapter(net, adapter_path)
-        # samed.lora creates the LoRA index buffers on the CPU; keep the whole model on `dev`.
-        net.to(dev)
-    cfg = getattr(net, "lora_config", None)
-    automatic = cfg is not None and cfg.mode == "automatic"
+        net = load_model(model, checkpoint, adapter=adapter_path, device=device)
+    else:  # a built model is used as it is: not moved, not optimised
+        net = load_model(model, adapter=adapter_path, optimize=False)
+    automatic = net.adapter is not None and net.adapter.mode == "automatic"
     if automatic and prompt_list is not None:
         raise ValueError(
             f"adapter {adapter!r} is automatic (no prompts); drop --prompts or use a prompted adapter"
@@ -418,9 +381,9 @@ def segment_batch(
         "mode": mode,
         "model": net.kind,
         "checkpoint_sha256": net.checkpoint_sha256,
-        "adapter": getattr(net, "adapter_name", None),
-        "adapter_sha256": getattr(net, "adapter_digest", "") or "",
-        "intensity": list(intensity) if isinstance(intensity, tuple) else intensity,
+        "adapter": net.adapter_name,
+        "adapter_sha256": net.adapter_digest,
+        "intensity": intensity.setting(),
         "formats": list(fmt),
         "min_slice_iou": float(min_slice_iou) if mode == "prompted" else None,
         "postprocess": describe_postprocessing(postprocess, net) if mode == "automatic" else None,

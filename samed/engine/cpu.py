@@ -12,10 +12,14 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..model import SamModel
 
 __all__ = ["ConvGELU", "fuse_conv_gelu", "optimize_for_inference", "tune_cpu_allocator"]
 
@@ -114,7 +118,7 @@ def fuse_conv_gelu(encoder: object) -> int:
     return n
 
 
-def optimize_for_inference(model: object) -> object:
+def optimize_for_inference(model: SamModel) -> SamModel:
     """Inference-only speed-ups for a :class:`samed.model.SamModel`; returns it.
 
     On CPU: the allocator setting above, Conv-BN folding (``fuse_for_inference``), convolution +
@@ -124,9 +128,9 @@ def optimize_for_inference(model: object) -> object:
     Irreversible for training: call it only on models used for inference.
     On CUDA nothing is changed (mixed precision is applied per call by the engine).
     """
-    if getattr(model, "device", None) is None or model.device.type != "cpu":  # type: ignore[attr-defined]
+    if model.device.type != "cpu":
         return model
     tune_cpu_allocator()
-    model.fuse_for_inference()  # type: ignore[attr-defined]
-    fuse_conv_gelu(model.image_encoder)  # type: ignore[attr-defined]
-    return model.to(memory_format=torch.channels_last)  # type: ignore[attr-defined]
+    model.fuse_for_inference()
+    fuse_conv_gelu(model.image_encoder)
+    return model.to(memory_format=torch.channels_last)

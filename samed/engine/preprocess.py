@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..intensity import parse_intensity
+
 __all__ = [
     "SliceGeometry",
     "slice_geometry",
@@ -136,55 +138,23 @@ def resolve_intensity(
 ) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
     """Turn an intensity spec into (description, function mapping (Z, Y, X) -> float32).
 
-    Args:
-        spec: ``"auto"``: CT (``modality == "CT"`` or values below -500) -> abdomen window,
-            data already in [0, 1] -> unchanged, otherwise MR-style percentile scaling;
-            ``"minmax"`` / None: unchanged (LiteMedSAM normalises each slice itself);
-            a preset name from :data:`samed.registry.CT_WINDOWS` (``"liver"``, ``"ct:lung"``);
-            ``("window", low, high)`` in the image's units; ``"percentile"`` or
-            ``("percentile", lo, hi)``; or a callable.
-        array: the (Z, Y, X) volume (used by ``auto``).
-        modality: DICOM modality if known.
-    """
-    from ..registry import CT_WINDOWS
+    The grammar is :func:`samed.intensity.parse_intensity`'s (``"auto"``, ``"minmax"`` / None,
+    ``"percentile"``, a :data:`samed.registry.CT_WINDOWS` name or ``"ct:NAME"``,
+    ``("window", low, high)``, ``("percentile", lo, hi)``, ``"window:LOW:HIGH"``, an
+    :class:`samed.intensity.IntensitySpec`...); a callable is used as it is.
 
+    Args:
+        spec: the intensity mapping.
+        array: the (Z, Y, X) volume (decides ``auto``).
+        modality: DICOM modality if known (``"CT"`` makes ``auto`` the abdomen window).
+
+    Returns:
+        (:attr:`samed.intensity.IntensitySpec.name` of the resolved spec, its ``apply``).
+
+    Raises:
+        ValueError: a spec outside the grammar (named, with the allowed forms).
+    """
     if callable(spec):
         return getattr(spec, "__name__", "custom"), spec  # type: ignore[return-value]
-    if spec is None or spec == "minmax":
-        return "minmax", lambda a: np.asarray(a, dtype=np.float32)
-    if spec == "auto":
-        finite = np.asarray(array)
-        lo = float(np.nanmin(finite)) if finite.size else 0.0
-        hi = float(np.nanmax(finite)) if finite.size else 0.0
-        if modality.upper() == "CT" or lo < -500:
-            spec = "abdomen"
-        elif lo >= 0.0 and hi <= 1.0:
-            return "minmax", lambda a: np.asarray(a, dtype=np.float32)
-        else:
-            spec = "percentile"
-    if isinstance(spec, str):
-        name = spec.split(":", 1)[1] if spec.startswith("ct:") else spec
-        if name in CT_WINDOWS:
-            from ..transforms import apply_window
-
-            preset = CT_WINDOWS[name]
-            return f"ct:{name}", lambda a: apply_window(a, (preset.low, preset.high))
-        if name == "percentile":
-            spec = ("percentile", 0.5, 99.5)
-        else:
-            raise ValueError(
-                f"intensity {spec!r} is not known; use auto, minmax, percentile, "
-                f"one of {sorted(CT_WINDOWS)}, ('window', low, high) or ('percentile', lo, hi)"
-            )
-    if isinstance(spec, tuple | list) and len(spec) == 3 and spec[0] in ("window", "percentile"):
-        kind, a, b = spec[0], float(spec[1]), float(spec[2])
-        if not b > a:
-            raise ValueError(f"intensity {spec!r}: the upper bound must exceed the lower one")
-        if kind == "window":
-            from ..transforms import apply_window
-
-            return f"window:{a:g}:{b:g}", lambda arr: apply_window(arr, (a, b))
-        from ..transforms import percentile_scale
-
-        return f"percentile:{a:g}:{b:g}", lambda arr: percentile_scale(arr, a, b)
-    raise ValueError(f"intensity {spec!r} is not a recognised specification")
+    resolved = parse_intensity(spec).resolve(array, modality)
+    return resolved.name, resolved.apply

@@ -166,7 +166,7 @@ class Session(InteractiveMixin):
             self.intensity_name,
             self.model.kind,
             self.model.checkpoint_sha256,
-            getattr(self.model, "adapter_digest", "") or "",
+            self.model.adapter_digest,
         ]
         # always part of the key: before fp16 became the CUDA default, bf16 embeddings were
         # cached under keys without it, which must never be read back as another precision
@@ -334,7 +334,7 @@ class Session(InteractiveMixin):
             masks_t = m.reshape(1, 1, low, low)
         # the slice's prompt-independent decoder part, reused across clicks (SamModel only)
         extra = {}
-        if masks_t is None and getattr(self.model, "fast_decoder", False):
+        if masks_t is None and self.model.fast_decoder:
             extra["image_state"] = self._image_state(z, emb)
         if mask_output is None:
             logits, iou = self.model.decode(
@@ -533,12 +533,12 @@ class Session(InteractiveMixin):
         Raises:
             ValueError: the model carries no automatic adapter.
         """
-        cfg = getattr(self.model, "lora_config", None)
-        if cfg is None or cfg.mode != "automatic":
+        adapter = self.model.adapter
+        if adapter is None or adapter.mode != "automatic":
             raise ValueError(
                 "automatic segmentation needs an automatic adapter (e.g. load_adapter(model, "
                 "'acdc-cardiac-mri')); this model has "
-                + ("none" if cfg is None else f"a {cfg.mode} adapter")
+                + ("none" if adapter is None else f"a {adapter.mode} adapter")
             )
         zs = [self._check_z(z) for z in (range(self.shape[0]) if slices is None else slices)]
         geo = self.geometry

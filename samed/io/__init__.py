@@ -5,19 +5,30 @@ see :mod:`samed.io.volume` for the exact conventions and :mod:`samed.io.dicom` f
 bad-input policy.
 """
 
-from .dicom import SeriesInfo, list_series
-from .readers import load_label_map, load_volume
-from .seg import read_dicom_seg, read_rtstruct, save_dicom_seg, save_rtstruct
-from .volume import (
-    GeometryError,
-    Volume,
-    VolumeReadError,
-    align_to,
-    atomic_write,
-    check_same_grid,
-    reorient,
-)
-from .writers import save_nifti
+from __future__ import annotations
+
+from .._lazy import lazy_exports
+
+# name -> submodule; imported on first use (PEP 562) so that ``samed.io.cli`` (``samed convert
+# --help``) and ``import samed.io`` do not load pydicom and nibabel before they are needed
+_LAZY = {
+    "SeriesInfo": ".dicom",
+    "list_series": ".dicom",
+    "load_label_map": ".readers",
+    "load_volume": ".readers",
+    "read_dicom_seg": ".seg",
+    "read_rtstruct": ".seg",
+    "save_dicom_seg": ".seg",
+    "save_rtstruct": ".seg",
+    "GeometryError": ".volume",
+    "Volume": ".volume",
+    "VolumeReadError": ".volume",
+    "align_to": ".volume",
+    "atomic_write": ".volume",
+    "check_same_grid": ".volume",
+    "reorient": ".volume",
+    "save_nifti": ".writers",
+}
 
 __all__ = [
     "Volume",
@@ -37,3 +48,6 @@ __all__ = [
     "align_to",
     "reorient",
 ]
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

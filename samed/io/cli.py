@@ -1,6 +1,7 @@
 """``samed convert INPUT OUTPUT [--reference SERIES_DIR] [--series UID]``.
 
-* image (DICOM series folder, NIfTI, NRRD, MHA, MedSAM npz) -> NIfTI on the same grid;
+* image (DICOM series folder, NIfTI, FreeSurfer MGZ/MGH, NRRD, MHA, MedSAM npz) -> NIfTI on the
+  same grid;
 * DICOM SEG or RTSTRUCT (with ``--reference`` = its image series) -> NIfTI label map;
 * NIfTI written from DICOM stores the rows bottom-up, as dcm2niix does (an axial LPS series is
   written LAS), so outputs share the grid of dcm2niix / TotalSegmentator files; other inputs keep
@@ -10,7 +11,9 @@
   A label map stored in another voxel order of the same grid (e.g. LAS vs the series' LPS) is
   flipped onto the series' order; any other grid difference is an error.
 
-Exit codes: 0 written, 2 bad input (one line on stderr, nothing written).
+Exit codes: 0 written, 2 bad input (one line on stderr, nothing written). Notes on what was read
+(a blank SeriesInstanceUID, a skipped localizer, slices with hidden names) go to stderr as
+``samed convert: note: ...``.
 """
 
 from __future__ import annotations
@@ -18,25 +21,32 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .volume import Volume
+from ..registry import NIFTI_SUFFIXES, VOLUME_SUFFIXES
+
+if TYPE_CHECKING:  # the readers (pydicom, nibabel, MONAI) load only when a conversion runs
+    from .volume import Volume
 
 __all__ = ["add_parser", "run_convert", "convert"]
 
-_NIFTI = (".nii", ".nii.gz")
+_NIFTI = NIFTI_SUFFIXES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``convert`` sub-command on an argparse subparsers object."""
     parser = subparsers.add_parser(
         "convert",
-        help="convert DICOM/NIfTI/NRRD/MHA/npz/SEG/RTSTRUCT to NIfTI, or a label map to DICOM SEG",
+        help="convert DICOM/NIfTI/MGZ/NRRD/MHA/npz/SEG/RTSTRUCT to NIfTI, or a label map to DICOM "
+        "SEG",
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("input", help="DICOM folder or file, .nii/.nii.gz, .nrrd, .mha/.mhd, .npz")
+    parser.add_argument(
+        "input", help="DICOM folder or file, .nii/.nii.gz, .mgz/.mgh, .nrrd, .mha/.mhd, .npz"
+    )
     parser.add_argument("output", help="output .nii/.nii.gz, or .dcm for a DICOM SEG")
     parser.add_argument(
         "--reference",
@@ -84,9 +94,7 @@ def _compact(array: np.ndarray, stored_dtype: str) -> np.ndarray:
 def _dicom_kind(path: Path) -> str:
     from .dicom import read_header
 
-    if not path.is_file() or path.name.lower().endswith(
-        (*_NIFTI, ".nrrd", ".nhdr", ".mha", ".mhd", ".npz")
-    ):
+    if not path.is_file() or path.name.lower().endswith(VOLUME_SUFFIXES):
         return ""
     ds = read_header(path)
     return str(ds.get("Modality", "")) if ds is not None else ""
@@ -112,8 +120,12 @@ def convert(
     reference: str | Path | None = None,
     series_uid: str | None = None,
     orientation: str | None = None,
+    notes: list[str] | None = None,
 ) -> Path:
     """The ``convert`` command as a function (see the module docstring).
+
+    Args:
+        notes: when given, the notes of the volumes read (``meta["notes"]``) are appended to it.
 
     Returns:
         The written path.
@@ -138,6 +150,7 @@ def convert(
         if reference is None:
             raise ValueError("writing a DICOM SEG (.dcm output) needs --reference SERIES_DIR")
         ref = load_volume(reference, series_uid=series_uid)
+        _notes(ref, notes)
         labels = align_to(load_label_map(src), ref)
         save_dicom_seg(labels.array, ref, out, label_names=labels.meta.get("label_names"))
         return out
@@ -149,18 +162,26 @@ def convert(
             raise ValueError(f"{src} is a DICOM {kind}: give its image series with --reference")
         reader = read_dicom_seg if kind == "SEG" else read_rtstruct
         labels = _nifti_order(reader(src, reference), orientation, True)
+        _notes(labels, notes)
         save_nifti(labels.array, labels, out)
         return out
     vol = load_volume(src, series_uid=series_uid)
+    _notes(vol, notes)
     vol = _nifti_order(vol, orientation, src.is_dir() or kind != "")
     save_nifti(_compact(vol.array, str(vol.meta.get("stored_dtype", ""))), vol, out)
     return out
+
+
+def _notes(vol: Volume, notes: list[str] | None) -> None:
+    if notes is not None:
+        notes.extend(str(n) for n in vol.meta.get("notes", []))
 
 
 def run_convert(args: argparse.Namespace) -> int:
     """Run ``samed convert`` from parsed arguments; returns the exit code (0 ok, 2 bad input)."""
     from .volume import GeometryError, VolumeReadError
 
+    notes: list[str] = []
     try:
         out = convert(
             args.input,
@@ -168,11 +189,14 @@ def run_convert(args: argparse.Namespace) -> int:
             args.reference,
             getattr(args, "series", None),
             getattr(args, "orientation", None),
+            notes,
         )
     except (VolumeReadError, GeometryError, ValueError, FileNotFoundError) as exc:
         message = " ".join(str(exc).split())
         print(f"samed convert: error: {message}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"samed convert: note: {note}", file=sys.stderr)
     print(f"wrote {out}")
     return 0
 

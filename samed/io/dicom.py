@@ -3,12 +3,24 @@
 Policy (each case raises :class:`~samed.io.volume.VolumeReadError` naming the files and the
 measured values, and nothing is read further):
 
-* Folders are searched recursively. Files that are not DICOM (no ``DICM`` preamble and no
-  readable DICOM header) and ``DICOMDIR`` files are ignored (listed in ``meta["ignored_files"]``);
-  a file *with* the ``DICM`` marker whose header cannot be parsed is an error (it may be a slice
-  of the series).
+* Folders are searched recursively and files are recognised by content, never by name: hidden or
+  temporary names (``.tmp-x``) are read like any other (a note names them). Files that are not
+  DICOM (no ``DICM`` preamble and no readable DICOM header) and ``DICOMDIR`` files are ignored
+  (listed in ``meta["ignored_files"]``); a file *with* the ``DICM`` marker whose header cannot be
+  parsed is an error (it may be a slice of the series).
+* Files are grouped by SeriesInstanceUID. Where it is blank, they are grouped by a key of
+  (PatientID, StudyInstanceUID, StudyDate, SeriesDate/Time, Modality, SeriesNumber,
+  SeriesDescription, FrameOfReferenceUID, localizer or not), and the series gets a UID derived from
+  that key (stable when files are copied; a note says so). Orientation and size are not part of
+  the key, so a blank-UID series that mixes them fails the geometry checks instead of being split.
 * Several series in one folder: :func:`list_series` lists them; loading needs ``series_uid``
-  unless exactly one series holds images.
+  unless exactly one series holds images. When the only other image series are localizers
+  (``ImageType`` contains ``LOCALIZER``), the one non-localizer series is loaded and a note names
+  the skipped ones. Notes are in ``meta["notes"]`` (``samed convert`` prints them).
+* Non-image objects (SEG, RTSTRUCT, RTDOSE, RTPLAN, SR, ...) are never read as images.
+* An empty or non-numeric RescaleSlope/RescaleIntercept, and a RescaleSlope of 0, are errors.
+* Slices that share one SOPInstanceUID load (note ``duplicate SOPInstanceUID``), but such a series
+  cannot be referenced by a DICOM SEG (:func:`samed.io.save_dicom_seg` refuses it).
 * Slices are sorted by their position along the slice normal (``row x column`` direction cosines),
   so ``z`` increases along the normal. ITK and dcm2niix use the same order.
 * Mixed orientations, different rows/columns/pixel spacing, gantry tilt (slices shifted in-plane),
@@ -16,8 +28,9 @@ measured values, and nothing is read further):
   duplicates) are errors: resampling would silently move voxels, which is the failure this
   package exists to prevent.
 * A single slice loads as ``Z = 1``; its slice step is ``SpacingBetweenSlices``, else
-  ``SliceThickness``, else 1 mm. A lone 2D image without patient geometry (X-ray, secondary
-  capture) gets an axis-aligned affine from its pixel spacing (``meta["geometry"] = "assumed"``).
+  ``SliceThickness``, else 1 mm. A lone 2D image with neither ImagePositionPatient nor
+  ImageOrientationPatient (X-ray, secondary capture) gets an axis-aligned affine from its pixel
+  spacing (``meta["geometry"] = "assumed"``); one with only one of the two is an error.
 * Multi-frame (enhanced) image objects are not supported (error).
 * Pixels are decoded by MONAI's ``PydicomReader`` (pydicom with pylibjpeg: JPEG baseline/lossless,
   JPEG-LS, JPEG 2000 and RLE) and rescaled with each slice's own slope/intercept (CT in HU).
@@ -28,7 +41,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,15 +51,31 @@ import pydicom
 import pydicom.uid
 from pydicom.dataset import Dataset
 
-from .volume import LPS_TO_RAS, Volume, VolumeReadError
+from .dicom_geometry import _fmt_files, series_geometry
+from .volume import Volume, VolumeReadError
 
-__all__ = ["SeriesInfo", "list_series", "scan_folder", "load_dicom_series", "read_header"]
+__all__ = [
+    "SeriesInfo",
+    "list_series",
+    "scan_folder",
+    "load_dicom_series",
+    "read_header",
+    "refuse_non_image",
+]
 
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
-# Tolerances for the geometry checks (mm unless stated).
-_POS_TOL_MM = 0.01
-_POS_TOL_REL = 0.01
-_IOP_TOL = 1e-4
+_NON_IMAGE_MODALITIES = frozenset(
+    {"SEG", "RTSTRUCT", "RTDOSE", "RTPLAN", "RTRECORD", "SR", "KO", "PR", "REG", "DOC"}
+)
+# RT Dose, RT Plan, RT Structure Set, Segmentation (the modality may be blank or wrong).
+_NON_IMAGE_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.481.2",
+        "1.2.840.10008.5.1.4.1.1.481.5",
+        "1.2.840.10008.5.1.4.1.1.481.3",
+        "1.2.840.10008.5.1.4.1.1.66.4",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +92,9 @@ class SeriesInfo:
         study_uid: StudyInstanceUID.
         series_number: SeriesNumber (``None`` if absent).
         is_image: whether the files carry image planes (position, orientation, pixels).
+        uid_derived: the files' SeriesInstanceUID is blank; ``series_uid`` was derived from the
+            grouping key (see the module policy).
+        is_localizer: every file's ImageType contains ``LOCALIZER`` (a scout).
     """
 
     series_uid: str
@@ -74,11 +106,16 @@ class SeriesInfo:
     study_uid: str = ""
     series_number: int | None = None
     is_image: bool = True
+    uid_derived: bool = False
+    is_localizer: bool = False
 
     def __str__(self) -> str:
         kind = "" if self.is_image else ", not an image series"
+        kind += ", localizer" if self.is_localizer else ""
+        kind += ", SeriesInstanceUID blank (derived)" if self.uid_derived else ""
+        number = f", SeriesNumber {self.series_number}" if self.series_number is not None else ""
         return (
-            f"{self.series_uid} ({self.modality or '?'}, {self.description!r}, "
+            f"{self.series_uid} ({self.modality or '?'}, {self.description!r}{number}, "
             f"{self.n_files} files{kind})"
         )
 
@@ -119,6 +156,38 @@ def read_header(path: Path) -> Dataset | None:
     return ds
 
 
+def _is_localizer(ds: Dataset) -> bool:
+    return any("LOCALIZER" in str(v).upper() for v in (ds.get("ImageType") or []))
+
+
+def _series_key(ds: Dataset) -> str:
+    """The SeriesInstanceUID, or for a blank one a UID derived from what tells series apart."""
+    uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    if uid:
+        return uid
+    # Orientation and size are deliberately not in the key: a series that mixes them must fail
+    # the geometry checks, not be split silently. A scout differs by its ImageType.
+    fields = [
+        "samed: blank SeriesInstanceUID",
+        *(
+            str(ds.get(k, "") or "")
+            for k in (
+                "PatientID",
+                "StudyInstanceUID",
+                "StudyDate",
+                "SeriesDate",
+                "SeriesTime",
+                "Modality",
+                "SeriesNumber",
+                "SeriesDescription",
+                "FrameOfReferenceUID",
+            )
+        ),
+        "localizer" if _is_localizer(ds) else "",
+    ]
+    return str(pydicom.uid.generate_uid(entropy_srcs=fields))
+
+
 def scan_folder(
     folder: str | os.PathLike,
 ) -> tuple[dict[str, list[tuple[Path, Dataset]]], list[Path]]:
@@ -127,9 +196,12 @@ def scan_folder(
     Args:
         folder: folder to search.
 
+    Files are recognised by content, whatever their name (hidden and temporary names included).
+
     Returns:
-        ``(series, ignored)``: SeriesInstanceUID -> list of ``(path, header)`` sorted by path, and
-        the files that were skipped as non-DICOM (or DICOMDIR).
+        ``(series, ignored)``: SeriesInstanceUID (derived when blank, see the module policy) ->
+        list of ``(path, header)`` sorted by path, and the files that were skipped as non-DICOM
+        (or DICOMDIR).
 
     Raises:
         VolumeReadError: if ``folder`` is not a folder, or a DICOM file is corrupt.
@@ -143,7 +215,7 @@ def scan_folder(
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if not path.is_file() or name.startswith(".tmp-"):
+            if not path.is_file():
                 continue
             ds = read_header(path)
             if ds is None or "SeriesInstanceUID" not in ds:
@@ -153,23 +225,38 @@ def scan_folder(
             if ds.get("SOPClassUID", media) == _DICOMDIR_CLASS or media == _DICOMDIR_CLASS:
                 ignored.append(path)
                 continue
-            series.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+            series.setdefault(_series_key(ds), []).append((path, ds))
     return series, ignored
+
+
+def _sop_class(ds: Dataset) -> str:
+    media = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
+    return str(ds.get("SOPClassUID") or media or "")
 
 
 def _is_image(ds: Dataset) -> bool:
     return (
         "Rows" in ds
         and "Columns" in ds
-        and str(ds.get("Modality", ""))
-        not in {
-            "SEG",
-            "RTSTRUCT",
-            "SR",
-            "RTPLAN",
-            "KO",
-            "PR",
-        }
+        and str(ds.get("Modality", "")) not in _NON_IMAGE_MODALITIES
+        and _sop_class(ds) not in _NON_IMAGE_SOP_CLASSES
+    )
+
+
+def refuse_non_image(path: Path, ds: Dataset) -> None:
+    """Raise unless a DICOM header is an image (not SEG, RTSTRUCT, RTDOSE, RTPLAN, SR, ...).
+
+    Raises:
+        VolumeReadError: naming the file, its Modality and SOP class.
+    """
+    if _is_image(ds):
+        return
+    uid = _sop_class(ds)
+    name = getattr(pydicom.uid.UID(uid), "name", uid) if uid else "unknown"
+    raise VolumeReadError(
+        f"{path} is not an image: Modality {str(ds.get('Modality', '')) or '(blank)'}, SOP class "
+        f"{name} ({uid or 'none'}); non-image objects (dose grids, plans, structure sets, "
+        "segmentations, reports) are not read as image volumes"
     )
 
 
@@ -187,6 +274,8 @@ def _series_info(uid: str, items: Sequence[tuple[Path, Dataset]]) -> SeriesInfo:
         study_uid=str(first.get("StudyInstanceUID", "")),
         series_number=int(number) if number not in (None, "") else None,
         is_image=any(_is_image(ds) for _, ds in items),
+        uid_derived=not str(first.get("SeriesInstanceUID", "") or "").strip(),
+        is_localizer=all(_is_localizer(ds) for _, ds in items),
     )
 
 
@@ -215,10 +304,37 @@ def list_series(folder: str | os.PathLike) -> list[SeriesInfo]:
     )
 
 
+def _item_notes(info: SeriesInfo) -> list[str]:
+    notes = []
+    if info.uid_derived:
+        notes.append(
+            f"SeriesInstanceUID is blank in the {info.n_files} files of this series; they were "
+            "grouped by SeriesNumber, SeriesDescription, Modality, study and localizer flag, and "
+            f"the series UID {info.series_uid} was derived from them"
+        )
+    hidden = [p for p in info.paths if p.name.startswith(".")]
+    if hidden:
+        notes.append(
+            f"{len(hidden)} slice(s) with hidden or temporary names were read as DICOM by "
+            f"content: {_fmt_files(hidden)}"
+        )
+    return notes
+
+
 def choose_series(
     folder: Path, series_uid: str | None
-) -> tuple[str, list[tuple[Path, Dataset]], list[Path]]:
-    """Pick one image series in a folder (the only one, or the one named by ``series_uid``)."""
+) -> tuple[str, list[tuple[Path, Dataset]], list[Path], list[str]]:
+    """Pick one image series in a folder (the only one, the only non-localizer one, or the one
+    named by ``series_uid``).
+
+    Returns:
+        ``(series_uid, items, ignored, notes)``: the chosen UID (derived when blank), its
+        ``(path, header)`` list, the non-DICOM files skipped, and notes for the user.
+
+    Raises:
+        VolumeReadError: no DICOM, no image series, an unknown ``series_uid``, or several image
+            series to choose from.
+    """
     series, ignored = scan_folder(folder)
     if not series:
         what = f"{len(ignored)} non-DICOM files" if ignored else "no files"
@@ -230,191 +346,21 @@ def choose_series(
             raise VolumeReadError(
                 f"series {series_uid!r} is not in {folder}; series found: {listing}"
             )
-        return series_uid, series[series_uid], ignored
+        return series_uid, series[series_uid], ignored, _item_notes(infos[series_uid])
     images = [uid for uid, info in infos.items() if info.is_image]
     if len(images) == 1:
-        return images[0], series[images[0]], ignored
+        return images[0], series[images[0]], ignored, _item_notes(infos[images[0]])
+    main = [uid for uid in images if not infos[uid].is_localizer]
+    if len(main) == 1 and len(images) > 1:
+        skipped = [str(infos[uid]) for uid in images if uid != main[0]]
+        notes = [f"skipped {len(skipped)} localizer (scout) series: {'; '.join(skipped)}"]
+        return main[0], series[main[0]], ignored, notes + _item_notes(infos[main[0]])
     listing = "; ".join(str(i) for i in infos.values())
     if not images:
         raise VolumeReadError(f"no image series in {folder}; found only: {listing}")
     raise VolumeReadError(
         f"{len(images)} image series in {folder}; choose one with series_uid (--series): {listing}"
     )
-
-
-def _floats(ds: Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
-    value = ds.get(keyword)
-    try:
-        arr = np.array([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
-        arr = np.array([])
-    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
-        raise VolumeReadError(
-            f"{path}: {keyword} is missing or invalid ({value!r}); need {n} numbers"
-        )
-    return arr
-
-
-def _fmt_files(paths: Iterable[Path], limit: int = 4) -> str:
-    names = [p.name for p in paths]
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def series_geometry(
-    items: Sequence[tuple[Path, Dataset]],
-) -> tuple[list[tuple[Path, Dataset]], np.ndarray]:
-    """Check a series' geometry from headers and return the slices in ``z`` order and the affine.
-
-    Args:
-        items: ``(path, header)`` for every file of one series.
-
-    Returns:
-        ``(ordered, affine)``: slices sorted along the normal, and the ``(4, 4)`` RAS affine for the
-        ``(x, y, z)`` voxel index (``x`` = column, ``y`` = row, ``z`` = slice).
-
-    Raises:
-        VolumeReadError: for multi-frame or colour images, missing geometry, mixed orientations or
-            sizes, gantry tilt, gaps, non-uniform spacing and duplicate positions (4D).
-    """
-    first_path = items[0][0]
-    for path, ds in items:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        if frames > 1:
-            raise VolumeReadError(
-                f"{path} is a multi-frame DICOM object ({frames} frames); multi-frame (enhanced) "
-                "images are not supported -- export the series as single-frame slices"
-            )
-        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-            raise VolumeReadError(
-                f"{path} is a colour image (SamplesPerPixel={ds.SamplesPerPixel}); only greyscale "
-                "CT/MR slices are supported"
-            )
-    if len(items) == 1 and not (
-        "ImageOrientationPatient" in items[0][1] and "ImagePositionPatient" in items[0][1]
-    ):
-        return list(items), _assumed_geometry(*items[0])
-    iops = [_floats(ds, "ImageOrientationPatient", 6, p) for p, ds in items]
-    ipps = [_floats(ds, "ImagePositionPatient", 3, p) for p, ds in items]
-    spacings = [_floats(ds, "PixelSpacing", 2, p) for p, ds in items]
-    sizes = [(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) for _, ds in items]
-
-    groups: dict[tuple[float, ...], list[Path]] = {}
-    for (path, _), iop in zip(items, iops, strict=True):
-        key = next(
-            (k for k in groups if np.allclose(k, iop, atol=_IOP_TOL)), tuple(np.round(iop, 6))
-        )
-        groups.setdefault(key, []).append(path)
-    if len(groups) > 1:
-        desc = "; ".join(
-            f"{list(k)} in {len(v)} files ({_fmt_files(v, 2)})" for k, v in groups.items()
-        )
-        raise VolumeReadError(
-            f"mixed slice orientations in one series ({first_path.parent}): {desc}; "
-            "a volume needs one ImageOrientationPatient"
-        )
-    for name, values in (("Rows/Columns", sizes), ("PixelSpacing", [tuple(s) for s in spacings])):
-        distinct = {tuple(np.round(v, 6)) for v in values}
-        if len(distinct) > 1:
-            raise VolumeReadError(
-                f"slices of the series in {first_path.parent} differ in {name}: {sorted(distinct)}"
-            )
-    row, col = iops[0][:3], iops[0][3:]
-    if (
-        abs(np.linalg.norm(row) - 1) > 1e-3
-        or abs(np.linalg.norm(col) - 1) > 1e-3
-        or abs(row @ col) > 1e-3
-    ):
-        raise VolumeReadError(
-            f"{first_path}: ImageOrientationPatient {list(iops[0])} is not two orthonormal vectors"
-        )
-    normal = np.cross(row, col)
-    pos = np.array([ipp @ normal for ipp in ipps])
-    inst = [int(ds.get("InstanceNumber", 0) or 0) for _, ds in items]
-    order = sorted(range(len(items)), key=lambda i: (pos[i], inst[i]))
-    ordered = [items[i] for i in order]
-    pos = pos[order]
-    ipp_sorted = np.array([ipps[i] for i in order])
-    paths = [p for p, _ in ordered]
-
-    col_sp, row_sp = (
-        spacings[0][1],
-        spacings[0][0],
-    )  # PixelSpacing = (between rows, between columns)
-    if len(ordered) == 1:
-        ds0 = ordered[0][1]
-        step_len = float(ds0.get("SpacingBetweenSlices") or ds0.get("SliceThickness") or 1.0)
-        step = normal * abs(step_len)
-    else:
-        steps = np.diff(pos)
-        same = np.flatnonzero(steps < _POS_TOL_MM)
-        if same.size:
-            i = int(same[0])
-            tpos = ordered[i][1].get("NumberOfTemporalPositions")
-            hint = f" (NumberOfTemporalPositions={tpos})" if tpos else ""
-            raise VolumeReadError(
-                f"{same.size} pair(s) of slices share a position in "
-                f"{first_path.parent}, e.g. {paths[i].name} and {paths[i + 1].name} at "
-                f"{pos[i]:.3f} mm along the normal: a 4D series (time points, echoes){hint} or "
-                "duplicate slices; 4D series are not supported -- split them into 3D series"
-            )
-        median = float(np.median(steps))
-        tol = max(_POS_TOL_MM, _POS_TOL_REL * median)
-        shifts = [
-            float(np.linalg.norm(d - (d @ normal) * normal)) for d in np.diff(ipp_sorted, axis=0)
-        ]
-        worst = int(np.argmax(shifts))
-        if shifts[worst] > tol:
-            angle = math.degrees(math.atan2(shifts[worst], steps[worst]))
-            tilt = ordered[0][1].get("GantryDetectorTilt")
-            raise VolumeReadError(
-                f"gantry tilt or sheared slices in {first_path.parent}: consecutive slices "
-                f"{paths[worst].name} -> {paths[worst + 1].name} are shifted "
-                f"{shifts[worst]:.3f} mm "
-                f"in-plane for {steps[worst]:.3f} mm along the normal ({angle:.2f} degrees; "
-                f"GantryDetectorTilt={tilt}); tilted series are not supported (resample them first)"
-            )
-        mean = (pos[-1] - pos[0]) / (len(pos) - 1)
-        deviation = np.abs(pos - (pos[0] + mean * np.arange(len(pos))))
-        if float(deviation.max()) > tol:
-            gaps = [i for i, s in enumerate(steps) if s > 1.5 * median]
-            if gaps:
-                i = gaps[0]
-                missing = round(steps[i] / median) - 1
-                raise VolumeReadError(
-                    f"missing slice(s) in {first_path.parent}: {steps[i]:.3f} mm between "
-                    f"{paths[i].name} and {paths[i + 1].name} where the other slices are "
-                    f"{median:.3f} mm apart (about {missing} slice(s) missing; "
-                    f"{len(gaps)} gap(s) in all)"
-                )
-            found = sorted({round(float(s), 3) for s in steps})
-            raise VolumeReadError(
-                f"non-uniform slice spacing in {first_path.parent}: spacings {found} mm between "
-                f"consecutive slices (largest deviation from a regular grid "
-                f"{float(deviation.max()):.3f} mm, allowed {tol:.3f} mm)"
-            )
-        step = (ipp_sorted[-1] - ipp_sorted[0]) / (len(pos) - 1)
-    lps = np.eye(4)
-    lps[:3, 0] = row * col_sp
-    lps[:3, 1] = col * row_sp
-    lps[:3, 2] = step
-    lps[:3, 3] = ipp_sorted[0]
-    return ordered, LPS_TO_RAS @ lps
-
-
-def _assumed_geometry(path: Path, ds: Dataset) -> np.ndarray:
-    """Affine of a lone 2D image without patient geometry (X-ray, secondary capture).
-
-    Rows/columns are laid along the LPS axes from the origin, with PixelSpacing (or
-    ImagerPixelSpacing, else 1 mm) -- positions are not known, only sizes.
-    """
-    spacing = np.ones(2)
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        if keyword in ds:
-            spacing = _floats(ds, keyword, 2, path)
-            break
-    lps = np.diag([spacing[1], spacing[0], 1.0, 1.0])
-    return LPS_TO_RAS @ lps
 
 
 def _read_pixels(reader: Any, path: Path, rows: int, cols: int) -> np.ndarray:
@@ -443,8 +389,36 @@ def _read_pixels(reader: Any, path: Path, rows: int, cols: int) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
+def _check_rescale(path: Path, ds: Dataset) -> None:
+    """Refuse an empty, non-numeric or zero RescaleSlope and an empty/non-numeric intercept."""
+    for keyword, tag in (("RescaleSlope", "(0028,1053)"), ("RescaleIntercept", "(0028,1052)")):
+        if keyword not in ds:
+            continue
+        raw = ds[keyword].value
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = math.nan
+        if raw is None or str(raw).strip() == "" or not math.isfinite(value):
+            what = "empty" if raw is None or str(raw).strip() == "" else "not a number"
+            raise VolumeReadError(
+                f"{path}: {keyword} {tag} is present but {what} ({raw!r}); the stored pixel "
+                "values cannot be converted to real units"
+            )
+        if keyword == "RescaleSlope" and value == 0:
+            raise VolumeReadError(
+                f"{path}: RescaleSlope {tag} is 0, which would make every voxel "
+                f"{float(ds.get('RescaleIntercept') or 0):g}; the header is broken"
+            )
+
+
 def load_dicom_series(
-    items: Sequence[tuple[Path, Dataset]], source: Path, ignored: Sequence[Path] = ()
+    items: Sequence[tuple[Path, Dataset]],
+    source: Path,
+    ignored: Sequence[Path] = (),
+    *,
+    series_key: str | None = None,
+    notes: Sequence[str] = (),
 ) -> Volume:
     """Read one checked series into a float32 :class:`Volume` (``array[z, row, column]``).
 
@@ -452,18 +426,27 @@ def load_dicom_series(
         items: ``(path, header)`` of every file of the series.
         source: the folder (or file) the user named, recorded as :attr:`Volume.source`.
         ignored: files skipped while scanning (recorded in ``meta``).
+        series_key: the series' key from :func:`scan_folder`; used as the SeriesInstanceUID when
+            the files' own is blank.
+        notes: notes from choosing the series, copied into ``meta["notes"]``.
 
     Raises:
         VolumeReadError: see the module policy.
     """
     ordered, affine = series_geometry(items)
+    for path, ds in ordered:
+        _check_rescale(path, ds)
     rows, cols = int(ordered[0][1].Rows), int(ordered[0][1].Columns)
     from monai.data import PydicomReader
 
     # The reader is used directly: LoadImage would instantiate every optional reader per call.
     reader = PydicomReader(swap_ij=False, affine_lps_to_ras=True)
+    # The first slice is decoded before the volume is allocated, so a header with absurd
+    # Rows/Columns fails on its pixel data, not on a huge allocation.
+    first_slice = _read_pixels(reader, ordered[0][0], rows, cols)
     array = np.empty((len(ordered), rows, cols), dtype=np.float32)
-    for k, (path, _) in enumerate(ordered):
+    array[0] = first_slice
+    for k, (path, _) in enumerate(ordered[1:], start=1):
         array[k] = _read_pixels(reader, path, rows, cols)
     first = ordered[0][1]
     meta: dict[str, Any] = {
@@ -503,10 +486,23 @@ def load_dicom_series(
     meta["derived_uids"] = []
     for key in ("StudyInstanceUID", "SeriesInstanceUID"):
         if not meta[key]:
-            meta[key] = str(
-                pydicom.uid.generate_uid(entropy_srcs=[key, *meta["sop_instance_uids"]])
-            )
+            if key == "SeriesInstanceUID" and series_key:
+                meta[key] = series_key  # the key list_series shows for this blank-UID series
+            else:
+                meta[key] = str(
+                    pydicom.uid.generate_uid(entropy_srcs=[key, *meta["sop_instance_uids"]])
+                )
             meta["derived_uids"].append(key)
+    meta["notes"] = list(notes)
+    uids = meta["sop_instance_uids"]
+    shared = len(uids) - len(set(uids))
+    meta["duplicate_sop_instance_uids"] = shared
+    if shared:
+        meta["notes"].append(
+            f"duplicate SOPInstanceUID: {len(uids)} slices carry only {len(set(uids))} distinct "
+            "SOPInstanceUIDs; the volume is read by position, but a DICOM SEG cannot reference "
+            "this series"
+        )
     meta["geometry"] = "assumed" if "ImagePositionPatient" not in first else "patient"
     vol = Volume(array, affine, source, str(first.get("Modality", "")), meta)
     vol.meta["original_orientation"] = vol.orientation

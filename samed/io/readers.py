@@ -1,14 +1,16 @@
 """Read any supported input into a :class:`~samed.io.volume.Volume`.
 
-Formats: NIfTI (``.nii``, ``.nii.gz``; MONAI ``NibabelReader``), NRRD (``.nrrd``, ``.nhdr``),
-MetaImage (``.mha``, ``.mhd``; MONAI ``ITKReader``), DICOM series folders and single DICOM files
+Formats: NIfTI (``.nii``, ``.nii.gz``) and FreeSurfer MGH (``.mgh``, ``.mgz``) through nibabel with
+nibabel's sform/qform precedence (:mod:`samed.io.nifti`), NRRD (``.nrrd``, ``.nhdr``), MetaImage
+(``.mha``, ``.mhd``; MONAI ``ITKReader``), DICOM series folders and single DICOM files
 (:mod:`samed.io.dicom`), and the MedSAM ``.npz`` format (``imgs``/``gts`` ``(D, H, W)``,
 ``spacing`` ``(x, y, z)``, ``origin`` ``(x, y, z)`` and ``direction`` (3x3 row-major, SimpleITK's
 LPS convention)).
 
 Policy: the voxel order is the file's own (nothing is reoriented); a 2D image loads as ``Z = 1``;
-a 4D image (more than one volume along a 4th axis) is an error; NaN or infinite voxels are an error
-unless ``nonfinite="zero"`` is asked for; label maps must be integer-valued.
+a 4D image (more than one volume along a 4th axis) is an error; colour (RGB) and complex voxels are
+errors; NaN or infinite voxels are an error unless ``nonfinite="zero"`` is asked for; label maps
+must be integer-valued. Every error is a :class:`VolumeReadError` naming the file.
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ from typing import Any
 
 import numpy as np
 
-from .dicom import choose_series, load_dicom_series, read_header
+from ..registry import ITK_SUFFIXES, READABLE_SUFFIXES
+from .dicom import choose_series, load_dicom_series, read_header, refuse_non_image
+from .nifti import NIBABEL_SUFFIXES, load_nibabel
 from .volume import LPS_TO_RAS, Volume, VolumeReadError, check_same_grid
 
 __all__ = ["load_volume", "load_label_map", "detect_format", "SUPPORTED_SUFFIXES"]
 
-SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".npz", ".dcm")
+SUPPORTED_SUFFIXES = READABLE_SUFFIXES
 _NONFINITE = ("error", "zero")
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """Name an input's format: ``"dicom_folder"``, ``"dicom"``, ``"nifti"``, ``"itk"``, ``"npz"``.
+    """Name an input's format: ``"dicom_folder"``, ``"dicom"``, ``"nifti"`` (NIfTI or MGH, read by
+    nibabel), ``"itk"``, ``"npz"``.
 
     Raises:
         VolumeReadError: if the path does not exist or the format is not supported.
@@ -41,9 +46,9 @@ def detect_format(path: str | os.PathLike) -> str:
     if not p.exists():
         raise VolumeReadError(f"{p} does not exist")
     name = p.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
+    if name.endswith(NIBABEL_SUFFIXES):
         return "nifti"
-    if name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+    if name.endswith(ITK_SUFFIXES):
         return "itk"
     if name.endswith(".npz"):
         return "npz"
@@ -56,8 +61,14 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def _to_zyx(data: np.ndarray, path: Path) -> np.ndarray:
-    """``(x, y[, z[, t...]])`` reader output -> ``(z, y, x)``; rejects real 4D."""
+    """``(x, y[, z[, t...]])`` reader output -> ``(z, y, x)``; rejects real 4D, colour, complex."""
     data = np.asarray(data)
+    if data.dtype.fields is not None or data.dtype.kind not in "biuf":
+        what = "complex" if data.dtype.kind == "c" else "colour or non-numeric"
+        raise VolumeReadError(
+            f"{path} holds {what} voxels (dtype {data.dtype}, shape {data.shape}); only "
+            "real-valued single-channel volumes are supported"
+        )
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 2:
@@ -70,17 +81,70 @@ def _to_zyx(data: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(data.T)
 
 
-def _load_monai(path: Path, fmt: str) -> tuple[np.ndarray, np.ndarray, str]:
-    from monai.data import ITKReader, NibabelReader
+def _itk_data_file(path: Path) -> Path | None:
+    """The file holding the voxels of a NRRD/MetaImage header (``None`` when it is not one file)."""
+    if path.name.lower().endswith((".nrrd", ".mha")):
+        return path
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read(8192).decode("latin-1")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition("=" if path.name.lower().endswith(".mhd") else ":")
+        key, value = key.strip().lower(), value.strip()
+        if sep and key in ("elementdatafile", "data file", "datafile"):
+            if value.upper() == "LOCAL":
+                return path
+            if value.upper() == "LIST" or "%" in value or " " in value:
+                return None  # slice lists / patterns: not checked
+            return path.parent / value
+    return None
 
-    # Readers are called directly (LoadImage's read step): LoadImage would also instantiate every
+
+def _check_itk_header(path: Path) -> None:
+    """Refuse, before ITK allocates anything, a NRRD/MetaImage with several components per voxel
+    (colour/vector) or whose dimensions need more bytes than its data can hold (raw data: the file
+    size; compressed: deflate's ~1032:1 limit)."""
+    data_file = _itk_data_file(path)
+    try:
+        import itk
+
+        io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
+        io.SetFileName(str(path))
+        io.ReadImageInformation()
+        dims = tuple(int(io.GetDimensions(i)) for i in range(io.GetNumberOfDimensions()))
+        n_bytes = int(io.GetImageSizeInBytes())
+        components = int(io.GetNumberOfComponents())
+    except Exception:  # noqa: BLE001 - unreadable headers are reported by the reader itself
+        return
+    if components != 1:
+        raise VolumeReadError(
+            f"{path} has {components} components per voxel (colour or vector image, dimensions "
+            f"{dims}); only single-channel greyscale volumes are supported"
+        )
+    if data_file is None or not data_file.is_file():
+        return
+    size = data_file.stat().st_size
+    limit = size * 1100 + (1 << 16)
+    if n_bytes > limit:
+        raise VolumeReadError(
+            f"{path}: header dimensions {dims} need {n_bytes:,} bytes of voxels, but its data "
+            f"({data_file.name}, {size:,} bytes) can hold at most about {limit:,} even "
+            "compressed; the header's dimensions are wrong (nothing was allocated)"
+        )
+
+
+def _load_monai(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """NRRD/MetaImage through MONAI's ``ITKReader`` (NIfTI/MGH go through :mod:`.nifti`)."""
+    from monai.data import ITKReader
+
+    _check_itk_header(path)
+
+    # The reader is called directly (LoadImage's read step): LoadImage would also instantiate every
     # optional reader on each call, which is slow and noisy.
-    if fmt == "nifti":
-        reader: Any = NibabelReader(squeeze_non_spatial_dims=False)
-        name = "monai.NibabelReader"
-    else:
-        reader = ITKReader(affine_lps_to_ras=True, reverse_indexing=False)
-        name = "monai.ITKReader"
+    reader: Any = ITKReader(affine_lps_to_ras=True, reverse_indexing=False)
+    name = "monai.ITKReader"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -91,6 +155,8 @@ def _load_monai(path: Path, fmt: str) -> tuple[np.ndarray, np.ndarray, str]:
     data = np.asarray(data)
     if affine.shape != (4, 4):
         raise VolumeReadError(f"{path}: unsupported affine of shape {affine.shape}")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise VolumeReadError(f"{path}: its affine is not finite and invertible:\n{affine}")
     return _to_zyx(data, path), affine, name
 
 
@@ -162,7 +228,7 @@ def _read_any(
     fmt = detect_format(p)
     if fmt in ("dicom_folder", "dicom"):
         if fmt == "dicom_folder":
-            _, items, ignored = choose_series(p, series_uid)
+            key, items, ignored, notes = choose_series(p, series_uid)
         else:
             ds = read_header(p)
             modality = str(ds.get("Modality", "")) if ds is not None else ""
@@ -171,13 +237,20 @@ def _read_any(
                     f"{p} is a DICOM {modality}; read it against its image series with "
                     "read_dicom_seg / read_rtstruct (CLI: --reference SERIES_DIR)"
                 )
+            if ds is not None:
+                refuse_non_image(p, ds)
             items, ignored = [(p, ds)], []
-        vol = load_dicom_series(items, p, ignored)
+            vol = load_dicom_series(items, p, ignored)
+            return vol.array, vol.affine, p, vol.modality, vol.meta
+        vol = load_dicom_series(items, p, ignored, series_key=key, notes=notes)
         return vol.array, vol.affine, p, vol.modality, vol.meta
     if fmt == "npz":
         data, affine = _load_npz(p, npz_key)
         return data, affine, p, "", {"reader": "medsam_npz", "npz_key": npz_key}
-    data, affine, reader = _load_monai(p, fmt)
+    if fmt == "nifti":
+        raw, affine, meta = load_nibabel(p)
+        return _to_zyx(raw, p), affine, p, "", meta
+    data, affine, reader = _load_monai(p)
     return data, affine, p, "", {"reader": reader}
 
 
@@ -187,8 +260,8 @@ def load_volume(
     """Load an image volume from any supported format.
 
     Args:
-        path: NIfTI, NRRD, MHA/MHD file, MedSAM ``.npz`` (its ``imgs``), a DICOM file or a folder
-            holding DICOM series (searched recursively; non-DICOM files ignored).
+        path: NIfTI, MGH/MGZ, NRRD, MHA/MHD file, MedSAM ``.npz`` (its ``imgs``), a DICOM file or
+            a folder holding DICOM series (searched recursively; non-DICOM files ignored).
         series_uid: SeriesInstanceUID to load when the folder holds several image series.
         nonfinite: ``"error"`` (default) rejects NaN/inf voxels; ``"zero"`` replaces them by 0.
 

@@ -5,11 +5,15 @@ reoriented) maps frame ``z`` to the source file ``reference.meta["files"][z]``. 
 one BINARY segment per non-zero label value, numbered 1..N in increasing label order; each segment's
 TrackingID is ``"samed label <value>"`` so that :func:`read_dicom_seg` restores the original values
 (other SEGs: segment number = label value).
+
+Reliability: a SEG is only written for a series whose slices have distinct SOPInstanceUIDs (it
+references them by UID); the output is always UTF-8 (``ISO_IR 192``), whatever the source's
+SpecificCharacterSet (real files carry empty or odd values); and the written file is read back with
+:func:`read_dicom_seg`'s own logic and compared voxel by voxel before it replaces ``path``.
 """
 
 from __future__ import annotations
 
-import colorsys
 import os
 import re
 import warnings
@@ -18,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..colors import label_color
 from .volume import GeometryError, Volume, VolumeReadError, atomic_write, check_same_grid
 
 __all__ = ["save_dicom_seg", "read_dicom_seg", "save_rtstruct", "read_rtstruct", "default_color"]
@@ -34,11 +39,9 @@ def _version() -> str:
         return "0.0.0"
 
 
-def default_color(value: int) -> tuple[int, int, int]:
-    """A distinct, deterministic RGB colour for a label value (golden-angle hues)."""
-    hue = (value * 0.618033988749895) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
-    return int(r * 255), int(g * 255), int(b * 255)
+#: The default segment / ROI colour of a label value; the same function as the QC pictures'
+#: (:func:`samed.colors.label_color`), kept under its old name for importers.
+default_color = label_color
 
 
 def _label_array(labels: np.ndarray | Volume, reference: Volume) -> np.ndarray:
@@ -71,6 +74,32 @@ def _source_files(reference: Volume) -> list[Path]:
     if missing:
         raise VolumeReadError(f"source DICOM files of {reference.source} are gone: {missing[:3]}")
     return paths
+
+
+def _check_unique_sop_uids(reference: Volume, what: str) -> None:
+    """Refuse a series whose slices share SOPInstanceUIDs: a SEG cannot tell them apart."""
+    uids = [str(u) for u in reference.meta.get("sop_instance_uids", [])]
+    files = [Path(f).name for f in reference.meta.get("files", [])]
+    seen: dict[str, int] = {}
+    dup = []
+    for i, uid in enumerate(uids):
+        if uid in seen or not uid:
+            dup.append((seen.get(uid), i, uid))
+        seen.setdefault(uid, i)
+    if not dup:
+        return
+    first, second, uid = dup[0]
+    names = (
+        f" (e.g. {files[first]} and {files[second]})"
+        if first is not None and len(files) == len(uids)
+        else ""
+    )
+    raise VolumeReadError(
+        f"cannot {what}: series {reference.meta.get('SeriesInstanceUID', '?')} in "
+        f"{reference.source} has {len(uids)} slices but only {len(set(uids) - {''})} distinct "
+        f"SOPInstanceUIDs{names}, SOPInstanceUID {uid!r}; a DICOM SEG references slices by "
+        "SOPInstanceUID, so it cannot be placed on this series (the volume itself loads)"
+    )
 
 
 def _fill_sop_class(ds: Any, reference: Volume) -> Any:
@@ -123,7 +152,8 @@ def save_dicom_seg(
         reference: the DICOM series volume from :func:`samed.io.load_volume` (not reoriented).
         path: destination file (conventionally ``.dcm``).
         label_names: label value -> segment label (default ``"label <value>"``).
-        colors: label value -> RGB 0..255 display colour (default :func:`default_color`).
+        colors: label value -> RGB 0..255 display colour (default
+            :func:`samed.colors.label_color`, the QC pictures' colours).
         algorithm: algorithm name recorded in the segment descriptions.
         algorithm_version: recorded version (default: the samed version).
         series_description: SeriesDescription of the new series.
@@ -136,6 +166,8 @@ def save_dicom_seg(
     Raises:
         ValueError: if the reference is not a DICOM series, the label map is empty or not integer.
         GeometryError: if the label map is not on the reference grid.
+        VolumeReadError: the series' slices share SOPInstanceUIDs, or the written SEG does not
+            read back to the same label map (nothing is written then).
     """
     import highdicom as hd
     import pydicom
@@ -143,6 +175,7 @@ def save_dicom_seg(
 
     arr = _label_array(labels, reference)
     files = _source_files(reference)
+    _check_unique_sop_uids(reference, "write a DICOM SEG")
     values = [int(v) for v in np.unique(arr) if v != 0]
     if not values:
         raise ValueError("label map is empty (all 0); a DICOM SEG needs at least one segment")
@@ -158,7 +191,7 @@ def save_dicom_seg(
     for number, value in enumerate(values, start=1):
         name = str(names.get(value, f"label {value}"))
         category, prop = _property_type(name)
-        rgb = tuple(int(c) for c in cols.get(value, default_color(value)))
+        rgb = tuple(int(c) for c in (cols[value] if value in cols else label_color(value)))
         if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
             raise ValueError(f"colour for label {value} must be 3 integers in 0..255; got {rgb}")
         descriptions.append(
@@ -196,12 +229,34 @@ def save_dicom_seg(
             software_versions=version,
             device_serial_number="0",
             content_description=f"{algorithm} segmentation"[:64],
+            # Sources carry '' or odd SpecificCharacterSet values that highdicom rejects; the
+            # output is UTF-8, which encodes any text copied from them.
+            specific_character_set="ISO_IR 192",
         )
     seg.SeriesDescription = series_description[:64]
     out = Path(path)
+    expected = np.where(arr > 0, arr, 0)
     with atomic_write(out) as tmp:
         seg.save_as(tmp)
+        _verify_readback(tmp, reference, expected, out)
     return out
+
+
+def _verify_readback(tmp: Path, reference: Volume, expected: np.ndarray, out: Path) -> None:
+    """Read a just-written SEG back as :func:`read_dicom_seg` does; raise unless it matches."""
+    try:
+        labels, _ = _seg_labels(_segread(tmp), reference, tmp)
+    except (VolumeReadError, GeometryError) as exc:
+        raise VolumeReadError(
+            f"the DICOM SEG written for {out} does not read back on series "
+            f"{reference.meta.get('SeriesInstanceUID', '?')} ({exc}); nothing was written"
+        ) from exc
+    if labels.shape != expected.shape or not np.array_equal(labels, expected):
+        n = int(np.count_nonzero(labels != expected)) if labels.shape == expected.shape else -1
+        raise VolumeReadError(
+            f"the DICOM SEG written for {out} reads back differently ({n} voxels differ, shape "
+            f"{labels.shape} vs {expected.shape}); nothing was written"
+        )
 
 
 def _referenced_series(ds: Any) -> str | None:
@@ -299,22 +354,45 @@ def read_dicom_seg(path: str | os.PathLike, reference_dir: str | os.PathLike) ->
     Raises:
         VolumeReadError: not a SEG, no frame references the series, or segments overlap.
     """
+    p = Path(path)
+    seg = _segread(p)
+    reference = _load_reference(reference_dir, _referenced_series(seg))
+    labels, segments = _seg_labels(seg, reference, p)
+    meta = dict(reference.meta)
+    meta.update(
+        reader="highdicom.segread",
+        segments=segments,
+        label_names={v: s["label"] for v, s in segments.items()},
+        seg_series_uid=str(seg.SeriesInstanceUID),
+        seg_sop_instance_uid=str(seg.SOPInstanceUID),
+    )
+    return Volume(labels, reference.affine.copy(), p, "SEG", meta)
+
+
+def _segread(p: Path) -> Any:
     import highdicom as hd
 
-    p = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            seg = hd.seg.segread(p)
+            return hd.seg.segread(p)
     except Exception as exc:  # noqa: BLE001
         raise VolumeReadError(f"cannot read {p} as a DICOM SEG: {exc}") from exc
-    reference = _load_reference(reference_dir, _referenced_series(seg))
+
+
+def _seg_labels(
+    seg: Any, reference: Volume, p: Path
+) -> tuple[np.ndarray, dict[int, dict[str, Any]]]:
+    """A read SEG's ``(Z, Y, X)`` label array on ``reference`` and its segments by label value."""
+    import highdicom as hd
+
+    _check_unique_sop_uids(reference, f"read {p} on its reference")
     uids = list(reference.meta["sop_instance_uids"])
     referenced = {str(u[2]) for u in seg.get_source_image_uids()}
     if not referenced & set(uids):
         raise VolumeReadError(
             f"{p} references none of the {len(uids)} slices of series "
-            f"{reference.meta.get('SeriesInstanceUID')} in {reference_dir}"
+            f"{reference.meta.get('SeriesInstanceUID')} in {reference.source}"
         )
     _check_seg_geometry(seg, reference, p)
     segment_numbers = list(seg.segment_numbers)
@@ -374,15 +452,7 @@ def read_dicom_seg(path: str | os.PathLike, reference_dir: str | os.PathLike) ->
         }
         for n in segment_numbers
     }
-    meta = dict(reference.meta)
-    meta.update(
-        reader="highdicom.segread",
-        segments=segments,
-        label_names={v: s["label"] for v, s in segments.items()},
-        seg_series_uid=str(seg.SeriesInstanceUID),
-        seg_sop_instance_uid=str(seg.SOPInstanceUID),
-    )
-    return Volume(labels, reference.affine.copy(), p, "SEG", meta)
+    return labels, segments
 
 
 def _rt_series(reference: Volume) -> list[Any]:
@@ -413,7 +483,7 @@ def save_rtstruct(
         reference: DICOM series volume from :func:`samed.io.load_volume` (square slices).
         path: destination file.
         label_names: label value -> ROI name (default ``"label <value>"``).
-        colors: label value -> RGB colour (default :func:`default_color`).
+        colors: label value -> RGB colour (default :func:`samed.colors.label_color`).
 
     Returns:
         The written path.
@@ -432,7 +502,7 @@ def save_rtstruct(
         mask = np.transpose(arr == value, (1, 2, 0))  # rt-utils wants (rows, columns, slices)
         rt.add_roi(
             mask=mask,
-            color=list(cols.get(value, default_color(value))),
+            color=list(cols[value] if value in cols else label_color(value)),
             name=str(names.get(value, f"label {value}")),
         )
     out = Path(path)

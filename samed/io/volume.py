@@ -102,6 +102,12 @@ class Volume:
         return float(sz), float(sy), float(sx)
 
     @property
+    def voxel_volume_mm3(self) -> float:
+        """Volume of one voxel in mm^3: ``|det(affine[:3, :3])|`` (correct for sheared grids,
+        where the product of :attr:`spacing` overestimates it). Divide by 1000 for ml."""
+        return float(abs(np.linalg.det(self.affine[:3, :3])))
+
+    @property
     def orientation(self) -> str:
         """Axis codes of the ``(x, y, z)`` voxel axes, e.g. ``"RAS"``, ``"LPS"`` (nibabel)."""
         return "".join(nib.aff2axcodes(self.affine))

@@ -8,11 +8,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..registry import NIFTI_SUFFIXES
 from .volume import GeometryError, Volume, atomic_write
 
 __all__ = ["save_nifti", "nifti_dtype"]
 
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_NIFTI_SUFFIXES = NIFTI_SUFFIXES
 
 
 def nifti_dtype(array: np.ndarray) -> np.dtype:
@@ -36,9 +37,14 @@ def nifti_dtype(array: np.ndarray) -> np.dtype:
 def save_nifti(array: np.ndarray, reference: Volume, path: str | os.PathLike) -> Path:
     """Write a ``(Z, Y, X)`` array as NIfTI on exactly the reference's grid and affine.
 
-    The file's data is ``array.T`` (``(x, y, z)``), its sform and qform are ``reference.affine``
-    (code 1, scanner), so it reloads with the same shape and an affine equal to the reference's
-    within 1e-4 mm. The write is atomic.
+    The file's data is ``array.T`` (``(x, y, z)``) and its **sform is exactly**
+    ``reference.affine`` (shear included), with the code of the reference's affine when it was
+    read from NIfTI (its sform_code, else qform_code, else 1 = scanner). The qform gets the same
+    affine and code; NIfTI's qform cannot hold a shear, so for a sheared affine it is nibabel's
+    nearest rotation-and-zoom, and ``pixdim`` holds the affine's column lengths. So nibabel (sform
+    first), MONAI (pixdim agrees with the sform) and samed reload exactly ``reference.affine``
+    (within float32 rounding, far below 1e-4 mm).
+    The write is atomic.
 
     Args:
         array: ``(Z, Y, X)`` array with ``reference.shape``; integer arrays (label maps) keep an
@@ -63,9 +69,11 @@ def save_nifti(array: np.ndarray, reference: Volume, path: str | os.PathLike) ->
             f"its shape is {reference.shape} (Z, Y, X)"
         )
     data = data.astype(nifti_dtype(data), copy=False)
+    codes = [int(reference.meta.get(k) or 0) for k in ("sform_code", "qform_code")]
+    code = next((c for c in codes if 0 < c <= 5), 1)  # the space the source's affine was in
     img = nib.Nifti1Image(np.asarray(data.T), reference.affine)
-    img.set_qform(reference.affine, code=1)
-    img.set_sform(reference.affine, code=1)
+    img.set_qform(reference.affine, code=code)
+    img.set_sform(reference.affine, code=code)
     img.header.set_xyzt_units("mm", "sec")
     if np.issubdtype(data.dtype, np.integer):
         img.header["scl_slope"] = 1.0

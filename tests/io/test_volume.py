@@ -171,7 +171,8 @@ def test_nifti_axis_order_and_affine_match_nibabel(tmp_path):
     vol = load_volume(_write_nifti(tmp_path / "a.nii.gz", data, affine))
     np.testing.assert_array_equal(vol.array, data.T)
     np.testing.assert_allclose(vol.affine, affine, atol=1e-5)
-    assert vol.meta["reader"] == "monai.NibabelReader"
+    # NIfTI is read by nibabel itself (issue #12: MONAI's NibabelReader rewrote some sforms).
+    assert vol.meta["reader"] == "nibabel" and vol.meta["affine_source"] == "sform"
 
 
 def test_label_map_must_be_integer_and_on_the_reference_grid(tmp_path):

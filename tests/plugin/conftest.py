@@ -59,6 +59,8 @@ class BoxModel:
     kind = "box-fake"
     checkpoint_sha256 = "box-fake"
     adapter_digest = ""
+    adapter = None  # SamModel.adapter: no adapter attached
+    fast_decoder = False  # its decode takes no image_state
 
     def __init__(self, encode_seconds: float = 0.02) -> None:
         import torch

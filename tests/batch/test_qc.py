@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from realdata import shared_path
 
-from samed.qc import label_color, montage, pick_slices, save_qc_png
+from samed.batch.qc import label_color, montage, pick_slices, save_qc_png
 
 
 def _volume() -> tuple[np.ndarray, np.ndarray]:

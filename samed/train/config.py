@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..lora_config import LoraSettings
+
 __all__ = [
     "ModelSection",
     "DataSection",
@@ -73,7 +75,7 @@ class ModelSection:
     checkpoint: str | None = None
 
     def __post_init__(self) -> None:
-        from .registry import MODEL_KINDS
+        from ..registry import MODEL_KINDS
 
         allowed = sorted(MODEL_KINDS) + ["tiny"]
         if self.kind not in allowed:
@@ -157,37 +159,10 @@ class DataSection:
             _fail("data", "label_source", self.label_source, "expert, model, semi")
 
 
-@dataclass(frozen=True)
-class LoraSection:
-    """LoRA on the image encoder (see :class:`samed.lora.LoraConfig`).
-
-    Attributes:
-        r: rank (>= 1).
-        alpha: scaling numerator (update = alpha / r * B A).
-        dropout: LoRA input dropout in [0, 1).
-        target_modules: regex (``re.fullmatch``) of the qkv Linear layers to adapt. LiteMedSAM's
-            are ``image_encoder.layers.{1,2,3}.blocks.N.attn.qkv``.
-        projections: subset of q, k, v.
-        train_decoder: train the mask decoder in full.
-    """
-
-    r: int = 4
-    alpha: float = 4.0
-    dropout: float = 0.0
-    target_modules: str = r"image_encoder\..*\.attn\.qkv"
-    projections: tuple[str, ...] = ("q", "v")
-    train_decoder: bool = True
-
-    def __post_init__(self) -> None:
-        _int_min("lora", "r", self.r, 1)
-        _range("lora", "alpha", self.alpha, 1e-6, 1e6)
-        _range("lora", "dropout", self.dropout, 0.0, 1.0, False)
-        proj = tuple(self.projections)
-        if not proj or any(p not in ("q", "k", "v") for p in proj):
-            _fail("lora", "projections", self.projections, "a non-empty subset of q, k, v")
-        object.__setattr__(self, "projections", proj)
-        if not isinstance(self.train_decoder, bool):
-            _fail("lora", "train_decoder", self.train_decoder, "true or false")
+#: LoRA on the image encoder: the very dataclass whose fields (and validation) LoRA adapters
+#: use, :class:`samed.lora.LoraSettings` (r, alpha, dropout, target_modules, projections,
+#: train_decoder); :class:`samed.lora.LoraConfig` adds the mode and class count of the run.
+LoraSection = LoraSettings
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine.preprocess import prepare_slices, resolve_intensity, slice_geometry
 from .config import AugmentSection, DataSection, PromptSection
-from .engine.preprocess import prepare_slices, resolve_intensity, slice_geometry
 
 __all__ = [
     "VolumeCase",
@@ -53,7 +53,7 @@ class VolumeCase:
 def _read(path: Path, label: bool, reference: Any = None) -> tuple[np.ndarray, str]:
     """(Z, Y, X) array and modality through samed.io (NIfTI, NRRD, MHA, npz, DICOM, SEG)."""
     try:
-        from .io.readers import load_label_map, load_volume
+        from ..io.readers import load_label_map, load_volume
     except ImportError:  # samed.io absent or incomplete: NIfTI / MedSAM npz only
         return _read_fallback(path, label), ""
     if label:
@@ -96,7 +96,7 @@ def load_cases(
     Raises:
         ValueError: unknown split, unreadable files, label/image shape mismatch.
     """
-    from .datasets import load_dataset
+    from ..datasets import load_dataset
 
     entries: list[tuple[str, Path, Path, tuple[int, int] | None]] = []
     labels: dict[int, str]

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from .config import load_config
-from .train import finetune
 
 __all__ = ["add_parser", "run_finetune", "main"]
 
@@ -49,6 +48,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_finetune(args: argparse.Namespace) -> int:
     """``samed finetune``: returns 0 on success, 2 on a configuration or data error."""
+    from .loop import finetune  # torch: imported only to run the command
+
     try:
         cfg = load_config(args.config, _parse_set(getattr(args, "set", [])))
     except ValueError as exc:

@@ -18,8 +18,8 @@ def adapter_metadata(
     model: Any,
 ) -> dict[str, Any]:
     """metadata.json content of an adapter exported by :func:`samed.train.finetune`."""
-    from . import __version__
-    from .lora import trainable_parameters
+    from .. import __version__
+    from ..lora import trainable_parameters
 
     prompt = "none: one output per class (argmax)" if cfg.mode == "automatic" else (
         "a box (x0, y0, x1, y1) around one object per call; returns one binary mask"

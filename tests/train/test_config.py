@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from samed.config import FinetuneConfig, config_from_dict, load_config
+from samed.train.config import FinetuneConfig, config_from_dict, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 BASE = {"name": "x", "data": {"root": "somewhere"}}
 
 
@@ -110,3 +110,24 @@ def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
     p.write_text("name: [unclosed\n")
     with pytest.raises(ValueError, match="bad.yaml"):
         load_config(p)
+
+
+def test_lora_section_is_the_adapters_lora_settings() -> None:
+    """The YAML lora section and adapter_config.json share one dataclass: same fields, same checks."""
+    from dataclasses import fields
+
+    from samed.lora import LoraConfig, LoraSettings
+
+    cfg = config_from_dict({**BASE, "lora": {"r": 2, "alpha": 8, "projections": ["q", "k", "v"]}})
+    assert type(cfg.lora) is LoraSettings and issubclass(LoraConfig, LoraSettings)
+    lc = LoraConfig(**{f.name: getattr(cfg.lora, f.name) for f in fields(cfg.lora)},
+                    mode="automatic", num_classes=3)
+    assert lc.scaling == 4.0 and lc.projections == ("q", "k", "v") and lc.train_decoder
+    for key, value in (("alpha", 0), ("train_decoder", "yes"), ("target_modules", "(")):
+        with pytest.raises(ValueError, match=rf"lora\.{key}"):
+            LoraConfig(**{key: value})
+        with pytest.raises(ValueError, match=rf"lora\.{key}"):
+            config_from_dict({**BASE, "lora": {key: value}})
+    # what the run decides (mode, class count) is not a YAML lora key
+    with pytest.raises(ValueError, match="unknown keys"):
+        config_from_dict({**BASE, "lora": {"mode": "automatic"}})

@@ -210,16 +210,20 @@ def parse_prompt(entry: dict[str, Any], where: str = "prompt") -> ObjectPrompt:
     if space == "voxel" and z is None and not (points is not None and len(points[0]) == 3):
         raise ValueError(f"{where}: a voxel-space prompt needs 'slice' (the key slice z index)")
     return ObjectPrompt(
-        case=case,
-        label=label,
-        name=name,
-        space=space,
-        slice=z,
-        box=tuple(box) if box is not None else None,
-        points=tuple(tuple(p) for p in points) if points is not None else None,
-        point_labels=tuple(labels) if labels is not None else None,
-        where=where,
+        case,
+        label,
+        name,
+        space,
+        z,
+        _tuple_or_none(box),
+        None if points is None else tuple(map(tuple, points)),
+        _tuple_or_none(labels),
+        where,
     )
+
+
+def _tuple_or_none(values: Sequence[Any] | None) -> tuple[Any, ...] | None:
+    return None if values is None else tuple(values)
 
 
 def read_prompts(path: str | os.PathLike) -> list[ObjectPrompt]:

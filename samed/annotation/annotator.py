@@ -1,4 +1,4 @@
-"""GUI-free annotation state: a label editor and an interactive object with undo/redo.
+"""The annotator: the current object (prompts, masks, propagation) with undo/redo.
 
 A front end (the napari widget, a notebook, a test) keeps one :class:`Annotator` per image and
 label map. It holds
@@ -20,273 +20,18 @@ passed in (any object with ``predict`` and ``propagate`` of the same signatures 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
 
-T = TypeVar("T")
+from .editor import LabelEdit, LabelEditor
+from .history import History, Undoable
 
-__all__ = ["LabelEdit", "LabelEditor", "SlicePrompts", "Annotator", "HistoryStep"]
-
-
-# ---------------------------------------------------------------------------------- label editor
-@dataclass(frozen=True)
-class LabelEdit:
-    """One change of a label map, stored as a sparse difference.
-
-    Attributes:
-        index: (N,) int64 flat indices (C order) of the voxels that changed.
-        before: (N,) their values before the edit.
-        after: (N,) their values after the edit.
-        description: what the edit was (for history menus and messages).
-    """
-
-    index: np.ndarray
-    before: np.ndarray
-    after: np.ndarray
-    description: str = ""
-
-    @property
-    def size(self) -> int:
-        """Number of voxels changed."""
-        return int(self.index.size)
-
-    def slices(self, shape: Sequence[int]) -> np.ndarray:
-        """Sorted unique z indices touched by the edit, for a (Z, Y, X) ``shape``."""
-        plane = int(np.prod(shape[1:]))
-        return np.unique(self.index // plane)
+__all__ = ["SlicePrompts", "Annotator", "HistoryStep"]
 
 
-class History(Generic[T]):
-    """Bounded undo/redo stacks of steps of any kind.
-
-    ``push`` records a new step (the oldest is dropped beyond ``max_history``; the redo stack is
-    cleared); ``undo(revert)`` / ``redo(apply)`` move the last step across and call the given
-    function on it, returning the step (None when there is nothing to move).
-    """
-
-    def __init__(self, max_history: int = 100) -> None:
-        if int(max_history) < 0:
-            raise ValueError(f"max_history={max_history} must be >= 0 (0 keeps no undo)")
-        self.max_history = int(max_history)
-        self._undo: list[T] = []
-        self._redo: list[T] = []
-
-    def push(self, step: T) -> None:
-        self._undo.append(step)
-        del self._undo[: max(0, len(self._undo) - self.max_history)]
-        self._redo.clear()
-
-    @property
-    def can_undo(self) -> bool:
-        return bool(self._undo)
-
-    @property
-    def can_redo(self) -> bool:
-        return bool(self._redo)
-
-    @property
-    def steps(self) -> list[T]:
-        """The undoable steps, oldest first (a copy)."""
-        return list(self._undo)
-
-    def undo(self, revert: Callable[[T], object]) -> T | None:
-        return self._move(self._undo, self._redo, revert)
-
-    def redo(self, apply: Callable[[T], object]) -> T | None:
-        return self._move(self._redo, self._undo, apply)
-
-    @staticmethod
-    def _move(src: list[T], dst: list[T], fn: Callable[[T], object]) -> T | None:
-        """Pop the last step of ``src``, call ``fn`` on it, push it on ``dst``."""
-        if not src:
-            return None
-        step = src.pop()
-        fn(step)
-        dst.append(step)
-        return step
-
-
-class LabelEditor:
-    """Writes masks into an integer label map in place, with undo/redo.
-
-    Args:
-        labels: (Z, Y, X) integer label map (e.g. a napari Labels layer's ``data``). Modified in
-            place; never copied.
-        max_history: edits kept for :meth:`undo` (oldest dropped first).
-
-    Raises:
-        ValueError: if ``labels`` is not a 3D integer array.
-    """
-
-    def __init__(self, labels: np.ndarray, max_history: int = 100) -> None:
-        if not isinstance(labels, np.ndarray) or labels.ndim != 3:
-            raise ValueError(
-                f"labels must be a (Z, Y, X) numpy array; got {type(labels).__name__} "
-                f"{getattr(labels, 'shape', '')}"
-            )
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels must have an integer dtype; got {labels.dtype}")
-        self.labels = labels
-        self._history: History[LabelEdit] = History(max_history)
-
-    # ------------------------------------------------------------------ edits
-    def _check_label(self, label: int) -> int:
-        info = np.iinfo(self.labels.dtype)
-        if not isinstance(label, int | np.integer) or not 1 <= int(label) <= info.max:
-            raise ValueError(
-                f"label {label!r} must be an integer in [1, {info.max}] for a {self.labels.dtype} "
-                "label map (0 is background)"
-            )
-        return int(label)
-
-    def _volume_mask(self, mask: np.ndarray, z: int | None) -> tuple[np.ndarray, int]:
-        """Return (mask as bool, flat offset) for a slice mask on z or a whole-volume mask."""
-        mask = np.asarray(mask, dtype=bool)
-        if z is None:
-            if mask.shape != self.labels.shape:
-                raise ValueError(
-                    f"mask shape {mask.shape} must equal the label map's {self.labels.shape}"
-                )
-            return mask, 0
-        if not 0 <= int(z) < self.labels.shape[0]:
-            raise ValueError(f"z={z} is outside the label map (0..{self.labels.shape[0] - 1})")
-        if mask.shape != self.labels.shape[1:]:
-            raise ValueError(
-                f"slice mask shape {mask.shape} must equal the slice shape {self.labels.shape[1:]}"
-            )
-        return mask, int(z) * int(np.prod(self.labels.shape[1:]))
-
-    def _commit(self, index: np.ndarray, after: np.ndarray, description: str, record: bool):
-        flat = self.labels.reshape(-1)  # a view: labels is contiguous or reshape would copy
-        before = flat[index].copy()
-        changed = before != after
-        index, before, after = index[changed], before[changed], after[changed]
-        if index.size == 0:
-            return None
-        flat[index] = after
-        edit = LabelEdit(index, before, after.astype(self.labels.dtype), description)
-        if record:
-            self._push(edit)
-        return edit
-
-    def paint(
-        self,
-        mask: np.ndarray,
-        label: int,
-        *,
-        z: int | None = None,
-        preserve: bool = True,
-        replace: bool = False,
-        description: str = "",
-        record: bool = True,
-    ) -> LabelEdit | None:
-        """Write ``label`` where ``mask`` is true.
-
-        Args:
-            mask: (Y, X) bool mask of slice ``z``, or (Z, Y, X) when ``z`` is None.
-            label: the label value (>= 1).
-            z: slice index for a slice mask; None for a volume mask.
-            preserve: only voxels that are background (0) or already ``label`` change, so other
-                labels are never overwritten. False: the mask overwrites everything.
-            replace: also clear voxels of ``label`` outside the mask (within slice ``z``, or the
-                whole volume when ``z`` is None), i.e. the mask *becomes* the label there.
-            description: stored with the edit.
-            record: push the edit on this editor's undo stack (False when a caller keeps its
-                own history, like :class:`Annotator`).
-
-        Returns:
-            The :class:`LabelEdit`, or None when no voxel changed.
-        """
-        label = self._check_label(label)
-        mask, offset = self._volume_mask(mask, z)
-        region = self.labels[z] if z is not None else self.labels
-        if not self.labels.flags.c_contiguous:
-            raise ValueError("labels must be C-contiguous to be edited in place")
-        write = mask & ((region == 0) | (region == label)) if preserve else mask.copy()
-        idx_on = np.flatnonzero(write)
-        parts_idx = [idx_on]
-        parts_val = [np.full(idx_on.size, label, dtype=self.labels.dtype)]
-        if replace:
-            idx_off = np.flatnonzero((region == label) & ~mask)
-            parts_idx.append(idx_off)
-            parts_val.append(np.zeros(idx_off.size, dtype=self.labels.dtype))
-        index = np.concatenate(parts_idx).astype(np.int64) + offset
-        after = np.concatenate(parts_val)
-        return self._commit(index, after, description or f"paint label {label}", record)
-
-    def erase(
-        self, label: int, *, z: int | None = None, description: str = "", record: bool = True
-    ) -> LabelEdit | None:
-        """Set every voxel of ``label`` (on slice ``z``, or everywhere) to 0."""
-        label = self._check_label(label)
-        region = self.labels[z] if z is not None else self.labels
-        offset = 0 if z is None else int(z) * int(np.prod(self.labels.shape[1:]))
-        index = np.flatnonzero(region == label).astype(np.int64) + offset
-        after = np.zeros(index.size, dtype=self.labels.dtype)
-        return self._commit(index, after, description or f"erase label {label}", record)
-
-    def fill(
-        self,
-        label_map: np.ndarray,
-        *,
-        preserve: bool = True,
-        description: str = "",
-        record: bool = True,
-    ) -> LabelEdit | None:
-        """Write every non-zero voxel of a (Z, Y, X) label map (e.g. an automatic result).
-
-        Args:
-            label_map: (Z, Y, X) integer map; 0 voxels leave the label map unchanged.
-            preserve: only background voxels (0) of the current label map change.
-        """
-        new = np.asarray(label_map)
-        if new.shape != self.labels.shape:
-            raise ValueError(f"label map shape {new.shape} must equal {self.labels.shape}")
-        write = new != 0
-        if preserve:
-            write &= self.labels == 0
-        index = np.flatnonzero(write).astype(np.int64)
-        after = new.reshape(-1)[index].astype(self.labels.dtype)
-        return self._commit(index, after, description or "fill", record)
-
-    # ------------------------------------------------------------------ history
-    def apply(self, edit: LabelEdit) -> None:
-        """Re-apply an edit (redo)."""
-        self.labels.reshape(-1)[edit.index] = edit.after
-
-    def revert(self, edit: LabelEdit) -> None:
-        """Undo an edit: the changed voxels get their old values back exactly."""
-        self.labels.reshape(-1)[edit.index] = edit.before
-
-    def _push(self, edit: LabelEdit) -> None:
-        self._history.push(edit)
-
-    @property
-    def max_history(self) -> int:
-        """Edits kept for :meth:`undo`."""
-        return self._history.max_history
-
-    @property
-    def can_undo(self) -> bool:
-        return self._history.can_undo
-
-    @property
-    def can_redo(self) -> bool:
-        return self._history.can_redo
-
-    def undo(self) -> LabelEdit | None:
-        """Revert the last recorded edit; returns it (None when there is nothing to undo)."""
-        return self._history.undo(self.revert)
-
-    def redo(self) -> LabelEdit | None:
-        """Re-apply the last undone edit; returns it (None when there is nothing to redo)."""
-        return self._history.redo(self.apply)
-
-
-# ---------------------------------------------------------------------------------- annotator
 @dataclass(frozen=True)
 class SlicePrompts:
     """The prompts of the current object on one slice.
@@ -343,7 +88,7 @@ class HistoryStep:
     edit: LabelEdit | None = None
 
 
-class Annotator:
+class Annotator(Undoable[HistoryStep]):
     """Interactive segmentation state for one volume and one label map.
 
     Args:
@@ -403,40 +148,20 @@ class Annotator:
         self._history.push(HistoryStep(description, before, self._state.copy(), edit))
 
     @property
-    def max_history(self) -> int:
-        """Steps kept for :meth:`undo`."""
-        return self._history.max_history
-
-    @property
-    def can_undo(self) -> bool:
-        return self._history.can_undo
-
-    @property
-    def can_redo(self) -> bool:
-        return self._history.can_redo
-
-    @property
     def history(self) -> list[str]:
         """Descriptions of the undoable steps, oldest first."""
         return [s.description for s in self._history.steps]
 
-    def _revert(self, step: HistoryStep) -> None:
+    # Undoable: undo() / redo() walk every kind of step (prompt, propagation, clear, label edit)
+    def _revert_step(self, step: HistoryStep) -> None:
         if step.edit is not None:
             self.editor.revert(step.edit)
         self._state = step.before.copy()
 
-    def _apply(self, step: HistoryStep) -> None:
+    def _apply_step(self, step: HistoryStep) -> None:
         if step.edit is not None:
             self.editor.apply(step.edit)
         self._state = step.after.copy()
-
-    def undo(self) -> HistoryStep | None:
-        """Undo the last step (prompt, propagation, clear or label edit). Returns it or None."""
-        return self._history.undo(self._revert)
-
-    def redo(self) -> HistoryStep | None:
-        """Redo the last undone step. Returns it or None."""
-        return self._history.redo(self._apply)
 
     # ------------------------------------------------------------------ prompts
     def _check_z(self, z: int) -> int:
@@ -678,16 +403,15 @@ class Annotator:
     def fill(self, label_map: np.ndarray, *, preserve: bool = True, description: str = "automatic"):
         """Write a whole (Z, Y, X) label map (e.g. :meth:`samed.engine.Session.automatic`) as one
         undoable step; with ``preserve`` only background voxels change. Returns the edit."""
-        before = self._state.copy()
         edit = self.editor.fill(label_map, preserve=preserve, record=False, description=description)
-        if edit is not None:
-            self._record(description, before, edit)
-        return edit
+        return self._record_edit(description, edit)
 
     def erase_label(self, label: int) -> LabelEdit | None:
         """Remove ``label`` from the whole label map (undoable)."""
-        before = self._state.copy()
-        edit = self.editor.erase(label, record=False)
+        return self._record_edit(f"erase label {label}", self.editor.erase(label, record=False))
+
+    def _record_edit(self, description: str, edit: LabelEdit | None) -> LabelEdit | None:
+        """Record a label edit that leaves the current object as it is (nothing when None)."""
         if edit is not None:
-            self._record(f"erase label {label}", before, edit)
+            self._record(description, self._state.copy(), edit)
         return edit

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from samed.config import config_from_dict
-from samed.train import dice_3d, finetune, loss_fn, lr_factor, validate
-from samed.train_data import load_cases, prepare_targets
+from samed.evaluate.metrics import dice
+from samed.train import config_from_dict, finetune, loss_fn, lr_factor, validate
+from samed.train.data import load_cases, prepare_targets
 
 LATE = r"image_encoder\.layers\.3\..*\.attn\.qkv"
 
@@ -152,8 +152,8 @@ def test_loss_and_targets() -> None:
 def test_dice_and_schedule() -> None:
     a = np.zeros((2, 4, 4), bool)
     a[0, :2] = True
-    assert dice_3d(a, a) == 1.0
-    assert np.isnan(dice_3d(a, np.zeros_like(a)))
+    assert dice(a, a) == 1.0
+    assert np.isnan(dice(a, np.zeros_like(a)))
     cfg = config_from_dict({"name": "x", "data": {"root": "r"}, "optim": {"warmup": 10},
                             "train": {"iterations": 100}})
     assert lr_factor(0, cfg) == pytest.approx(0.1)

@@ -13,33 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..colors import label_color
+
 __all__ = ["label_color", "montage", "save_qc_png", "pick_slices"]
-
-# Distinct colours (RGB 0-255) for labels 1, 2, ... (cycled); label 0 is never drawn.
-_PALETTE = (
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
-    (220, 190, 255),
-    (170, 110, 40),
-    (255, 250, 200),
-    (128, 0, 0),
-)
-
-
-def label_color(value: int) -> tuple[int, int, int]:
-    """RGB (0-255) colour used for label ``value`` (>= 1) in QC pictures and DICOM SEG."""
-    if value < 1:
-        raise ValueError(f"label value {value} has no colour; labels are >= 1 (0 is background)")
-    return _PALETTE[(value - 1) % len(_PALETTE)]
 
 
 def pick_slices(labels: np.ndarray, n: int = 12) -> list[int]:
@@ -165,7 +141,7 @@ def save_qc_png(
     """Write :func:`montage` as a PNG, atomically (``kwargs`` go to :func:`montage`)."""
     from PIL import Image
 
-    from .io import atomic_write
+    from ..io import atomic_write
 
     out = Path(path)
     picture = montage(image, labels, **kwargs)  # type: ignore[arg-type]

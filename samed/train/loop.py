@@ -1,7 +1,7 @@
 """Fine-tuning: LoRA on the image encoder + the mask decoder, automatic or prompted, resumable.
 
 ``samed finetune --config configs/NAME.yaml [--out DIR] [--resume] [--device auto|cpu|cuda]``
-reads a :class:`samed.config.FinetuneConfig`, trains, validates (3D Dice per volume through the
+reads a :class:`samed.train.FinetuneConfig`, trains, validates (3D Dice per volume through the
 inference path: :meth:`samed.engine.Session.automatic` or box prompts through
 :meth:`samed.engine.Session.predict`), and writes to ``DIR``::
 
@@ -12,13 +12,13 @@ inference path: :meth:`samed.engine.Session.automatic` or box prompts through
 
 Python::
 
-    from samed.config import load_config
-    from samed.train import finetune
+    from samed.train import finetune, load_config
     result = finetune(load_config("configs/acdc-cardiac-mri.yaml"), out="runs/acdc")
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,14 +31,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..evaluate.metrics import dice
 from .config import FinetuneConfig
-from .train_data import SliceSet, VolumeCase, collate, load_cases, sample_rng
-from .train_report import adapter_metadata, plot_curve
+from .data import SliceSet, VolumeCase, collate, load_cases, sample_rng
+from .report import adapter_metadata, plot_curve
 
 __all__ = [
     "finetune",
     "validate",
-    "dice_3d",
+    "loss_fn",
+    "lr_factor",
     "build_base_model",
     "FinetuneResult",
 ]
@@ -49,28 +51,27 @@ CHECKPOINT = "checkpoint.pt"
 # ---------------------------------------------------------------------------------- model
 def build_base_model(cfg: FinetuneConfig, device: torch.device) -> Any:
     """The configured base model (``tiny``: the random test model) on ``device``."""
-    from .model import build_model, build_tiny_model
+    from ..model import build_tiny_model, load_model
 
     if cfg.model.kind == "tiny":
         return build_tiny_model("tinyvit", seed=cfg.train.seed, device=str(device))
-    return build_model(cfg.model.kind, cfg.model.checkpoint, device=device)
+    # not optimised: inference fusion (Conv-BN folding) would freeze what training updates
+    return load_model(cfg.model.kind, cfg.model.checkpoint, device=str(device), optimize=False)
 
 
 def _attach_lora(model: Any, cfg: FinetuneConfig, num_classes: int) -> None:
-    from .lora import LoraConfig, apply_lora
+    from ..lora import LoraConfig, apply_lora
 
     lc = LoraConfig(
-        r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules, projections=cfg.lora.projections,
+        **{f.name: getattr(cfg.lora, f.name) for f in dataclasses.fields(cfg.lora)},
         mode=cfg.mode, num_classes=num_classes if cfg.mode == "automatic" else 0,
-        train_decoder=cfg.lora.train_decoder,
     )
     apply_lora(model, lc)
     k = cfg.train.cache_stages
     if k:
         if model.spec.family != "tinyvit":
             raise ValueError("train.cache_stages needs a TinyViT encoder (litemedsam or tiny)")
-        early = [t for t in model.lora_targets if _stage_of(t) is not None and _stage_of(t) < k]
+        early = [t for t in model.adapter.targets if _stage_of(t) is not None and _stage_of(t) < k]
         if early:
             raise ValueError(
                 f"train.cache_stages={k} caches stages 0..{k - 1} but lora.target_modules adapts "
@@ -110,7 +111,7 @@ def _encoder_suffix(model: Any, feats: torch.Tensor, k: int) -> torch.Tensor:
 def _set_train_mode(model: Any) -> None:
     """Frozen parts stay in eval (BatchNorm statistics fixed); LoRA dropout and the decoder
     train."""
-    from .lora import LoRAQKV
+    from ..lora import LoRAQKV
 
     model.eval()
     model.mask_decoder.train()
@@ -168,15 +169,6 @@ def lr_factor(step: int, cfg: FinetuneConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-# ---------------------------------------------------------------------------------- metrics
-def dice_3d(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice of two (Z, Y, X) bool volumes; NaN when the ground truth is empty (not scored)."""
-    g = int(gt.sum())
-    if g == 0:
-        return float("nan")
-    return 2.0 * float(np.logical_and(pred, gt).sum()) / (float(pred.sum()) + g)
-
-
 def validate(
     model: Any,
     cases: list[VolumeCase],
@@ -205,18 +197,18 @@ def validate(
         ``{"per_case": [{"case", "dice": {name: v}}], "per_class": {name: mean},
         "mean_dice": float}`` (means ignore classes absent from a volume's ground truth).
     """
-    from .engine import Session, mask_bbox
+    from ..engine import Session, mask_bbox
 
     fg = {k: v for k, v in labels.items() if k != 0}
     rows = []
     todo = cases[:limit] if limit else cases
     for n, case in enumerate(todo):
         sess = Session(model, case.image, intensity="minmax", batch_size=batch_size)
-        dice: dict[str, float] = {}
+        scores: dict[str, float] = {}
         if mode == "automatic":
             pred = sess.automatic(postprocess="none")  # the raw model; adapters record their clean-up
             for k, name in fg.items():
-                dice[name] = dice_3d(pred == k, case.label == k)
+                scores[name] = dice(pred == k, case.label == k)
         else:
             for k, name in fg.items():
                 gt = case.label == k
@@ -224,8 +216,8 @@ def validate(
                 for z in np.nonzero(gt.any((1, 2)))[0]:
                     box = mask_bbox(gt[z], box_margin)
                     out[z] = sess.predict(int(z), box=box)
-                dice[name] = dice_3d(out, gt)
-        rows.append({"case": case.case_id, "dice": dice})
+                scores[name] = dice(out, gt)
+        rows.append({"case": case.case_id, "dice": scores})
         if progress is not None:
             progress(n + 1, len(todo))
     per_class = {
@@ -299,7 +291,7 @@ class _CachedBatches:
             lab = self.labels[i][c]
             if self.mode == "prompted" and not (lab == cls).any():
                 c, lab = 0, self.labels[i][0]
-            from .train_data import Sample, prepare_targets
+            from .data import Sample, prepare_targets
 
             if self.mode == "automatic":
                 tgt = prepare_targets(lab[None], s.image_size, s.low_res)[0]
@@ -316,7 +308,7 @@ class _CachedBatches:
 
 
 def _prepare(image: np.ndarray, size: int) -> torch.Tensor:
-    from .engine.preprocess import prepare_slices
+    from ..engine.preprocess import prepare_slices
 
     return prepare_slices(image[None], size)
 
@@ -360,14 +352,14 @@ def finetune(
     Raises:
         ValueError: invalid data or a checkpoint from another config.
     """
-    from .lora import save_adapter
-    from .model import resolve_device
+    from ..lora import save_adapter
+    from ..model import resolve_device
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device or cfg.train.device)
     if dev.type == "cpu":
-        from .engine import tune_cpu_allocator
+        from ..engine import tune_cpu_allocator
 
         tune_cpu_allocator()
     train_cases, labels, summary = load_cases(cfg.data, cfg.data.train_split)
@@ -382,7 +374,7 @@ def finetune(
     model = build_base_model(cfg, dev)
     _attach_lora(model, cfg, num_classes)
     model.to(dev)  # apply_lora creates its q/k/v index buffers on the CPU
-    model.adapter_labels = dict(labels)
+    model.adapter.labels = dict(labels)
     params = _trainable(model)
     groups = [
         {"params": [p for n, p in params.items() if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
@@ -393,7 +385,7 @@ def finetune(
     else:
         opt = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9)
     log(f"model {model.kind} on {dev}: trainable {sum(p.numel() for p in params.values()):,} "
-        f"parameters in {len(model.lora_targets)} LoRA layers + decoder={cfg.lora.train_decoder}")
+        f"parameters in {len(model.adapter.targets)} LoRA layers + decoder={cfg.lora.train_decoder}")
 
     state = {"step": 0, "best": -1.0, "best_step": -1, "bad": 0, "history": [], "val": [],
              "seconds": 0.0, "best_val": None}
@@ -557,8 +549,3 @@ def finetune(
                           best_step=state["best_step"], best_mean_dice=state["best"],
                           validation=state["best_val"])
 
-
-if __name__ == "__main__":  # python -m samed.train ... (same arguments as samed finetune)
-    from .train_cli import main
-
-    raise SystemExit(main())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from realdata import shared_path
 
-from samed.prompts import (
+from samed.batch.prompts import (
     ObjectPrompt,
     parse_prompt,
     prompts_by_case,

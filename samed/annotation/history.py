@@ -1,0 +1,97 @@
+"""Bounded undo/redo stacks, and the undo/redo surface shared by the editor and the annotator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+__all__ = ["History", "Undoable"]
+
+
+class History(Generic[T]):
+    """Bounded undo/redo stacks of steps of any kind.
+
+    ``push`` records a new step (the oldest is dropped beyond ``max_history``; the redo stack is
+    cleared); ``undo(revert)`` / ``redo(apply)`` move the last step across and call the given
+    function on it, returning the step (None when there is nothing to move).
+    """
+
+    def __init__(self, max_history: int = 100) -> None:
+        if int(max_history) < 0:
+            raise ValueError(f"max_history={max_history} must be >= 0 (0 keeps no undo)")
+        self.max_history = int(max_history)
+        self._undo: list[T] = []
+        self._redo: list[T] = []
+
+    def push(self, step: T) -> None:
+        self._undo.append(step)
+        del self._undo[: max(0, len(self._undo) - self.max_history)]
+        self._redo.clear()
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    @property
+    def steps(self) -> list[T]:
+        """The undoable steps, oldest first (a copy)."""
+        return list(self._undo)
+
+    def undo(self, revert: Callable[[T], object]) -> T | None:
+        return self._move(self._undo, self._redo, revert)
+
+    def redo(self, apply: Callable[[T], object]) -> T | None:
+        return self._move(self._redo, self._undo, apply)
+
+    @staticmethod
+    def _move(src: list[T], dst: list[T], fn: Callable[[T], object]) -> T | None:
+        """Pop the last step of ``src``, call ``fn`` on it, push it on ``dst``."""
+        if not src:
+            return None
+        step = src.pop()
+        fn(step)
+        dst.append(step)
+        return step
+
+
+class Undoable(Generic[T]):
+    """Undo/redo for a class that keeps its steps in ``self._history`` (a :class:`History`).
+
+    Subclasses set ``_history`` in ``__init__`` and implement :meth:`_revert_step` and
+    :meth:`_apply_step` (what undoing / redoing one step does).
+    """
+
+    _history: History[T]
+
+    def _revert_step(self, step: T) -> None:
+        raise NotImplementedError
+
+    def _apply_step(self, step: T) -> None:
+        raise NotImplementedError
+
+    @property
+    def max_history(self) -> int:
+        """Steps kept for :meth:`undo` (oldest dropped first)."""
+        return self._history.max_history
+
+    @property
+    def can_undo(self) -> bool:
+        return self._history.can_undo
+
+    @property
+    def can_redo(self) -> bool:
+        return self._history.can_redo
+
+    def undo(self) -> T | None:
+        """Undo the last recorded step; returns it (None when there is nothing to undo)."""
+        return self._history.undo(self._revert_step)
+
+    def redo(self) -> T | None:
+        """Redo the last undone step; returns it (None when there is nothing to redo)."""
+        return self._history.redo(self._apply_step)

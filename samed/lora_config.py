@@ -1,0 +1,120 @@
+"""The LoRA settings, once: the schema of ``adapter_config.json`` and of a fine-tuning config's
+``lora`` section (peft's ``LoraConfig`` plays both roles the same way). Torch-free, so that
+reading a config or an adapter's JSON (``samed finetune --help``, ``samed info``) loads no torch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = [
+    "ADAPTER_WEIGHTS",
+    "ADAPTER_CONFIG",
+    "ADAPTER_METADATA",
+    "AdapterError",
+    "LoraSettings",
+    "LoraConfig",
+    "config_as_dict",
+]
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_METADATA = "metadata.json"
+_PROJECTIONS = ("q", "k", "v")
+_MODES = ("prompted", "automatic")
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be used with this model (names the file and the reason)."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA hyper-parameters: the fine-tuning config's ``lora:`` section is this class
+    (:class:`samed.train.LoraSection`), and :class:`LoraConfig` adds what the run decides.
+
+    Attributes:
+        r: rank of the low-rank update (>= 1).
+        alpha: scaling numerator; the update is ``(alpha / r) * B @ A``.
+        dropout: dropout on the LoRA branch input during training, in [0, 1).
+        target_modules: regular expression matched (``re.fullmatch``) against module paths of
+            the fused ``qkv`` Linear layers to adapt. LiteMedSAM's are
+            ``image_encoder.layers.{1,2,3}.blocks.N.attn.qkv``.
+        projections: which of q, k, v get an update (SAMed: q and v).
+        train_decoder: train the mask decoder in full (saved with the adapter).
+
+    Raises:
+        ValueError: naming the field (``lora.<name>``) and the allowed values.
+    """
+
+    r: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    target_modules: str = r"image_encoder\..*\.attn\.qkv"
+    projections: tuple[str, ...] = ("q", "v")
+    train_decoder: bool = True
+
+    def __post_init__(self) -> None:
+        def number(v: Any) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool)
+
+        def fail(name: str, value: Any, allowed: str) -> None:
+            raise ValueError(f"lora.{name}={value!r} is invalid; allowed: {allowed}")
+
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            fail("r", self.r, "a LoRA rank: an integer >= 1")
+        if not (number(self.alpha) and 1e-6 <= self.alpha <= 1e6):
+            fail("alpha", self.alpha, "a number in [1e-06, 1000000.0]")
+        if not (number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            fail("dropout", self.dropout, "a number in [0.0, 1.0)")
+        if not isinstance(self.target_modules, str):
+            fail("target_modules", self.target_modules, "a regular expression string")
+        try:
+            re.compile(self.target_modules)
+        except re.error as exc:
+            fail("target_modules", self.target_modules, f"a valid regular expression ({exc})")
+        proj = tuple(self.projections)
+        if not proj or any(p not in _PROJECTIONS for p in proj):
+            fail("projections", self.projections, "a non-empty subset of q, k, v")
+        object.__setattr__(self, "projections", proj)
+        if not isinstance(self.train_decoder, bool):
+            fail("train_decoder", self.train_decoder, "true or false")
+
+
+@dataclass(frozen=True)
+class LoraConfig(LoraSettings):
+    """How LoRA is applied: the :class:`LoraSettings` fields (r, alpha, dropout,
+    target_modules, projections, train_decoder; validated there) plus:
+
+    Attributes:
+        mode: ``prompted`` (box/points -> one binary mask, MedSAM-style) or ``automatic``
+            (no prompt, one output per class, SAMed-style).
+        num_classes: number of output classes incl. background (automatic mode only, >= 2).
+        train_prompt_encoder: train the prompt encoder in full (saved with the adapter).
+    """
+
+    mode: str = "prompted"
+    num_classes: int = 0
+    train_prompt_encoder: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in _MODES:
+            raise ValueError(f"mode={self.mode!r} must be one of {_MODES}")
+        if self.mode == "automatic" and self.num_classes < 2:
+            raise ValueError(
+                f"automatic mode needs num_classes >= 2 (background included); got {self.num_classes}"
+            )
+
+    @property
+    def scaling(self) -> float:
+        return float(self.alpha) / self.r
+
+
+def config_as_dict(config: LoraConfig) -> dict[str, Any]:
+    """The config as a JSON-ready dict."""
+    d = asdict(config)
+    d["projections"] = list(config.projections)
+    return d

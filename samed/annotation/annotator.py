@@ -261,16 +261,14 @@ class Annotator(Undoable[HistoryStep]):
     ) -> np.ndarray:
         """A corrective click: :meth:`add_point` then (if ``propagate``) ``propagate(z,
         **kwargs)``, recorded as ONE undoable step. Returns slice z's mask."""
-        n = len(self._history.steps)
+        start = self._history.pushed
         mask = self.add_point(z, xy, positive)
         if propagate and (self.seed_slice(z) is not None or int(z) in self._state.prompts):
             self.propagate(int(z), **kwargs)
-        steps = self._history.steps[n:]
-        if len(steps) > 1:  # merge the click and its re-propagation
-            del self._history._undo[-len(steps):]
-            self._history.push(HistoryStep(
-                f"{steps[0].description} + re-propagate", steps[0].before, steps[-1].after
-            ))
+        self._history.merge_last(  # the click and its re-propagation: one undo step
+            self._history.pushed - start,
+            lambda s: HistoryStep(f"{s[0].description} + re-propagate", s[0].before, s[-1].after),
+        )
         return self._state.masks.get(int(z), mask)
 
     def clear_object(self) -> bool:

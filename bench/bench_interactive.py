@@ -86,20 +86,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[int, tuple[float, float], bool] | None:
-    """(z, (x, y), positive) at the centre of the largest 3D error component, or None."""
-    from scipy import ndimage
+    """(z, (x, y), positive) at the centre of the largest 3D error component, or None
+    (:func:`samed.engine.interactive.simulated_click`, which ``samed demo`` uses too)."""
+    from samed.engine.interactive import simulated_click
 
-    err = pred ^ gt
-    if not err.any():
-        return None
-    lab, n = ndimage.label(err)
-    sizes = np.bincount(lab.ravel())[1:]
-    comp = lab == (int(np.argmax(sizes)) + 1)
-    z = int(np.argmax(comp.sum(axis=(1, 2))))
-    sl = comp[z]
-    dist = ndimage.distance_transform_edt(np.pad(sl, 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), sl.shape)
-    return z, (float(x), float(y)), bool(gt[z, y, x])
+    return simulated_click(pred, gt)
 
 
 def run_structure(session, gt: np.ndarray, n_clicks: int, slack: float, options: dict) -> dict:

@@ -12,7 +12,7 @@ from realdata import shared_path
 from scipy import ndimage
 
 from samed.annotation import Annotator
-from samed.engine.interactive import mask_to_logits, sdf_blend
+from samed.engine.interactive import mask_to_logits, sdf_blend, simulated_click
 
 pytestmark = pytest.mark.slow
 
@@ -156,3 +156,19 @@ def test_mask_logits_round_trip_and_blend(acdc_case):
     np.testing.assert_array_equal(sdf_blend(a, b, 0.0), b)
     mid = sdf_blend(a, b, 0.5)
     assert a.sum() < mid.sum() < b.sum() and not (mid & ~b).any()
+
+
+def test_simulated_click_is_the_centre_of_the_largest_error_on_its_largest_slice(acdc_case):
+    _, gt = acdc_case
+    pred = gt.copy()
+    assert simulated_click(pred, gt) is None
+    z = int(np.argmax(gt.sum(axis=(1, 2))))
+    pred[z] = ndimage.binary_erosion(gt[z], iterations=6)  # a miss ring on slice z only
+    leak = np.zeros_like(gt)
+    leak[z, :3, :3] = True  # a smaller leak elsewhere
+    cz, (x, y), positive = simulated_click(pred | leak, gt)
+    assert cz == z and positive and gt[z, int(y), int(x)] and not pred[z, int(y), int(x)]
+    cz, (x, y), positive = simulated_click(gt | ndimage.binary_dilation(gt, iterations=4) & ~gt, gt)
+    assert not positive and not gt[cz, int(y), int(x)]
+    with pytest.raises(ValueError, match="must be"):
+        simulated_click(gt[0], gt[0])

@@ -33,7 +33,10 @@ from .preprocess import mask_bbox
 if TYPE_CHECKING:  # pragma: no cover
     from .session import Prediction, PropagationStep, Session
 
-__all__ = ["InteractiveMixin", "mask_digest", "mask_to_logits", "refine_slice", "repropagate", "sdf_blend"]
+__all__ = [
+    "InteractiveMixin", "mask_digest", "mask_to_logits", "refine_slice", "repropagate", "sdf_blend",
+    "simulated_click",
+]
 
 #: magnitude of the logits a binary mask is turned into when no decoder logits are known
 MASK_LOGIT = 8.0
@@ -50,6 +53,37 @@ def mask_to_logits(mask: np.ndarray, session: Session) -> torch.Tensor:
     pad[..., : geo.resized_hw[0], : geo.resized_hw[1]] = m
     small = F.interpolate(pad, size=(low, low), mode="bilinear", align_corners=False)[0, 0]
     return (small * 2.0 - 1.0) * MASK_LOGIT
+
+
+def simulated_click(
+    pred: np.ndarray, truth: np.ndarray
+) -> tuple[int, tuple[float, float], bool] | None:
+    """The corrective click a simulated user makes (issue #17's protocol, as in
+    ``bench/bench_interactive.py`` and ``samed demo``): on the largest 3D connected component
+    (6-connected) of ``pred XOR truth``, the slice where that component is largest, the point
+    farthest from the component's boundary there (Euclidean distance transform); positive on a
+    miss (truth there), negative on a leak.
+
+    Args:
+        pred, truth: (Z, Y, X) bool volumes of the same shape.
+
+    Returns:
+        (z, (x, y), positive) in slice pixels, or None when ``pred`` equals ``truth``.
+    """
+    from scipy import ndimage
+
+    pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    if pred.shape != truth.shape or pred.ndim != 3:
+        raise ValueError(f"pred {pred.shape} and truth {truth.shape} must be (Z, Y, X) of one shape")
+    err = pred ^ truth
+    if not err.any():
+        return None
+    lab, _ = ndimage.label(err)
+    comp = lab == (int(np.argmax(np.bincount(lab.ravel())[1:])) + 1)
+    z = int(np.argmax(comp.sum(axis=(1, 2))))
+    dist = ndimage.distance_transform_edt(np.pad(comp[z], 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), comp[z].shape)
+    return z, (float(x), float(y)), bool(truth[z, y, x])
 
 
 def _disc(shape: tuple[int, int], xy: tuple[float, float], r: float) -> np.ndarray:

@@ -168,6 +168,13 @@ def refine_slice(
         if positive and not mask[cy, cx]:
             mask = mask | _smallest_containing(session, z, cx, cy, positive_only=True)
         return Prediction(mask, pred.score, pred.low_res_logits)
+    if not positive and box is not None and _at_core(prev, cx, cy):
+        # a negative click at the centre of a box slice's mask: the box meant another object
+        # (e.g. the myocardial ring around the LV cavity it returned); the slice takes the best
+        # of SAM's outputs that honours every click, even where that is not inside the old mask
+        other = _consistent_output(session, z, box, points, point_labels)
+        if other is not None:
+            return other
     eff_box = np.asarray(box, dtype=np.float64) if box is not None else mask_bbox(prev, box_margin)
     pos = points[point_labels == 1]
     if pos.size:  # a positive click outside the box widens it
@@ -212,6 +219,41 @@ def refine_slice(
         if mask[cy, cx]:
             mask = mask & ~_disc((h, w), (cx, cy), 3.0)
     return Prediction(mask, pred.score, pred.low_res_logits)
+
+
+def _at_core(mask: np.ndarray, cx: int, cy: int) -> bool:
+    """Whether (cx, cy) lies in the core of its component of ``mask``: at least half as far from
+    the component's edge as the component's own centre (and >= 2 px)."""
+    from scipy.ndimage import distance_transform_edt
+
+    part = _component_at(mask, cx, cy)
+    if not part.any():
+        return False
+    dist = distance_transform_edt(np.pad(part, 1))[1:-1, 1:-1]
+    return float(dist[cy, cx]) >= max(0.5 * float(dist.max()), 2.0)
+
+
+def _consistent_output(
+    session: Session, z: int, box: np.ndarray | list[float], points: np.ndarray,
+    point_labels: np.ndarray, min_area: int = 10,
+) -> Prediction | None:
+    """The highest-scoring of SAM's multimask outputs for ``box`` + ``points`` (no mask prompt)
+    that contains every positive point, excludes every negative one and has >= ``min_area``
+    pixels; None when none does (or the model has a single output)."""
+    n = int(getattr(session.model, "num_mask_outputs", 1) or 1)
+    h, w = session.shape[1:]
+    xy = np.clip(np.round(points).astype(int), 0, [w - 1, h - 1])
+    best = None
+    for k in range(n if n > 1 else 0):
+        try:
+            p = session.predict_full(z, box=box, points=points, point_labels=point_labels, mask_output=k)
+        except ValueError:
+            break
+        inside = p.mask[xy[:, 1], xy[:, 0]]
+        if (int(p.mask.sum()) >= min_area and np.all(inside == (point_labels == 1))
+                and (best is None or p.score > best.score)):
+            best = p
+    return best
 
 
 def _smallest_containing(session: Session, z: int, cx: int, cy: int, positive_only: bool) -> np.ndarray:

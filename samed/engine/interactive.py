@@ -130,7 +130,10 @@ def refine_slice(
     Returns:
         A :class:`~samed.engine.Prediction`. A negative click's mask is a subset of ``prev_mask``
         that excludes the click; a positive click's mask is a superset of ``prev_mask`` that
-        contains the click.
+        contains the click. One exception resolves an ambiguous box: a negative click at the core
+        of the mask on a slice with a ``box`` (at least half as deep inside as the component's
+        centre) gives the best of SAM's multimask outputs for the box and all points that honours
+        every point (e.g. the myocardial ring instead of the LV cavity), when one does.
     """
     from .session import Prediction
 

@@ -169,8 +169,21 @@ class Annotator(Undoable[HistoryStep]):
             raise ValueError(f"slice index z={z!r} must be an integer in [0, {self.shape[0] - 1}]")
         return int(z)
 
-    def predict(self, z: int, prompts: SlicePrompts) -> np.ndarray:
-        """Mask of the object on slice z for ``prompts`` (no state change)."""
+    def predict(
+        self, z: int, prompts: SlicePrompts, previous: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Mask of the object on slice z for ``prompts`` (no state change).
+
+        ``previous``: the slice's (Y, X) mask before the last point of ``prompts`` was added; an
+        engine with ``refine`` (:meth:`samed.engine.Session.refine`) then refines it instead of
+        predicting from the prompts alone."""
+        if previous is not None and prompts.points and hasattr(self.engine, "refine"):
+            return np.asarray(self.engine.refine(
+                int(z), box=None if prompts.box is None else list(prompts.box),
+                points=np.asarray(prompts.points, dtype=np.float64),
+                point_labels=np.asarray(prompts.labels, dtype=np.int64), prev_mask=previous,
+                prior_mask=self._neighbour_mask(int(z)),
+            ), dtype=bool)
         kwargs: dict[str, Any] = {}
         if prompts.box is not None:
             kwargs["box"] = list(prompts.box)
@@ -178,6 +191,11 @@ class Annotator(Undoable[HistoryStep]):
             kwargs["points"] = np.asarray(prompts.points, dtype=np.float64)
             kwargs["point_labels"] = np.asarray(prompts.labels, dtype=np.int64)
         return np.asarray(self.engine.predict(int(z), **kwargs), dtype=bool)
+
+    def _neighbour_mask(self, z: int) -> np.ndarray | None:
+        """The larger non-empty object mask of slices z - 1 and z + 1 (None if both empty)."""
+        near = [m for k in (z - 1, z + 1) if (m := self._state.masks.get(k)) is not None and m.any()]
+        return max(near, key=lambda m: int(m.sum())) if near else None
 
     def set_prompts(self, z: int, prompts: SlicePrompts, mask: np.ndarray | None = None):
         """Replace the prompts of slice z and predict its mask (one undoable step).
@@ -196,7 +214,12 @@ class Annotator(Undoable[HistoryStep]):
         ):
             return self._state.masks.get(z)
         if not prompts.empty and mask is None:
-            mask = self.predict(z, prompts)
+            old = self._state.prompts.get(z, SlicePrompts())
+            clicked = prompts.box == old.box and prompts.points[:-1] == old.points and (
+                len(prompts.points) == len(old.points) + 1
+            )  # one more point: refine the slice's current mask
+            prev = self._state.masks.get(z, np.zeros(self.shape[1:], bool)) if clicked else None
+            mask = self.predict(z, prompts, prev)
         before = self._state.copy()
         if prompts.empty:
             self._state.prompts.pop(z, None)
@@ -232,6 +255,22 @@ class Annotator(Undoable[HistoryStep]):
         new = SlicePrompts(old.box, (*old.points, p), (*old.labels, 1 if positive else 0))
         return self.set_prompts(z, new)
 
+    def click(
+        self, z: int, xy: Sequence[float], positive: bool = True, *, propagate: bool = True,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """A corrective click: :meth:`add_point` then (if ``propagate``) ``propagate(z,
+        **kwargs)``, recorded as ONE undoable step. Returns slice z's mask."""
+        start = self._history.pushed
+        mask = self.add_point(z, xy, positive)
+        if propagate and (self.seed_slice(z) is not None or int(z) in self._state.prompts):
+            self.propagate(int(z), **kwargs)
+        self._history.merge_last(  # the click and its re-propagation: one undo step
+            self._history.pushed - start,
+            lambda s: HistoryStep(f"{s[0].description} + re-propagate", s[0].before, s[-1].after),
+        )
+        return self._state.masks.get(int(z), mask)
+
     def clear_object(self) -> bool:
         """Drop the current object's prompts and masks (undoable). Returns False if empty."""
         if not self._state.prompts and not self._state.masks:
@@ -264,6 +303,8 @@ class Annotator(Undoable[HistoryStep]):
             ValueError: when there is no object mask to start from.
         """
         seed = self.seed_slice(z)
+        if z is not None and int(z) in self._state.prompts and hasattr(self.engine, "repropagate"):
+            seed = int(z)  # a corrected slice, even one a negative click emptied
         if seed is None:
             raise ValueError(
                 "nothing to propagate: place a box or points on a slice first"
@@ -272,6 +313,19 @@ class Annotator(Undoable[HistoryStep]):
         before = self._state.copy()
         masks = self._state.masks
         prompted = set(self._state.prompts)
+        if hasattr(self.engine, "repropagate"):  # only as far as the change reaches
+            n = 0
+            try:
+                for step in self.engine.repropagate(seed, masks, prompted, direction=direction, **kwargs):
+                    if step.stopped or not step.mask.any():
+                        masks.pop(step.z, None)
+                    else:
+                        masks[step.z] = np.asarray(step.mask, dtype=bool)
+                    n += 1
+                    yield step
+            finally:
+                self._record(f"propagate from slice {seed} ({direction}, {n} slices)", before)
+            return
         for k in list(masks):
             ahead = (direction in ("both", "forward") and k > seed) or (
                 direction in ("both", "backward") and k < seed

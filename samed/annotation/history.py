@@ -15,7 +15,9 @@ class History(Generic[T]):
 
     ``push`` records a new step (the oldest is dropped beyond ``max_history``; the redo stack is
     cleared); ``undo(revert)`` / ``redo(apply)`` move the last step across and call the given
-    function on it, returning the step (None when there is nothing to move).
+    function on it, returning the step (None when there is nothing to move). ``merge_last``
+    folds the last few steps into one (e.g. a click and the re-propagation it triggered), and
+    ``pushed`` counts every push so far, to tell how many steps an operation recorded.
     """
 
     def __init__(self, max_history: int = 100) -> None:
@@ -24,8 +26,10 @@ class History(Generic[T]):
         self.max_history = int(max_history)
         self._undo: list[T] = []
         self._redo: list[T] = []
+        self.pushed = 0  # steps pushed since creation (dropped ones included)
 
     def push(self, step: T) -> None:
+        self.pushed += 1
         self._undo.append(step)
         del self._undo[: max(0, len(self._undo) - self.max_history)]
         self._redo.clear()
@@ -42,6 +46,24 @@ class History(Generic[T]):
     def steps(self) -> list[T]:
         """The undoable steps, oldest first (a copy)."""
         return list(self._undo)
+
+    def merge_last(self, count: int, combine: Callable[[list[T]], T]) -> T | None:
+        """Replace the last ``count`` undoable steps by ``combine(steps)`` (oldest first), so one
+        undo reverts them all. ``count`` beyond the kept steps merges what is kept; a count below
+        2 (or fewer than 2 kept steps) changes nothing. Returns the merged step, or None.
+
+        Raises:
+            ValueError: when ``count`` is negative.
+        """
+        if int(count) < 0:
+            raise ValueError(f"count={count} must be >= 0 (the number of last steps to merge)")
+        count = min(int(count), len(self._undo))
+        if count < 2:
+            return None
+        merged = combine(self._undo[-count:])
+        del self._undo[-count:]
+        self._undo.append(merged)
+        return merged
 
     def undo(self, revert: Callable[[T], object]) -> T | None:
         return self._move(self._undo, self._redo, revert)

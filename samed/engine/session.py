@@ -20,6 +20,8 @@ import torch
 from ..model.fast_decoder import ImageState, decoder_fingerprint
 from ..model.sam import SamModel, upscale_logits
 from ..precision import check_amp, encoder_precision
+from .interactive import InteractiveMixin
+from .interactive import mask_digest as _mask_digest
 from .preprocess import (
     box_to_model,
     mask_bbox,
@@ -33,6 +35,7 @@ __all__ = ["Session", "PropagationStep", "Prediction"]
 
 ProgressFn = Callable[[int, int], None]
 _STATE_SLICES = 4
+_LOGIT_ENTRIES = 256  # remembered (slice, mask) -> low-res logits, float16 (~32 MB)
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
     return binary_dilation(mask, iterations=px)
 
 
-class Session:
+class Session(InteractiveMixin):
     """Embeddings and prompt-based segmentation for one (Z, Y, X) volume.
 
     Embeddings are computed once per slice (lazily, or in batches with :meth:`embed`), kept in
@@ -146,6 +149,8 @@ class Session:
         self._cache_key = ""
         # prompt-independent decoder tensors of the last few clicked slices (~10 MB each)
         self._states: OrderedDict[int, ImageState] = OrderedDict()
+        # low-res logits behind masks this session produced, to feed them back as mask prompts
+        self._logits: OrderedDict[tuple[int, bytes], torch.Tensor] = OrderedDict()
         self._content_hash = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:32]
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._check_cache()
@@ -173,6 +178,7 @@ class Session:
         if key != self._cache_key:
             self._cache.clear()
             self._states.clear()
+            self._logits.clear()
             self._cache_key = key
 
     def _disk_path(self) -> Path | None:
@@ -344,7 +350,24 @@ class Session:
             logits, iou = logits[:, mask_output : mask_output + 1], iou[:, mask_output : mask_output + 1]
         full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
         mask = (full[0, 0] > threshold).cpu().numpy()
-        return Prediction(mask=mask, score=float(iou[0, 0]), low_res_logits=logits[0, 0].float().cpu())
+        low_res = logits[0, 0].float().cpu()
+        self.remember_logits(z, mask, low_res)
+        return Prediction(mask=mask, score=float(iou[0, 0]), low_res_logits=low_res)
+
+    def remember_logits(self, z: int, mask: np.ndarray, logits: torch.Tensor) -> None:
+        """Remember the (L, L) low-res ``logits`` behind the (Y, X) ``mask`` of slice z, so that a
+        later correction of that mask can feed them back (:meth:`known_logits`)."""
+        key = (int(z), _mask_digest(mask))
+        self._logits[key] = torch.as_tensor(logits).detach().to("cpu", torch.float16)
+        self._logits.move_to_end(key)
+        while len(self._logits) > _LOGIT_ENTRIES:
+            self._logits.popitem(last=False)
+
+    def known_logits(self, z: int, mask: np.ndarray) -> torch.Tensor | None:
+        """(L, L) float32 low-res logits this session produced ``mask`` (Y, X) of slice z from,
+        or None when it did not (e.g. a painted or blended mask)."""
+        t = self._logits.get((int(z), _mask_digest(mask)))
+        return None if t is None else t.float()
 
     def predict(self, z: int, **prompts: object) -> np.ndarray:
         """Like :meth:`predict_full` but returns only the (Y, X) bool mask."""

@@ -279,3 +279,20 @@ def test_history_is_bounded_and_a_new_step_drops_the_redo_stack():
     assert not none.can_undo and none.undo(undone.append) is None
     with pytest.raises(ValueError, match="max_history=-1 must be >= 0"):
         History(-1)
+
+
+def test_history_merge_last_folds_steps_into_one_undo():
+    from samed.annotation import History
+
+    h: History[tuple[int, ...]] = History(max_history=4)
+    for i in range(3):
+        h.push((i,))
+    assert h.pushed == 3
+    merged = h.merge_last(2, lambda steps: sum(steps, ()))
+    assert merged == (1, 2) and h.steps == [(0,), (1, 2)] and h.pushed == 3
+    assert h.merge_last(1, lambda steps: steps[0]) is None and h.steps == [(0,), (1, 2)]
+    assert h.merge_last(9, lambda steps: sum(steps, ())) == (0, 1, 2)  # all that is kept
+    undone: list[tuple[int, ...]] = []
+    assert h.undo(undone.append) == (0, 1, 2) and not h.can_undo
+    with pytest.raises(ValueError, match="count=-1 must be >= 0"):
+        h.merge_last(-1, lambda steps: steps[0])

@@ -1,0 +1,174 @@
+"""Interactive corrections on real cardiac MRI slices (issue #17), driven through the Annotator's
+public calls (add_box, propagate, add_point(z, xy, positive), propagate(z)) with the real
+LiteMedSAM: a negative click never grows its slice, a click's re-propagation leaves slices
+outside its reach byte-identical and never overwrites keyframes, undo of a click restores the
+whole object exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from realdata import shared_path
+from scipy import ndimage
+
+from samed.annotation import Annotator
+from samed.engine.interactive import mask_to_logits, sdf_blend, simulated_click
+
+pytestmark = pytest.mark.slow
+
+OPTIONS = {"box_margin": 2.0, "min_area": 10, "max_step_px": 2}  # the napari widget's
+
+
+@pytest.fixture(scope="module")
+def acdc_case(tmp_path_factory):
+    """(session, RV ground truth) of an ACDC validation patient (10 slices, 256 x 216)."""
+    from samed.engine import Session
+    from samed.io import load_label_map, load_volume
+    from samed.model import build_model
+
+    img = shared_path("acdc", "imagesTr", "patient028_frame01.nii.gz")
+    lab = shared_path("acdc", "labelsTr", "patient028_frame01.nii.gz")
+    vol = load_volume(img)
+    gt = load_label_map(lab).array == 1
+    session = Session(build_model(device="cpu"), vol, cache_dir=tmp_path_factory.mktemp("emb"))
+    session.embed()
+    return session, gt
+
+
+def _boxed(session, gt) -> tuple[Annotator, int]:
+    ann = Annotator(session, np.zeros(gt.shape, np.uint8))
+    z0 = int(np.argmax(gt.sum(axis=(1, 2))))
+    ys, xs = np.nonzero(gt[z0])
+    ann.add_box(z0, (xs.min(), ys.min(), xs.max(), ys.max()))
+    ann.propagate(z0, **OPTIONS)
+    return ann, z0
+
+
+def _centre(region: np.ndarray) -> tuple[float, float]:
+    d = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(d)), region.shape)
+    return float(x), float(y)
+
+
+def test_negative_click_never_grows_and_removes_the_click(acdc_case):
+    session, gt = acdc_case
+    ann, _ = _boxed(session, gt)
+    pred = ann.object_mask()
+    leaks = [(z, int((pred[z] & ~gt[z]).sum())) for z in range(gt.shape[0])]
+    z, _ = max(leaks, key=lambda t: t[1])
+    assert (pred[z] & ~gt[z]).any(), "the propagated RV has no leak to click on"
+    before = ann.masks[z].copy()
+    xy = _centre(pred[z] & ~gt[z])
+    after = ann.add_point(z, xy, positive=False)
+    assert not (after & ~before).any()  # never grows
+    assert not after[int(xy[1]), int(xy[0])]
+    assert after.sum() < before.sum()
+
+
+def test_positive_click_keeps_the_slice_and_adds_the_click(acdc_case):
+    session, gt = acdc_case
+    ann, _ = _boxed(session, gt)
+    pred = ann.object_mask()
+    z = max(range(gt.shape[0]), key=lambda k: int((gt[k] & ~pred[k]).sum()))
+    before = ann.masks.get(z, np.zeros(gt.shape[1:], bool)).copy()
+    xy = _centre(gt[z] & ~pred[z])
+    after = ann.add_point(z, xy, positive=True)
+    assert not (before & ~after).any()  # never wipes what was there
+    assert after[int(xy[1]), int(xy[0])]
+
+
+def test_repropagation_stays_in_reach_keeps_keyframes_and_undoes_in_one_step(acdc_case):
+    session, gt = acdc_case
+    ann, z0 = _boxed(session, gt)
+    base = ann.object_mask()
+    # a second keyframe: a positive click two slices from the box
+    zk = z0 + 2 if z0 + 2 < gt.shape[0] else z0 - 2
+    ann.add_point(zk, _centre(gt[zk]), positive=True)
+    ann.propagate(zk, **OPTIONS)
+    keyframes = {z: m.copy() for z, m in ann.masks.items() if z in ann.prompts}
+    state = ann.object_mask()
+    # a negative click on the box slice's leak (or its largest error) and its re-propagation
+    err = (state[z0] & ~gt[z0]) if (state[z0] & ~gt[z0]).any() else (state[z0] ^ gt[z0])
+    n_before = len(ann.history)
+    ann.add_point(z0, _centre(err), positive=bool(gt[z0][tuple(int(v) for v in _centre(err)[::-1])]))
+    steps = list(ann.propagate_iter(z0, **OPTIONS))
+    after = ann.object_mask()
+    reached = {s.z for s in steps} | {z0}
+    for z in range(gt.shape[0]):
+        if z not in reached:  # outside the click's reach: byte-identical
+            assert after[z].tobytes() == state[z].tobytes(), f"slice {z} changed"
+    for z, m in keyframes.items():
+        if z != z0:  # other keyframes are never overwritten
+            assert z not in {s.z for s in steps}
+            np.testing.assert_array_equal(ann.masks[z], m)
+    lo, hi = sorted((z0, zk))
+    assert all(lo < s.z < hi or s.z < lo or s.z > hi for s in steps)  # never past zk from z0
+    assert len(ann.history) == n_before + 2  # the click and its re-propagation
+    ann.undo()
+    ann.undo()
+    np.testing.assert_array_equal(ann.object_mask(), state)
+    ann.undo()
+    ann.undo()
+    np.testing.assert_array_equal(ann.object_mask(), base)
+
+
+def test_click_and_its_repropagation_undo_as_one_step(acdc_case):
+    session, gt = acdc_case
+    ann, _ = _boxed(session, gt)
+    state, n = ann.object_mask(), len(ann.history)
+    pred = state
+    z = max(range(gt.shape[0]), key=lambda k: int((pred[k] ^ gt[k]).sum()))
+    xy = _centre(pred[z] ^ gt[z])
+    ann.click(z, xy, bool(gt[z, int(xy[1]), int(xy[0])]), **OPTIONS)
+    assert len(ann.history) == n + 1 and ann.history[-1].endswith("re-propagate")
+    assert z in ann.prompts
+    ann.undo()
+    np.testing.assert_array_equal(ann.object_mask(), state)
+    assert z not in ann.prompts or not ann.prompts[z].points
+    ann.redo()
+    assert z in ann.prompts and ann.prompts[z].points
+
+
+def test_propagation_does_not_walk_into_the_next_keyframe(acdc_case):
+    session, gt = acdc_case
+    ann, z0 = _boxed(session, gt)
+    zk = z0 + 3 if z0 + 3 < gt.shape[0] else z0 - 3
+    ys, xs = np.nonzero(gt[zk])
+    ann.add_box(zk, (xs.min(), ys.min(), xs.max(), ys.max()))
+    kf = ann.masks[zk].copy()
+    zs = [s.z for s in ann.propagate_iter(z0, **OPTIONS)]
+    assert zk not in zs
+    np.testing.assert_array_equal(ann.masks[zk], kf)
+
+
+def test_mask_logits_round_trip_and_blend(acdc_case):
+    session, gt = acdc_case
+    z = int(np.argmax(gt.sum(axis=(1, 2))))
+    low = mask_to_logits(gt[z], session)
+    assert tuple(low.shape) == (session.model.low_res_size,) * 2
+    back = session.predict_full(z, mask_input=low).low_res_logits
+    assert back.shape == low.shape
+    a = np.zeros((20, 20), bool)
+    a[5:10, 5:10] = True
+    b = np.zeros((20, 20), bool)
+    b[5:15, 5:15] = True
+    np.testing.assert_array_equal(sdf_blend(a, b, 1.0), a)
+    np.testing.assert_array_equal(sdf_blend(a, b, 0.0), b)
+    mid = sdf_blend(a, b, 0.5)
+    assert a.sum() < mid.sum() < b.sum() and not (mid & ~b).any()
+
+
+def test_simulated_click_is_the_centre_of_the_largest_error_on_its_largest_slice(acdc_case):
+    _, gt = acdc_case
+    pred = gt.copy()
+    assert simulated_click(pred, gt) is None
+    z = int(np.argmax(gt.sum(axis=(1, 2))))
+    pred[z] = ndimage.binary_erosion(gt[z], iterations=6)  # a miss ring on slice z only
+    leak = np.zeros_like(gt)
+    leak[z, :3, :3] = True  # a smaller leak elsewhere
+    cz, (x, y), positive = simulated_click(pred | leak, gt)
+    assert cz == z and positive and gt[z, int(y), int(x)] and not pred[z, int(y), int(x)]
+    cz, (x, y), positive = simulated_click(gt | ndimage.binary_dilation(gt, iterations=4) & ~gt, gt)
+    assert not positive and not gt[cz, int(y), int(x)]
+    with pytest.raises(ValueError, match="must be"):
+        simulated_click(gt[0], gt[0])

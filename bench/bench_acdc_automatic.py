@@ -56,7 +56,10 @@ def main() -> int:
         vol = load_volume(case.image)
         gt = np.asarray(load_label_map(case.label, reference=vol).array).astype(np.int64)
         raw = Session(model, vol, intensity="auto").automatic(postprocess="none")
-        for name, pred in (("none", raw), ("largest_component", keep_largest_component(raw, sorted(fg)))):
+        for name, pred in (
+            ("none", raw),
+            ("largest_component", keep_largest_component(raw, sorted(fg))),
+        ):
             sc = score_case(pred.astype(np.int64), gt, ds.labels, vol.spacing)
             rows[name].append({"case": case.case_id, **{fg[c]: s["dice"] for c, s in sc.items()}})
         print(f"  {i + 1}/{len(cases)} {case.case_id}", flush=True)
@@ -65,16 +68,28 @@ def main() -> int:
         per = {n: float(np.nanmean([r[n] for r in rr])) for n in fg.values()}
         per["mean"] = float(np.mean(list(per.values())))
         res[name] = per
-    print(f"\n| post-processing | {' | '.join(fg.values())} | mean |\n|---|" + "---|" * (len(fg) + 1))
+    print(
+        f"\n| post-processing | {' | '.join(fg.values())} | mean |\n|---|" + "---|" * (len(fg) + 1)
+    )
     for name, per in res.items():
         print(f"| {name} | " + " | ".join(f"{per[n]:.4f}" for n in [*fg.values(), "mean"]) + " |")
     out = Path(args.out or REPO / "bench" / "results" / f"acdc_automatic_{args.split}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "adapter": args.adapter, "split": args.split, "volumes": len(cases),
-        "seconds": round(time.perf_counter() - t0, 1), "metric": "3D Dice per volume, mean per class",
-        "results": res, "per_case": rows,
-    }, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "adapter": args.adapter,
+                "split": args.split,
+                "volumes": len(cases),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "metric": "3D Dice per volume, mean per class",
+                "results": res,
+                "per_case": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
     return 0
 

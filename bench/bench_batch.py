@@ -115,7 +115,6 @@ def _printer(tag: str):
     return show
 
 
-
 def _timed_batch(image: Path, out: Path, passes: int, **kwargs: object) -> dict:
     """Run ``segment_batch`` on one image ``passes`` times (overwriting); time the last pass."""
     from samed.batch import segment_batch
@@ -131,6 +130,7 @@ def _timed_batch(image: Path, out: Path, passes: int, **kwargs: object) -> dict:
         "seconds": round(wall, 2),
         "s_per_100_slices": round(100 * wall / row.slices, 2),
     }
+
 
 def speed(data: Path, device: str, batch_size: int | None, random_weights: bool = False) -> dict:
     """Seconds per 100 slices for prompted and automatic mode on the NIfTI CT (Z = 112).
@@ -156,7 +156,12 @@ def speed(data: Path, device: str, batch_size: int | None, random_weights: bool 
             # a built model goes into segment_batch as it is (not optimised), as before
             model = load_model("litemedsam", device=device, optimize=False)
             results["prompted"] = _timed_batch(
-                image, tmpd / "prompted", 1, prompts=nifti_prompts, model=model, batch_size=batch_size
+                image,
+                tmpd / "prompted",
+                1,
+                prompts=nifti_prompts,
+                model=model,
+                batch_size=batch_size,
             )
         torch.manual_seed(0)
         auto = build_model("litemedsam", device=device, pretrained=pretrained)
@@ -168,8 +173,12 @@ def speed(data: Path, device: str, batch_size: int | None, random_weights: bool 
         base = build_model("litemedsam", device=device, pretrained=pretrained)
         # On CUDA the first pass pays for kernel selection and warm-up: time the second.
         results["automatic"] = _timed_batch(
-            image, tmpd / "automatic", 2 if device.startswith("cuda") else 1,
-            adapter=folder, model=base, batch_size=batch_size,
+            image,
+            tmpd / "automatic",
+            2 if device.startswith("cuda") else 1,
+            adapter=folder,
+            model=base,
+            batch_size=batch_size,
         )
     print(f"{'mode':<10} {'slices':>6} {'seconds':>8} {'s/100 slices':>13}")
     for mode, r in results.items():

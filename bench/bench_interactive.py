@@ -53,27 +53,50 @@ def _cases(datasets: set[str]) -> list[dict]:
 
     def add(ds, case, img, lab, names):
         if ds in datasets and Path(img).exists() and Path(lab).exists():
-            out.append({"dataset": ds, "case": case, "image": str(img), "labels": str(lab), "names": names})
+            out.append(
+                {"dataset": ds, "case": case, "image": str(img), "labels": str(lab), "names": names}
+            )
 
     acdc = DATA / "acdc"
     if (acdc / "dataset.json").exists():
         val = json.loads((acdc / "dataset.json").read_text())["splits"]["val"]
         for p in val[:5]:
             f = f"{p}_frame01.nii.gz"
-            add("acdc", p, acdc / "imagesTr" / f, acdc / "labelsTr" / f, {1: "RV", 2: "MYO", 3: "LV"})
+            add(
+                "acdc",
+                p,
+                acdc / "imagesTr" / f,
+                acdc / "labelsTr" / f,
+                {1: "RV", 2: "MYO", 3: "LV"},
+            )
     for i in (1, 2, 3):
         f = f"chaos_t2_{i:02d}.nii.gz"
-        add("chaos", f"chaos_{i:02d}", DATA / "chaos_t2/imagesTr" / f, DATA / "chaos_t2/labelsTr" / f,
-            {1: "liver", 2: "kidney_R", 3: "kidney_L", 4: "spleen"})
+        add(
+            "chaos",
+            f"chaos_{i:02d}",
+            DATA / "chaos_t2/imagesTr" / f,
+            DATA / "chaos_t2/labelsTr" / f,
+            {1: "liver", 2: "kidney_R", 3: "kidney_L", 4: "spleen"},
+        )
     for i in (1, 3, 4, 6):
         f = f"hippocampus_{i:03d}.nii.gz"
-        add("hippocampus", f"hippo_{i:03d}", DATA / "hippocampus/imagesTr" / f,
-            DATA / "hippocampus/labelsTr" / f, {1: "anterior", 2: "posterior"})
+        add(
+            "hippocampus",
+            f"hippo_{i:03d}",
+            DATA / "hippocampus/imagesTr" / f,
+            DATA / "hippocampus/labelsTr" / f,
+            {1: "anterior", 2: "posterior"},
+        )
     for f in sorted((DATA / "medsam2_deeplesion").glob("*.npz")):
         add("deeplesion", f.stem[:17], f, f, {1: "lesion"})
     b = DATA / "sammed3d_brats"
-    add("brats", "BraTS2021_01646", b / "BraTS2021_01646_flair.nii.gz",
-        b / "BraTS2021_01646_edema_label.nii.gz", {1: "edema"})
+    add(
+        "brats",
+        "BraTS2021_01646",
+        b / "BraTS2021_01646_flair.nii.gz",
+        b / "BraTS2021_01646_edema_label.nii.gz",
+        {1: "edema"},
+    )
     r = DATA / "pyradiomics"
     add("pyradiomics", "brain1", r / "brain1_image.nrrd", r / "brain1_label.nrrd", {1: "tumour"})
     add("pyradiomics", "breast1", r / "breast1_image.nrrd", r / "breast1_label.nrrd", {1: "tumour"})
@@ -100,8 +123,12 @@ def run_structure(session, gt: np.ndarray, n_clicks: int, slack: float, options:
     z0 = int(np.argmax(gt.sum(axis=(1, 2))))
     ys, xs = np.nonzero(gt[z0])
     h, w = gt.shape[1:]
-    box = [max(xs.min() - slack, 0), max(ys.min() - slack, 0),
-           min(xs.max() + slack, w - 1), min(ys.max() + slack, h - 1)]
+    box = [
+        max(xs.min() - slack, 0),
+        max(ys.min() - slack, 0),
+        min(xs.max() + slack, w - 1),
+        min(ys.max() + slack, h - 1),
+    ]
     t = time.perf_counter()
     ann.add_box(z0, box)
     ann.propagate(z0, **options)
@@ -120,8 +147,13 @@ def run_structure(session, gt: np.ndarray, n_clicks: int, slack: float, options:
         secs.append(time.perf_counter() - t)
         dices.append(dice(ann.object_mask(), gt))
         clicks.append({"z": z, "xy": [round(xy[0], 1), round(xy[1], 1)], "positive": pos})
-    return {"dice": [round(d, 4) for d in dices], "seconds": [round(s, 4) for s in secs],
-            "clicks": clicks, "box_slice": z0, "auc": round(float(np.mean(dices)), 4)}
+    return {
+        "dice": [round(d, 4) for d in dices],
+        "seconds": [round(s, 4) for s in secs],
+        "clicks": clicks,
+        "box_slice": z0,
+        "auc": round(float(np.mean(dices)), 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="base", help="label for the results file")
     ap.add_argument("--adapter", default=None, help="adapter to load (default: the base model)")
     ap.add_argument("--cache-dir", default="/tmp/samed-bench-interactive-cache")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/interactive-<model>.json)")
+    ap.add_argument(
+        "--out", default=None, help="JSON path (default bench/results/interactive-<model>.json)"
+    )
     ap.add_argument("--tag", default="", help="suffix for the results file name")
     args = ap.parse_args(argv)
 
@@ -156,11 +190,17 @@ def main(argv: list[str] | None = None) -> int:
         vol = load_volume(case["image"])
         lab = load_label_map(case["labels"]).array
         if lab.shape != vol.shape:
-            print(f"skip {case['case']}: label shape {lab.shape} != image {vol.shape}", file=sys.stderr)
+            print(
+                f"skip {case['case']}: label shape {lab.shape} != image {vol.shape}",
+                file=sys.stderr,
+            )
             continue
         present = [v for v in case["names"] if (lab == v).any()]
         zs = np.nonzero(np.isin(lab, present).any(axis=(1, 2)))[0]
-        z0, z1 = max(int(zs.min()) - args.z_margin, 0), min(int(zs.max()) + args.z_margin + 1, lab.shape[0])
+        z0, z1 = (
+            max(int(zs.min()) - args.z_margin, 0),
+            min(int(zs.max()) + args.z_margin + 1, lab.shape[0]),
+        )
         arr, lab = vol.array[z0:z1], lab[z0:z1]
         session = Session(model, arr, modality=vol.modality, cache_dir=args.cache_dir)
         session.embed()
@@ -169,13 +209,20 @@ def main(argv: list[str] | None = None) -> int:
                 break
             gt = lab == v
             r = run_structure(session, gt, args.clicks, args.box_slack, WIDGET_OPTIONS)
-            r.update(dataset=case["dataset"], case=case["case"], structure=case["names"][v],
-                     slices=int(gt.shape[0]), object_slices=int(gt.any(axis=(1, 2)).sum()))
+            r.update(
+                dataset=case["dataset"],
+                case=case["case"],
+                structure=case["names"][v],
+                slices=int(gt.shape[0]),
+                object_slices=int(gt.any(axis=(1, 2)).sum()),
+            )
             rows.append(r)
-            print(f"{r['dataset']:<12} {r['case']:<17} {r['structure']:<10} "
-                  + " ".join(f"{d:.3f}" for d in r["dice"])
-                  + f"  auc {r['auc']:.3f}  s/click {np.median(r['seconds'][1:]) if len(r['seconds']) > 1 else 0:.2f}",
-                  flush=True)
+            print(
+                f"{r['dataset']:<12} {r['case']:<17} {r['structure']:<10} "
+                + " ".join(f"{d:.3f}" for d in r["dice"])
+                + f"  auc {r['auc']:.3f}  s/click {np.median(r['seconds'][1:]) if len(r['seconds']) > 1 else 0:.2f}",
+                flush=True,
+            )
     if not rows:
         print("no structures found", file=sys.stderr)
         return 1
@@ -196,20 +243,39 @@ def main(argv: list[str] | None = None) -> int:
         "median_seconds_per_click": round(statistics.median(click_secs), 4) if click_secs else None,
         "median_seconds_box": round(statistics.median(r["seconds"][0] for r in rows), 4),
         "per_dataset_curve": {
-            ds: [round(float(np.mean([r["dice"][i] for r in rows if r["dataset"] == ds])), 4) for i in range(n)]
+            ds: [
+                round(float(np.mean([r["dice"][i] for r in rows if r["dataset"] == ds])), 4)
+                for i in range(n)
+            ]
             for ds in sorted({r["dataset"] for r in rows})
         },
-        "protocol": {"clicks": args.clicks, "box_slack_px": args.box_slack, "z_margin": args.z_margin,
-                     "propagate_options": WIDGET_OPTIONS, "auc": "mean Dice over the 1 + N interactions"},
+        "protocol": {
+            "clicks": args.clicks,
+            "box_slack_px": args.box_slack,
+            "z_margin": args.z_margin,
+            "propagate_options": WIDGET_OPTIONS,
+            "auc": "mean Dice over the 1 + N interactions",
+        },
         "cpu": _cpu_name(),
     }
     print("\nmean Dice after box, click 1..N: " + " ".join(f"{c:.3f}" for c in curve))
     for ds, c in summary["per_dataset_curve"].items():
         print(f"  {ds:<12} " + " ".join(f"{v:.3f}" for v in c))
-    for k in ("structures", "mean_auc", "mean_final_dice", "monotone_mean_curve",
-              "fraction_clicks_not_losing", "median_seconds_per_click", "median_seconds_box"):
+    for k in (
+        "structures",
+        "mean_auc",
+        "mean_final_dice",
+        "monotone_mean_curve",
+        "fraction_clicks_not_losing",
+        "median_seconds_per_click",
+        "median_seconds_box",
+    ):
         print(f"{k}: {summary[k]}")
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"interactive-{args.model}{args.tag}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else REPO / "bench" / "results" / f"interactive-{args.model}{args.tag}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"summary": summary, "cases": rows}, indent=1) + "\n")
     print(f"wrote {out}")

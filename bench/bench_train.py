@@ -29,7 +29,8 @@ from samed.lora import LoraConfig, apply_lora
 from samed.model import build_tiny_model, load_model
 from samed.train.config import AugmentSection, PromptSection
 from samed.train.data import SliceSet, VolumeCase, collate
-from samed.train.loop import _encoder_prefix, _encoder_suffix, loss_fn
+from samed.train.loop import loss_fn
+from samed.train.model import _encoder_prefix, _encoder_suffix
 
 TARGETS = {
     "full": r"image_encoder\..*\.attn\.qkv",
@@ -59,8 +60,10 @@ def bench_option(opt: str, batch: int, steps: int, dev: torch.device, tiny: bool
             p.requires_grad_(True)
         k = None
     else:
-        apply_lora(model, LoraConfig(r=4, alpha=4, target_modules=TARGETS[opt],
-                                     mode="automatic", num_classes=4))
+        apply_lora(
+            model,
+            LoraConfig(r=4, alpha=4, target_modules=TARGETS[opt], mode="automatic", num_classes=4),
+        )
         k = int(opt[-1]) if opt.startswith("cache") else 0
         model.to(dev)  # apply_lora leaves its index buffers on the CPU
     model.eval()
@@ -104,8 +107,9 @@ def bench_data(batch: int, steps: int) -> float:
     img = rng.random((4, 216, 256), dtype=np.float32)
     lab = np.zeros((4, 216, 256), np.int64)
     lab[:, 80:140, 100:160] = 1
-    ss = SliceSet([VolumeCase("x", img, lab, "")], "automatic", AugmentSection(), PromptSection(),
-                  256, 256)
+    ss = SliceSet(
+        [VolumeCase("x", img, lab, "")], "automatic", AugmentSection(), PromptSection(), 256, 256
+    )
     times = []
     for s in range(steps + 1):
         t0 = time.perf_counter()
@@ -120,8 +124,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--options", nargs="+",
-                    default=["full", "cache1", "cache2", "cache3", "decoder", "data"])
+    ap.add_argument(
+        "--options", nargs="+", default=["full", "cache1", "cache2", "cache3", "decoder", "data"]
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny random model (smoke test)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -135,15 +140,22 @@ def main() -> None:
         for opt in args.options:
             if opt == "full-amp" and dev.type != "cuda":
                 continue
-            t = bench_data(b, args.steps) if opt == "data" else bench_option(
-                opt, b, args.steps, dev, args.tiny)
+            t = (
+                bench_data(b, args.steps)
+                if opt == "data"
+                else bench_option(opt, b, args.steps, dev, args.tiny)
+            )
             rows.append({"option": opt, "batch": b, "seconds_per_iteration": round(t, 4)})
             print(f"{opt:10s} batch {b:3d}  {t:8.3f} s/it", flush=True)
     info = {
-        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor()
-        or platform.machine(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "tiny": args.tiny,
-        "steps": args.steps, "rows": rows,
+        "device": torch.cuda.get_device_name(0)
+        if dev.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "tiny": args.tiny,
+        "steps": args.steps,
+        "rows": rows,
     }
     print(f"\n{'option':10s} {'batch':>5s} {'s/it':>8s}   ({info['device']})")
     for r in rows:

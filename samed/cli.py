@@ -83,12 +83,23 @@ def _info(args: argparse.Namespace) -> int:
 def _adapters(args: argparse.Namespace) -> int:
     adapters = find_adapters(include_unusable=True)
     if args.json:
-        print(json.dumps([
-            {"name": a.name, "mode": a.mode, "base_model": a.base_model, "path": str(a.path),
-             "labels": a.labels, "description": a.description}
-            | ({"unusable": a.problem} if a.problem else {})
-            for a in adapters
-        ], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": a.name,
+                        "mode": a.mode,
+                        "base_model": a.base_model,
+                        "path": str(a.path),
+                        "labels": a.labels,
+                        "description": a.description,
+                    }
+                    | ({"unusable": a.problem} if a.problem else {})
+                    for a in adapters
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not adapters:
         print("no adapters found (searched $SAMED_ADAPTERS, ./adapters and the shipped adapters/)")

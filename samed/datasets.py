@@ -69,7 +69,8 @@ class LabeledDataset:
             )
         wanted = self.splits[name]
         out = [
-            c for c in self.cases
+            c
+            for c in self.cases
             if any(c.case_id == w or c.case_id.startswith(f"{w}_") for w in wanted)
         ]
         if not out:
@@ -98,7 +99,9 @@ def load_dataset(root: str | os.PathLike) -> LabeledDataset:
             raise ValueError(f"{meta_path}: not valid JSON ({exc})") from exc
         entries = meta.get("training")
         if not isinstance(entries, list) or not entries:
-            raise ValueError(f"{meta_path}: 'training' must be a non-empty list of image/label pairs")
+            raise ValueError(
+                f"{meta_path}: 'training' must be a non-empty list of image/label pairs"
+            )
         cases = []
         for i, e in enumerate(entries):
             if not isinstance(e, dict) or "image" not in e or "label" not in e:
@@ -117,7 +120,12 @@ def load_dataset(root: str | os.PathLike) -> LabeledDataset:
         modality = meta.get("modality", {})
         modality = str(modality.get("0", "")) if isinstance(modality, dict) else str(modality)
         return LabeledDataset(
-            root, cases, labels, splits, str(meta.get("name", root.name)), modality,
+            root,
+            cases,
+            labels,
+            splits,
+            str(meta.get("name", root.name)),
+            modality,
             labels_declared=bool(meta.get("labels")),
         )
     img_dir, lab_dir = root / "imagesTr", root / "labelsTr"

@@ -85,10 +85,14 @@ def run_demo(args: Any) -> int:
     b = inv @ [x1, y1, BRAIN_SLICE_MM, 1.0]
     z = int(round(a[2]))
     box = [min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]), max(a[1], b[1])]
-    print(f"model {model.kind} on {model.device}; volume {vol.shape} (z, y, x), "
-          f"{vol.orientation}, spacing {tuple(round(s, 2) for s in vol.spacing)} mm")
-    print(f"box on slice z={z}: x {box[0]:.0f}-{box[2]:.0f}, y {box[1]:.0f}-{box[3]:.0f} px "
-          f"(world {BRAIN_BOX_MM} mm at z={BRAIN_SLICE_MM} mm); window {args.window}")
+    print(
+        f"model {model.kind} on {model.device}; volume {vol.shape} (z, y, x), "
+        f"{vol.orientation}, spacing {tuple(round(s, 2) for s in vol.spacing)} mm"
+    )
+    print(
+        f"box on slice z={z}: x {box[0]:.0f}-{box[2]:.0f}, y {box[1]:.0f}-{box[3]:.0f} px "
+        f"(world {BRAIN_BOX_MM} mm at z={BRAIN_SLICE_MM} mm); window {args.window}"
+    )
     session = Session(model, vol, intensity=args.window, amp=amp_from_precision(args.precision))
     print("embedding the slices ...", flush=True)
     session.embed()
@@ -99,7 +103,9 @@ def run_demo(args: Any) -> int:
 
     def record(what: str, t: float) -> None:
         d = dice_score(ann.object_mask(), gt)
-        curve.append({"interaction": what, "dice": round(d, 4), "seconds": round(time.perf_counter() - t, 2)})
+        curve.append(
+            {"interaction": what, "dice": round(d, 4), "seconds": round(time.perf_counter() - t, 2)}
+        )
         print(f"{what:<44} Dice {d:.4f}  ({curve[-1]['seconds']:.2f} s)", flush=True)
 
     t = time.perf_counter()
@@ -114,18 +120,24 @@ def run_demo(args: Any) -> int:
         t = time.perf_counter()
         ann.add_point(cz, xy, positive)
         ann.propagate(cz, **options)
-        record(f"click {i + 1}: {'+' if positive else '-'} ({xy[0]:.0f}, {xy[1]:.0f}) on slice {cz}"
-               " + propagate", t)
+        record(
+            f"click {i + 1}: {'+' if positive else '-'} ({xy[0]:.0f}, {xy[1]:.0f}) on slice {cz}"
+            " + propagate",
+            t,
+        )
     ann.accept(1)
     seg_path = save_nifti(seg, vol, out / "brain_seg.nii.gz")
     qc_path = save_qc_png(out / "brain_qc.png", vol.array, seg)
     dice = dice_score(seg, gt)
     ml = float((seg > 0).sum()) * float(np.prod(vol.spacing)) / 1000.0
     summary = {
-        "input": str(t1_path), "output": str(seg_path), "qc": str(qc_path),
-        "window": args.window, "interactions": curve,
-        "brain_volume_ml": round(ml, 1), "reference_volume_ml":
-        round(float(gt.sum()) * float(np.prod(vol.spacing)) / 1000.0, 1),
+        "input": str(t1_path),
+        "output": str(seg_path),
+        "qc": str(qc_path),
+        "window": args.window,
+        "interactions": curve,
+        "brain_volume_ml": round(ml, 1),
+        "reference_volume_ml": round(float(gt.sum()) * float(np.prod(vol.spacing)) / 1000.0, 1),
         "dice_after_box": curve[0]["dice"],
         "dice_vs_nilearn_brain_mask": round(dice, 4),
         "seconds": round(time.perf_counter() - t0, 1),
@@ -148,13 +160,28 @@ def add_parser(subparsers: Any) -> None:
     from .registry import PRECISIONS
 
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
-                   help="encoder precision on CUDA (auto = fp16 autocast; CPU always fp32)")
-    p.add_argument("--box-margin", type=float, default=2.0,
-                   help="px added around the previous slice's mask to prompt the next (default 2, "
-                        "the napari widget's)")
-    p.add_argument("--window", default=DEMO_WINDOW,
-                   help=f"intensity mapping (samed.intensity grammar; default {DEMO_WINDOW})")
-    p.add_argument("--clicks", type=int, default=3,
-                   help="simulated corrective clicks after the box (default 3)")
+    p.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="auto",
+        help="encoder precision on CUDA (auto = fp16 autocast; CPU always fp32)",
+    )
+    p.add_argument(
+        "--box-margin",
+        type=float,
+        default=2.0,
+        help="px added around the previous slice's mask to prompt the next (default 2, "
+        "the napari widget's)",
+    )
+    p.add_argument(
+        "--window",
+        default=DEMO_WINDOW,
+        help=f"intensity mapping (samed.intensity grammar; default {DEMO_WINDOW})",
+    )
+    p.add_argument(
+        "--clicks",
+        type=int,
+        default=3,
+        help="simulated corrective clicks after the box (default 3)",
+    )
     p.set_defaults(func=run_demo)

@@ -58,6 +58,7 @@ __all__ = [
     "read_adapter_config",
 ]
 
+
 def _qkv_layout(attn: nn.Module, qkv: nn.Linear) -> dict[str, torch.Tensor]:
     """Output-channel indices of q, k and v inside a fused qkv Linear.
 
@@ -380,9 +381,13 @@ def save_adapter(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "samed": __version__})
+        save_file(
+            state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "samed": __version__}
+        )
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        (tmp / ADAPTER_METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        (tmp / ADAPTER_METADATA).write_text(
+            json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
+        )
         if folder.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             backup.rmdir()
@@ -425,11 +430,13 @@ def _config_labels(cfg: dict[str, Any], where: Path) -> dict[int, str]:
     duplicate names (the summary keys volumes by name)."""
     raw = cfg.get("labels") or {}
     if not isinstance(raw, dict):
-        raise AdapterError(f"{where}: 'labels' must be an object {{\"1\": \"liver\"}}; got {raw!r}")
+        raise AdapterError(f'{where}: \'labels\' must be an object {{"1": "liver"}}; got {raw!r}')
     try:
         labels = {int(k): str(v) for k, v in raw.items()}
     except (TypeError, ValueError):
-        raise AdapterError(f"{where}: 'labels' keys must be integers; got {sorted(raw)[:8]}") from None
+        raise AdapterError(
+            f"{where}: 'labels' keys must be integers; got {sorted(raw)[:8]}"
+        ) from None
     names = [n for k, n in labels.items() if k != 0]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -454,7 +461,9 @@ def _read_metadata(folder: Path) -> tuple[dict[str, Any], Any]:
         return {}, intensity
     lcc = spec.get("largest_component") if isinstance(spec, dict) else None
     if not isinstance(spec, dict) or not (
-        lcc is None or isinstance(lcc, bool) or (isinstance(lcc, list) and all(isinstance(c, int) for c in lcc))
+        lcc is None
+        or isinstance(lcc, bool)
+        or (isinstance(lcc, list) and all(isinstance(c, int) for c in lcc))
     ):
         raise AdapterError(
             f"{path}: 'postprocessing' must be an object like {{\"largest_component\": [1, 2]}}; got {spec!r}"

@@ -50,7 +50,9 @@ def safe_name(name: object, what: str = "name") -> str:
     )
     problem = ""
     if name in ("", ".", ".."):
-        problem = "is empty or refers to a folder itself" if name != ".." else "climbs out of its folder"
+        problem = (
+            "is empty or refers to a folder itself" if name != ".." else "climbs out of its folder"
+        )
     elif _FORBIDDEN.search(name):
         bad = sorted(set(_FORBIDDEN.findall(name)))
         problem = f"contains {', '.join(repr(c) for c in bad)}"

@@ -18,7 +18,12 @@ import numpy as np
 
 from .registry import POSTPROCESS_CHOICES
 
-__all__ = ["keep_largest_component", "apply_postprocessing", "describe_postprocessing", "POSTPROCESS_CHOICES"]
+__all__ = [
+    "keep_largest_component",
+    "apply_postprocessing",
+    "describe_postprocessing",
+    "POSTPROCESS_CHOICES",
+]
 
 # POSTPROCESS_CHOICES (the values accepted for ``postprocess`` arguments) lives in the
 # torch-free samed.registry, so that every command line draws on the same tuple.
@@ -44,7 +49,9 @@ def keep_largest_component(
 
     arr = np.asarray(labels)
     if arr.ndim not in (2, 3) or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"labels must be a 2D or 3D integer label map; got {arr.ndim}D {arr.dtype}")
+        raise ValueError(
+            f"labels must be a 2D or 3D integer label map; got {arr.ndim}D {arr.dtype}"
+        )
     present = [int(c) for c in np.unique(arr) if c != 0]
     wanted = present if classes is None else [int(c) for c in classes if int(c) in present]
     if connectivity is not None and not 1 <= connectivity <= arr.ndim:
@@ -68,7 +75,9 @@ def describe_postprocessing(spec: str, model: Any) -> dict[str, Any]:
     """What ``spec`` amounts to for ``model`` (for run records): ``{"choice": spec, "operations":
     {...}}`` with only the operational keys (no notes or measurements)."""
     if spec == "adapter":
-        ops = {k: v for k, v in adapter_postprocessing(model).items() if k == "largest_component" and v}
+        ops = {
+            k: v for k, v in adapter_postprocessing(model).items() if k == "largest_component" and v
+        }
     elif spec == "largest_component":
         ops = {"largest_component": True}
     else:
@@ -76,7 +85,9 @@ def describe_postprocessing(spec: str, model: Any) -> dict[str, Any]:
     return {"choice": spec, "operations": ops}
 
 
-def apply_postprocessing(labels: np.ndarray, spec: str | Mapping[str, Any] | None, model: Any = None) -> np.ndarray:
+def apply_postprocessing(
+    labels: np.ndarray, spec: str | Mapping[str, Any] | None, model: Any = None
+) -> np.ndarray:
     """Apply a post-processing spec to a (Z, Y, X) label map.
 
     Args:
@@ -90,11 +101,15 @@ def apply_postprocessing(labels: np.ndarray, spec: str | Mapping[str, Any] | Non
         return labels
     if isinstance(spec, str):
         if spec not in POSTPROCESS_CHOICES:
-            raise ValueError(f"postprocess={spec!r} must be one of {POSTPROCESS_CHOICES} or a mapping")
+            raise ValueError(
+                f"postprocess={spec!r} must be one of {POSTPROCESS_CHOICES} or a mapping"
+            )
         spec = adapter_postprocessing(model) if spec == "adapter" else {"largest_component": True}
     unknown = set(spec) - {"largest_component", "note", "measured"}
     if unknown:
-        raise ValueError(f"post-processing keys {sorted(unknown)} are not known (allowed: largest_component)")
+        raise ValueError(
+            f"post-processing keys {sorted(unknown)} are not known (allowed: largest_component)"
+        )
     lcc = spec.get("largest_component")
     if lcc:
         labels = keep_largest_component(labels, None if lcc is True else lcc)

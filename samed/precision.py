@@ -19,7 +19,14 @@ AMP_CHOICES = ("fp16", "bf16")
 DEFAULT_AMP = "fp16"
 # PRECISIONS (``--precision`` values of the CLIs and the ``amp`` each stands for) lives in the
 # torch-free samed.registry and is re-exported here.
-__all__ = ["AMP_CHOICES", "DEFAULT_AMP", "PRECISIONS", "amp_from_precision", "check_amp", "encoder_precision"]
+__all__ = [
+    "AMP_CHOICES",
+    "DEFAULT_AMP",
+    "PRECISIONS",
+    "amp_from_precision",
+    "check_amp",
+    "encoder_precision",
+]
 
 
 def check_amp(amp: Any) -> bool | str:

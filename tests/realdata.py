@@ -19,5 +19,7 @@ def shared_path(*parts: str) -> Path:
     """Path under ../shared/data; skips the test with a clear reason when it is absent."""
     p = SHARED_DATA.joinpath(*parts)
     if not p.exists():
-        pytest.skip(f"real data not available: {p} is absent (expected ../shared/data beside the checkout)")
+        pytest.skip(
+            f"real data not available: {p} is absent (expected ../shared/data beside the checkout)"
+        )
     return p

@@ -215,7 +215,13 @@ def test_one_list_of_readable_suffixes_used_by_every_reader():
     assert writers._NIFTI_SUFFIXES is registry.NIFTI_SUFFIXES
     assert set(cases.IMAGE_SUFFIXES) == set(registry.NIBABEL_SUFFIXES + registry.ITK_SUFFIXES)
     for name, stem in [
-        ("ct.nii.gz", "ct"), ("CT.NII.GZ", "CT"), ("brain.mgz", "brain"), ("a.b.nrrd", "a.b"),
-        ("slice.dcm", "slice"), ("notes.txt", "notes"), ("noext", "noext"), (".nii.gz", ".nii"),
+        ("ct.nii.gz", "ct"),
+        ("CT.NII.GZ", "CT"),
+        ("brain.mgz", "brain"),
+        ("a.b.nrrd", "a.b"),
+        ("slice.dcm", "slice"),
+        ("notes.txt", "notes"),
+        ("noext", "noext"),
+        (".nii.gz", ".nii"),
     ]:
         assert registry.strip_volume_suffix(name) == stem, name

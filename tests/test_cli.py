@@ -21,18 +21,35 @@ def test_python_m_samed_info_lists_versions_device_models_and_adapters():
     for key in ("samed:", "torch:", "device:", "monai:", "highdicom:"):
         assert key in out
     models = out.split("models:")[1].split("adapters:")[0]
-    assert {"litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"} <= set(models.split())
+    assert {"litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"} <= set(
+        models.split()
+    )
     adapters = out.split("adapters:")[1]
     for name in ("acdc-cardiac-mri", "acdc-cardiac-mri-prompted", "abdomen-ct"):
-        assert re.search(rf"^\s+{re.escape(name)}\s+(automatic|prompted)\s+litemedsam", adapters, re.M)
+        assert re.search(
+            rf"^\s+{re.escape(name)}\s+(automatic|prompted)\s+litemedsam", adapters, re.M
+        )
 
 
 @pytest.mark.slow
 def test_evaluate_box_protocol_on_one_real_acdc_volume(tmp_path, capsys):
     data = shared_path("acdc")
     out = tmp_path / "eval.json"
-    code = main(["evaluate", "--data", str(data), "--split", "val", "--prompt", "box",
-                 "--limit", "1", "--out", str(out)])
+    code = main(
+        [
+            "evaluate",
+            "--data",
+            str(data),
+            "--split",
+            "val",
+            "--prompt",
+            "box",
+            "--limit",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"mean_dice=0\.\d{4}", lines[-1])
@@ -48,7 +65,9 @@ def test_evaluate_box_protocol_on_one_real_acdc_volume(tmp_path, capsys):
     # the per-volume table: one line per case with the 3D Dice of each class and their mean
     row = next(ln for ln in lines if ln.startswith("patient028_frame01"))
     vals = [float(v) for v in row.split()[1:]]
-    assert vals == pytest.approx([per["RV"], per["MYO"], per["LV"], sum(per.values()) / 3], abs=5e-5)
+    assert vals == pytest.approx(
+        [per["RV"], per["MYO"], per["LV"], sum(per.values()) / 3], abs=5e-5
+    )
     assert {r["case"] for r in rep["cases"]} == {"patient028_frame01"}
     assert out.with_suffix(".csv").is_file()
 

@@ -90,7 +90,9 @@ def test_repropagation_stays_in_reach_keeps_keyframes_and_undoes_in_one_step(acd
     # a negative click on the box slice's leak (or its largest error) and its re-propagation
     err = (state[z0] & ~gt[z0]) if (state[z0] & ~gt[z0]).any() else (state[z0] ^ gt[z0])
     n_before = len(ann.history)
-    ann.add_point(z0, _centre(err), positive=bool(gt[z0][tuple(int(v) for v in _centre(err)[::-1])]))
+    ann.add_point(
+        z0, _centre(err), positive=bool(gt[z0][tuple(int(v) for v in _centre(err)[::-1])])
+    )
     steps = list(ann.propagate_iter(z0, **OPTIONS))
     after = ann.object_mask()
     reached = {s.z for s in steps} | {z0}

@@ -58,7 +58,10 @@ def test_registry_and_the_intensity_grammar_import_without_torch():
     mods = "samed.registry, samed.intensity, samed.precision, samed.postprocess"
     out = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", f"import {mods}"],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
     assert "samed.registry" in imported and "samed.intensity" in imported  # the check ran

@@ -42,7 +42,9 @@ def test_shipped_adapters_are_listed_and_load_strictly(lite):
 def _acdc_case():
     img = shared_path("acdc/imagesTr/patient028_frame01.nii.gz")
     vol = load_volume(img)
-    gt = np.asarray(load_label_map(shared_path("acdc/labelsTr/patient028_frame01.nii.gz"), reference=vol).array)
+    gt = np.asarray(
+        load_label_map(shared_path("acdc/labelsTr/patient028_frame01.nii.gz"), reference=vol).array
+    )
     # three slices where RV, MYO and LV are all present (val patient, never trained on)
     full = [z for z in range(gt.shape[0]) if all((gt[z] == c).any() for c in (1, 2, 3))]
     return vol, gt.astype(np.int64), full[len(full) // 2 - 1 : len(full) // 2 + 2]

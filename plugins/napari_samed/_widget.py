@@ -226,7 +226,9 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
                 self._clear_prompt_layers()
                 adopted = adopt_layer(image)  # a script's viewer.open(path): napari's builtins
                 if adopted:
-                    show_info(f"samed: re-read {Path(adopted).name} for its geometry (spacing, orientation)")
+                    show_info(
+                        f"samed: re-read {Path(adopted).name} for its geometry (spacing, orientation)"
+                    )
                 if _is_volume(image):
                     # prompt layers exist as soon as there is an image to draw on; the model
                     # loads in a worker meanwhile

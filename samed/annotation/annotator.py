@@ -178,12 +178,17 @@ class Annotator(Undoable[HistoryStep]):
         engine with ``refine`` (:meth:`samed.engine.Session.refine`) then refines it instead of
         predicting from the prompts alone."""
         if previous is not None and prompts.points and hasattr(self.engine, "refine"):
-            return np.asarray(self.engine.refine(
-                int(z), box=None if prompts.box is None else list(prompts.box),
-                points=np.asarray(prompts.points, dtype=np.float64),
-                point_labels=np.asarray(prompts.labels, dtype=np.int64), prev_mask=previous,
-                prior_mask=self._neighbour_mask(int(z)),
-            ), dtype=bool)
+            return np.asarray(
+                self.engine.refine(
+                    int(z),
+                    box=None if prompts.box is None else list(prompts.box),
+                    points=np.asarray(prompts.points, dtype=np.float64),
+                    point_labels=np.asarray(prompts.labels, dtype=np.int64),
+                    prev_mask=previous,
+                    prior_mask=self._neighbour_mask(int(z)),
+                ),
+                dtype=bool,
+            )
         kwargs: dict[str, Any] = {}
         if prompts.box is not None:
             kwargs["box"] = list(prompts.box)
@@ -194,7 +199,9 @@ class Annotator(Undoable[HistoryStep]):
 
     def _neighbour_mask(self, z: int) -> np.ndarray | None:
         """The larger non-empty object mask of slices z - 1 and z + 1 (None if both empty)."""
-        near = [m for k in (z - 1, z + 1) if (m := self._state.masks.get(k)) is not None and m.any()]
+        near = [
+            m for k in (z - 1, z + 1) if (m := self._state.masks.get(k)) is not None and m.any()
+        ]
         return max(near, key=lambda m: int(m.sum())) if near else None
 
     def set_prompts(self, z: int, prompts: SlicePrompts, mask: np.ndarray | None = None):
@@ -215,8 +222,10 @@ class Annotator(Undoable[HistoryStep]):
             return self._state.masks.get(z)
         if not prompts.empty and mask is None:
             old = self._state.prompts.get(z, SlicePrompts())
-            clicked = prompts.box == old.box and prompts.points[:-1] == old.points and (
-                len(prompts.points) == len(old.points) + 1
+            clicked = (
+                prompts.box == old.box
+                and prompts.points[:-1] == old.points
+                and (len(prompts.points) == len(old.points) + 1)
             )  # one more point: refine the slice's current mask
             prev = self._state.masks.get(z, np.zeros(self.shape[1:], bool)) if clicked else None
             mask = self.predict(z, prompts, prev)
@@ -256,7 +265,12 @@ class Annotator(Undoable[HistoryStep]):
         return self.set_prompts(z, new)
 
     def click(
-        self, z: int, xy: Sequence[float], positive: bool = True, *, propagate: bool = True,
+        self,
+        z: int,
+        xy: Sequence[float],
+        positive: bool = True,
+        *,
+        propagate: bool = True,
         **kwargs: Any,
     ) -> np.ndarray:
         """A corrective click: :meth:`add_point` then (if ``propagate``) ``propagate(z,
@@ -316,7 +330,9 @@ class Annotator(Undoable[HistoryStep]):
         if hasattr(self.engine, "repropagate"):  # only as far as the change reaches
             n = 0
             try:
-                for step in self.engine.repropagate(seed, masks, prompted, direction=direction, **kwargs):
+                for step in self.engine.repropagate(
+                    seed, masks, prompted, direction=direction, **kwargs
+                ):
                     if step.stopped or not step.mask.any():
                         masks.pop(step.z, None)
                     else:

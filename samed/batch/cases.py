@@ -119,7 +119,9 @@ def discover_cases(inputs: Sequence[str | os.PathLike]) -> list[CaseInput]:
             )
             continue
         if p.is_file():
-            found.append(CaseInput(_sanitize(_file_stem(p)) or "case", p.resolve(), files=(p.resolve(),)))
+            found.append(
+                CaseInput(_sanitize(_file_stem(p)) or "case", p.resolve(), files=(p.resolve(),))
+            )
             continue
         p = p.resolve()
         for f in sorted(q for q in p.rglob("*") if q.is_file() and _is_image_file(q)):
@@ -135,10 +137,7 @@ def discover_cases(inputs: Sequence[str | os.PathLike]) -> list[CaseInput]:
                 CaseInput(_dicom_case_id(info), p, series_uid=info.series_uid, files=files)
             )
     # ids that would be the summary's own files get a suffix (summary.csv.nii.gz -> summary.csv_case)
-    found = [
-        replace(c, case_id=f"{c.case_id}_case") if _reserved(c.case_id) else c
-        for c in found
-    ]
+    found = [replace(c, case_id=f"{c.case_id}_case") if _reserved(c.case_id) else c for c in found]
     unique: list[CaseInput] = []
     seen: set[tuple[Path, str | None]] = set()
     for c in found:

@@ -95,7 +95,9 @@ def check_writable(out_dir: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ValueError(f"output folder {out_dir} is not writable: {exc.strerror or exc}") from None
+        raise ValueError(
+            f"output folder {out_dir} is not writable: {exc.strerror or exc}"
+        ) from None
 
 
 def _sha256(paths: Sequence[Path]) -> str:
@@ -132,7 +134,7 @@ def input_fingerprint(case: CaseInput) -> dict[str, Any]:
 
 
 def fingerprint_differences(old: Any, new: dict[str, Any]) -> str:
-    """"" when ``old`` (from ``case.json``) is the same input as ``new``, else what differs."""
+    """ "" when ``old`` (from ``case.json``) is the same input as ``new``, else what differs."""
     if not isinstance(old, dict):
         return "the earlier result records no input fingerprint (made by an older samed)"
     if old.get("sha256") == new["sha256"] and [f.get("size") for f in old.get("files", [])] == [

@@ -34,7 +34,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .session import Prediction, PropagationStep, Session
 
 __all__ = [
-    "InteractiveMixin", "mask_digest", "mask_to_logits", "refine_slice", "repropagate", "sdf_blend",
+    "InteractiveMixin",
+    "mask_digest",
+    "mask_to_logits",
+    "refine_slice",
+    "repropagate",
+    "sdf_blend",
     "simulated_click",
 ]
 
@@ -74,7 +79,9 @@ def simulated_click(
 
     pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     if pred.shape != truth.shape or pred.ndim != 3:
-        raise ValueError(f"pred {pred.shape} and truth {truth.shape} must be (Z, Y, X) of one shape")
+        raise ValueError(
+            f"pred {pred.shape} and truth {truth.shape} must be (Z, Y, X) of one shape"
+        )
     err = pred ^ truth
     if not err.any():
         return None
@@ -135,13 +142,15 @@ def refine_slice(
         centre) gives the best of SAM's multimask outputs for the box and all points that honours
         every point (e.g. the myocardial ring instead of the LV cavity), when one does.
     """
-    from .session import Prediction
+    from .results import Prediction
 
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     point_labels = np.asarray(point_labels, dtype=np.int64).reshape(-1)
     if points.shape[0] == 0 or points.shape[0] != point_labels.shape[0]:
-        raise ValueError(f"need one label per point and at least one point; got {points.shape[0]} "
-                         f"points and {point_labels.shape[0]} labels")
+        raise ValueError(
+            f"need one label per point and at least one point; got {points.shape[0]} "
+            f"points and {point_labels.shape[0]} labels"
+        )
     h, w = session.shape[1:]
     cx = int(np.clip(round(points[-1, 0]), 0, w - 1))
     cy = int(np.clip(round(points[-1, 1]), 0, h - 1))
@@ -153,11 +162,23 @@ def refine_slice(
         prior = np.asarray(prior_mask, dtype=bool)
         pos = points[point_labels == 1]
         pb = mask_bbox(prior, box_margin)
-        eb = np.clip([min(pb[0], pos[:, 0].min() - box_margin), min(pb[1], pos[:, 1].min() - box_margin),
-                      max(pb[2], pos[:, 0].max() + box_margin), max(pb[3], pos[:, 1].max() + box_margin)],
-                     0, [w - 1, h - 1, w - 1, h - 1])
-        pred = session.predict_full(z, box=eb, points=points, point_labels=point_labels,
-                                    mask_input=mask_to_logits(prior, session))
+        eb = np.clip(
+            [
+                min(pb[0], pos[:, 0].min() - box_margin),
+                min(pb[1], pos[:, 1].min() - box_margin),
+                max(pb[2], pos[:, 0].max() + box_margin),
+                max(pb[3], pos[:, 1].max() + box_margin),
+            ],
+            0,
+            [w - 1, h - 1, w - 1, h - 1],
+        )
+        pred = session.predict_full(
+            z,
+            box=eb,
+            points=points,
+            point_labels=point_labels,
+            mask_input=mask_to_logits(prior, session),
+        )
         mask = _component_at(pred.mask, cx, cy)
         if not mask.any():
             mask = _smallest_containing(session, z, cx, cy, positive_only=True)
@@ -165,7 +186,9 @@ def refine_slice(
     if prev is None:
         if box is None and not point_labels.any():
             # only negative clicks on an empty slice: nothing to remove
-            return Prediction(np.zeros((h, w), bool), 0.0, mask_to_logits(np.zeros((h, w)), session))
+            return Prediction(
+                np.zeros((h, w), bool), 0.0, mask_to_logits(np.zeros((h, w)), session)
+            )
         pred = session.predict_full(z, box=box, points=points, point_labels=point_labels)
         mask = pred.mask
         if positive and not mask[cy, cx]:
@@ -181,15 +204,21 @@ def refine_slice(
     eff_box = np.asarray(box, dtype=np.float64) if box is not None else mask_bbox(prev, box_margin)
     pos = points[point_labels == 1]
     if pos.size:  # a positive click outside the box widens it
-        eff_box = np.array([
-            min(eff_box[0], pos[:, 0].min() - box_margin), min(eff_box[1], pos[:, 1].min() - box_margin),
-            max(eff_box[2], pos[:, 0].max() + box_margin), max(eff_box[3], pos[:, 1].max() + box_margin),
-        ])
+        eff_box = np.array(
+            [
+                min(eff_box[0], pos[:, 0].min() - box_margin),
+                min(eff_box[1], pos[:, 1].min() - box_margin),
+                max(eff_box[2], pos[:, 0].max() + box_margin),
+                max(eff_box[3], pos[:, 1].max() + box_margin),
+            ]
+        )
         eff_box = np.clip(eff_box, 0, [w - 1, h - 1, w - 1, h - 1])
     logits = session.known_logits(z, prev)
     if logits is None:
         logits = mask_to_logits(prev, session)
-    pred = session.predict_full(z, box=eff_box, points=points, point_labels=point_labels, mask_input=logits)
+    pred = session.predict_full(
+        z, box=eff_box, points=points, point_labels=point_labels, mask_input=logits
+    )
     if positive:
         add = _component_at(pred.mask, cx, cy)
         if not add.any():  # the decoder ignored the click: ask without the mask prompt
@@ -202,16 +231,23 @@ def refine_slice(
     else:
         mask = prev & pred.mask
         if mask[cy, cx]:  # the leak is still there: try without the mask prompt
-            mask = prev & session.predict_full(
-                z, box=eff_box, points=points, point_labels=point_labels
-            ).mask
+            mask = (
+                prev
+                & session.predict_full(
+                    z, box=eff_box, points=points, point_labels=point_labels
+                ).mask
+            )
         if mask[cy, cx]:  # remove the region the click lies in, as SAM sees it, if it is a part
             region = _smallest_containing(session, z, cx, cy, positive_only=True) & prev
             if region.any() and region.sum() < 0.5 * prev.sum():
                 mask = prev & ~region
         part = _component_at(prev, cx, cy)
-        if (box is None and not point_labels.any() and part.any()
-                and int((part & ~mask).sum()) < 0.25 * int(part.sum())):
+        if (
+            box is None
+            and not point_labels.any()
+            and part.any()
+            and int((part & ~mask).sum()) < 0.25 * int(part.sum())
+        ):
             # a slice without positive prompts that the decoder only nicks: a click at the centre
             # of a part (as far from its edge as the part's own centre) removes that part
             from scipy.ndimage import distance_transform_edt
@@ -237,8 +273,12 @@ def _at_core(mask: np.ndarray, cx: int, cy: int) -> bool:
 
 
 def _consistent_output(
-    session: Session, z: int, box: np.ndarray | list[float], points: np.ndarray,
-    point_labels: np.ndarray, min_area: int = 10,
+    session: Session,
+    z: int,
+    box: np.ndarray | list[float],
+    points: np.ndarray,
+    point_labels: np.ndarray,
+    min_area: int = 10,
 ) -> Prediction | None:
     """The highest-scoring of SAM's multimask outputs for ``box`` + ``points`` (no mask prompt)
     that contains every positive point, excludes every negative one and has >= ``min_area``
@@ -249,17 +289,24 @@ def _consistent_output(
     best = None
     for k in range(n if n > 1 else 0):
         try:
-            p = session.predict_full(z, box=box, points=points, point_labels=point_labels, mask_output=k)
+            p = session.predict_full(
+                z, box=box, points=points, point_labels=point_labels, mask_output=k
+            )
         except ValueError:
             break
         inside = p.mask[xy[:, 1], xy[:, 0]]
-        if (int(p.mask.sum()) >= min_area and np.all(inside == (point_labels == 1))
-                and (best is None or p.score > best.score)):
+        if (
+            int(p.mask.sum()) >= min_area
+            and np.all(inside == (point_labels == 1))
+            and (best is None or p.score > best.score)
+        ):
             best = p
     return best
 
 
-def _smallest_containing(session: Session, z: int, cx: int, cy: int, positive_only: bool) -> np.ndarray:
+def _smallest_containing(
+    session: Session, z: int, cx: int, cy: int, positive_only: bool
+) -> np.ndarray:
     """The smallest of SAM's multimask outputs for a single positive point at (cx, cy) that
     contains it (a 2 px disc when none does)."""
     h, w = session.shape[1:]
@@ -346,7 +393,9 @@ def repropagate(
     if direction not in dirs:
         raise ValueError(f"direction={direction!r} must be one of {sorted(dirs)}")
     if not 0.0 < float(agree_iou) <= 1.0 or int(agree_slices) < 1:
-        raise ValueError(f"agree_iou={agree_iou} must be in (0, 1] and agree_slices={agree_slices} >= 1")
+        raise ValueError(
+            f"agree_iou={agree_iou} must be in (0, 1] and agree_slices={agree_slices} >= 1"
+        )
     nz = session.shape[0]
     start = np.asarray(masks.get(z, np.zeros(session.shape[1:], bool)), dtype=bool)
     limit = max_distance if max_distance is not None else nz
@@ -379,7 +428,9 @@ def repropagate(
             if anchored(-d) and not anchored(d):
                 for k in run_to_clear(z + d, d):
                     done += 1
-                    yield PropagationStep(k, empty, d, 0.0, done, total, stopped=True, reason="area")
+                    yield PropagationStep(
+                        k, empty, d, 0.0, done, total, stopped=True, reason="area"
+                    )
         return
     ref_mean = float(session.image[z][start].mean())
     change = session.last_change(z, start)
@@ -399,15 +450,20 @@ def repropagate(
             steps += 1
             if zz < 0 or zz >= nz or steps > limit or zz in keyframes:
                 break
-            todo = [k for k in range(zz, zz + d * session.batch_size, d)
-                    if 0 <= k < nz and not session.is_embedded(k)]
+            todo = [
+                k
+                for k in range(zz, zz + d * session.batch_size, d)
+                if 0 <= k < nz and not session.is_embedded(k)
+            ]
             if todo:
                 session.embed(todo)
             existing = np.asarray(masks[zz], dtype=bool) if has(zz) else None
             # inside the existing object the box covers it too: only the change should differ
             pred = session.predict_full(
-                zz, box=mask_bbox(prev if existing is None else prev | existing, box_margin),
-                mask_input=prev_logits if use_mask_prompt else None, mask_output=mask_output,
+                zz,
+                box=mask_bbox(prev if existing is None else prev | existing, box_margin),
+                mask_input=prev_logits if use_mask_prompt else None,
+                mask_output=mask_output,
             )
             new = pred.mask
             if max_step_px is not None:
@@ -416,10 +472,19 @@ def repropagate(
             if existing is None:  # beyond the object's current end: extend it
                 step_pred = type(pred)(new, pred.score, pred.low_res_logits)
                 reason = session._stop_reason(
-                    zz, step_pred, prev, ref_mean, min_area, min_score, max_intensity_shift, min_slice_iou
+                    zz,
+                    step_pred,
+                    prev,
+                    ref_mean,
+                    min_area,
+                    min_score,
+                    max_intensity_shift,
+                    min_slice_iou,
                 )
                 if reason:
-                    yield PropagationStep(zz, empty, d, pred.score, done, total, stopped=True, reason=reason)
+                    yield PropagationStep(
+                        zz, empty, d, pred.score, done, total, stopped=True, reason=reason
+                    )
                     break
                 grow, shrink = new, ~new
             else:
@@ -445,7 +510,9 @@ def repropagate(
 
 def mask_digest(mask: np.ndarray) -> bytes:
     """16-byte digest of a bool mask (keys the logits a session remembers)."""
-    return hashlib.blake2b(np.packbits(np.asarray(mask, dtype=bool)).tobytes(), digest_size=16).digest()
+    return hashlib.blake2b(
+        np.packbits(np.asarray(mask, dtype=bool)).tobytes(), digest_size=16
+    ).digest()
 
 
 _mask_digest = mask_digest
@@ -469,8 +536,13 @@ class InteractiveMixin:
         negative click's is inside ``prev_mask``; a positive click's contains it)."""
         z = self._check_z(z)  # type: ignore[attr-defined]
         pred = refine_slice(
-            self, z, box=box, points=np.asarray(points), point_labels=np.asarray(point_labels),
-            prev_mask=prev_mask, prior_mask=prior_mask,
+            self,
+            z,
+            box=box,
+            points=np.asarray(points),
+            point_labels=np.asarray(point_labels),
+            prev_mask=prev_mask,
+            prior_mask=prior_mask,
         )
         self.remember_logits(z, pred.mask, pred.low_res_logits)  # type: ignore[attr-defined]
         prev = np.zeros(self.shape[1:], bool) if prev_mask is None else np.asarray(prev_mask, bool)

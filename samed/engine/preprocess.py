@@ -74,7 +74,10 @@ def prepare_slices(slices: np.ndarray | torch.Tensor, image_size: int) -> torch.
     x = x[:, None]
     if geo.resized_hw != geo.original_hw:
         x = F.interpolate(
-            x, size=geo.resized_hw, mode="bilinear", align_corners=False,
+            x,
+            size=geo.resized_hw,
+            mode="bilinear",
+            align_corners=False,
             antialias=geo.scale < 1.0,
         )
     lo = x.amin(dim=(2, 3), keepdim=True)

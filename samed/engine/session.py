@@ -11,7 +11,6 @@ import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,56 +29,13 @@ from .preprocess import (
     resolve_intensity,
     slice_geometry,
 )
+from .results import Prediction, PropagationStep
 
 __all__ = ["Session", "PropagationStep", "Prediction"]
 
 ProgressFn = Callable[[int, int], None]
 _STATE_SLICES = 4
 _LOGIT_ENTRIES = 256  # remembered (slice, mask) -> low-res logits, float16 (~32 MB)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One prompt's result on one slice.
-
-    Attributes:
-        mask: (Y, X) bool on the slice grid.
-        score: the decoder's predicted IoU for the mask.
-        low_res_logits: (L, L) float32 logits (can be fed back as a mask prompt).
-    """
-
-    mask: np.ndarray
-    score: float
-    low_res_logits: torch.Tensor
-
-
-@dataclass(frozen=True)
-class PropagationStep:
-    """One slice reached by :meth:`Session.propagate`.
-
-    Attributes:
-        z: slice index.
-        mask: (Y, X) bool mask of the object on slice z (empty on the step that stopped).
-        direction: +1 (increasing z) or -1.
-        score: predicted IoU.
-        done: number of slices processed so far (for progress bars).
-        total: upper bound of slices that may be processed.
-        stopped: True on the step where a stop rule ended this direction (its mask is not
-            kept); ``reason`` says which.
-        reason: why it stopped: ``"area"`` (fewer than ``min_area`` pixels), ``"score"``
-            (predicted IoU below ``min_score``), ``"intensity"`` (mean intensity moved more than
-            ``max_intensity_shift``), ``"overlap"`` (IoU with the previous slice's mask below
-            ``min_slice_iou``); ``""`` when not stopped.
-    """
-
-    z: int
-    mask: np.ndarray
-    direction: int
-    score: float
-    done: int
-    total: int
-    stopped: bool = False
-    reason: str = ""
 
 
 def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
@@ -130,7 +86,9 @@ class Session(InteractiveMixin):
             array = array[None]
         if array.ndim != 3 or min(array.shape) < 1:
             raise ValueError(f"volume must be a (Z, Y, X) array; got shape {array.shape}")
-        if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        if not np.issubdtype(array.dtype, np.number) or np.issubdtype(
+            array.dtype, np.complexfloating
+        ):
             raise ValueError(f"volume dtype {array.dtype} is not a real number type")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -229,7 +187,8 @@ class Session(InteractiveMixin):
         x = prepare_slices(self.image[zs], self.model.image_size).to(dev)
         prec = encoder_precision(dev, self.amp)
         ctx = (
-            contextlib.nullcontext() if prec == "fp32"
+            contextlib.nullcontext()
+            if prec == "fp32"
             else torch.autocast("cuda", dtype=torch.bfloat16 if prec == "bf16" else torch.float16)
         )
         with ctx:
@@ -254,7 +213,9 @@ class Session(InteractiveMixin):
         if total and self.cache_dir is not None:
             self.save_cache()
 
-    def embed(self, slices: Iterable[int] | None = None, progress: ProgressFn | None = None) -> None:
+    def embed(
+        self, slices: Iterable[int] | None = None, progress: ProgressFn | None = None
+    ) -> None:
         """Compute embeddings for ``slices`` (default: all); ``progress(done, total)``."""
         for done, total in self.embed_iter(slices):
             if progress is not None:
@@ -330,7 +291,9 @@ class Session(InteractiveMixin):
             m = torch.as_tensor(mask_input, dtype=torch.float32, device=dev)
             low = self.model.low_res_size
             if m.shape[-2:] != (low, low):
-                raise ValueError(f"mask_input must be ({low}, {low}) low-res logits; got {tuple(m.shape)}")
+                raise ValueError(
+                    f"mask_input must be ({low}, {low}) low-res logits; got {tuple(m.shape)}"
+                )
             masks_t = m.reshape(1, 1, low, low)
         # the slice's prompt-independent decoder part, reused across clicks (SamModel only)
         extra = {}
@@ -343,11 +306,16 @@ class Session(InteractiveMixin):
         else:
             n = self.model.num_mask_outputs
             if not isinstance(mask_output, int) or not 0 <= mask_output < n:
-                raise ValueError(f"mask_output={mask_output!r} must be None or an integer in [0, {n - 1}]")
+                raise ValueError(
+                    f"mask_output={mask_output!r} must be None or an integer in [0, {n - 1}]"
+                )
             logits, iou = self.model.decode(
                 emb, boxes=boxes_t, points=pts, mask_inputs=masks_t, multimask_output=True, **extra
             )
-            logits, iou = logits[:, mask_output : mask_output + 1], iou[:, mask_output : mask_output + 1]
+            logits, iou = (
+                logits[:, mask_output : mask_output + 1],
+                iou[:, mask_output : mask_output + 1],
+            )
         full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
         mask = (full[0, 0] > threshold).cpu().numpy()
         low_res = logits[0, 0].float().cpu()
@@ -436,9 +404,7 @@ class Session(InteractiveMixin):
         if not 0.0 <= float(min_slice_iou) < 1.0:
             raise ValueError(f"min_slice_iou={min_slice_iou} must be in [0, 1)")
         limit = max_distance if max_distance is not None else self.shape[0]
-        total = sum(
-            min(limit, (self.shape[0] - 1 - z) if d > 0 else z) for d in dirs[direction]
-        )
+        total = sum(min(limit, (self.shape[0] - 1 - z) if d > 0 else z) for d in dirs[direction])
         done = 0
         ref_mean = float(self.image[z][mask].mean())
         for d in dirs[direction]:
@@ -452,7 +418,8 @@ class Session(InteractiveMixin):
                 if zz < 0 or zz >= self.shape[0] or steps > limit:
                     break
                 ahead = [
-                    k for k in range(zz, zz + d * self.batch_size, d)
+                    k
+                    for k in range(zz, zz + d * self.batch_size, d)
                     if 0 <= k < self.shape[0] and not self.is_embedded(k)
                 ]
                 if ahead:
@@ -460,7 +427,9 @@ class Session(InteractiveMixin):
                         self._encode(ahead[i : i + self.batch_size])
                 box = mask_bbox(prev, box_margin)
                 pred = self.predict_full(
-                    zz, box=box, mask_input=prev_logits if use_mask_prompt else None,
+                    zz,
+                    box=box,
+                    mask_input=prev_logits if use_mask_prompt else None,
                     mask_output=mask_output,
                 )
                 done += 1
@@ -469,11 +438,24 @@ class Session(InteractiveMixin):
                         pred.mask & _dilate(prev, int(max_step_px)), pred.score, pred.low_res_logits
                     )
                 reason = self._stop_reason(
-                    zz, pred, prev, ref_mean, min_area, min_score, max_intensity_shift, min_slice_iou
+                    zz,
+                    pred,
+                    prev,
+                    ref_mean,
+                    min_area,
+                    min_score,
+                    max_intensity_shift,
+                    min_slice_iou,
                 )
                 if reason:
                     yield PropagationStep(
-                        zz, np.zeros_like(pred.mask), d, pred.score, done, total, stopped=True,
+                        zz,
+                        np.zeros_like(pred.mask),
+                        d,
+                        pred.score,
+                        done,
+                        total,
+                        stopped=True,
                         reason=reason,
                     )
                     break
@@ -573,7 +555,9 @@ class Session(InteractiveMixin):
 
         if isinstance(postprocess, str) and postprocess not in POSTPROCESS_CHOICES:
             # checked before the (long) inference, not after it
-            raise ValueError(f"postprocess={postprocess!r} must be one of {POSTPROCESS_CHOICES} or a mapping")
+            raise ValueError(
+                f"postprocess={postprocess!r} must be one of {POSTPROCESS_CHOICES} or a mapping"
+            )
         out = np.zeros(self.shape, dtype=np.int16)
         for z, lab, done, total in self.automatic_iter(slices):
             out[z] = lab

@@ -24,20 +24,32 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--data", required=True, help="dataset folder with dataset.json")
     p.add_argument("--split", default=None, help="split name from dataset.json (default: all)")
-    p.add_argument("--prompt", choices=["box", "none"], default=None,
-                   help="box: ground-truth box per structure and slice; none: automatic adapter "
-                   "(default: box without adapter or with a prompted adapter, none with an "
-                   "automatic adapter)")
+    p.add_argument(
+        "--prompt",
+        choices=["box", "none"],
+        default=None,
+        help="box: ground-truth box per structure and slice; none: automatic adapter "
+        "(default: box without adapter or with a prompted adapter, none with an "
+        "automatic adapter)",
+    )
     p.add_argument("--adapter", default=None, help="adapter name or folder")
     p.add_argument("--model", default="litemedsam", help="model kind (default litemedsam)")
     p.add_argument("--checkpoint", default=None, help="checkpoint path (SAM / MedSAM kinds)")
     p.add_argument("--limit", type=int, default=None, help="only the first N cases")
     p.add_argument("--box-margin", type=float, default=5.0, help="box margin in px (default 5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--postprocess", choices=list(POSTPROCESS_CHOICES), default="adapter",
-                   help="automatic mode: label-map clean-up (default: what the adapter recommends)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
-                   help="encoder precision on CUDA (auto = fp16 autocast; CPU always fp32)")
+    p.add_argument(
+        "--postprocess",
+        choices=list(POSTPROCESS_CHOICES),
+        default="adapter",
+        help="automatic mode: label-map clean-up (default: what the adapter recommends)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="auto",
+        help="encoder precision on CUDA (auto = fp16 autocast; CPU always fp32)",
+    )
     p.add_argument("--out", default=None, help="write JSON here (and CSV beside it)")
     p.add_argument("--csv", default=None, help="write the per-case CSV here")
     p.set_defaults(func=run_evaluate)
@@ -73,8 +85,15 @@ def run_evaluate(args: Any) -> int:
         bar.update(1)
 
     report = evaluate(
-        model, ds, args.split, prompt=prompt, limit=args.limit, box_margin=args.box_margin,
-        postprocess=args.postprocess, progress=progress, amp=amp_from_precision(args.precision),
+        model,
+        ds,
+        args.split,
+        prompt=prompt,
+        limit=args.limit,
+        box_margin=args.box_margin,
+        postprocess=args.postprocess,
+        progress=progress,
+        amp=amp_from_precision(args.precision),
     )
     bar.close()
     print(report.case_table())

@@ -82,7 +82,10 @@ def score_case(
             )
             nsd = float(
                 compute_surface_dice(
-                    pt, gtt, class_thresholds=[nsd_tolerance_mm], include_background=False,
+                    pt,
+                    gtt,
+                    class_thresholds=[nsd_tolerance_mm],
+                    include_background=False,
                     spacing=list(spacing),
                 )[0, 0]
             )

@@ -94,14 +94,18 @@ class EvalReport:
         the label, see :func:`samed.evaluate.metrics.dice`)."""
         classes = [(c, n) for c, n in sorted(self.labels.items()) if c != 0]
         width = max([len("case"), *(len(str(r["case"])) for r in self.rows)]) + 2
-        lines = [f"{'case':<{width}}" + "".join(f"{n[:9]:>10}" for _, n in classes) + f"{'mean':>10}"]
+        lines = [
+            f"{'case':<{width}}" + "".join(f"{n[:9]:>10}" for _, n in classes) + f"{'mean':>10}"
+        ]
         cases: dict[str, dict[int, float | None]] = {}
         for r in self.rows:
             cases.setdefault(str(r["case"]), {})[int(r["label"])] = r["dice"]
         for case, d in cases.items():
             vals = [d.get(c) for c, _ in classes]
             ok = [v for v in vals if v is not None and math.isfinite(v)]
-            cells = "".join(f"{v:>10.4f}" if v is not None and math.isfinite(v) else f"{'-':>10}" for v in vals)
+            cells = "".join(
+                f"{v:>10.4f}" if v is not None and math.isfinite(v) else f"{'-':>10}" for v in vals
+            )
             mean = f"{float(np.mean(ok)):>10.4f}" if ok else f"{'-':>10}"
             lines.append(f"{case:<{width}}{cells}{mean}")
         return "\n".join(lines)
@@ -111,7 +115,9 @@ class EvalReport:
         and NSD; ``n`` volumes)."""
         lines = [f"{'class':<16}{'n':>4}{'dice':>9}{'hd95':>9}{'nsd':>8}"]
         for name, s in self.per_class().items():
+
             def f(v: float | None, w: int) -> str:
                 return f"{v:>{w}.4f}" if v is not None else f"{'-':>{w}}"
+
             lines.append(f"{name:<16}{s['n']:>4}{f(s['dice'], 9)}{f(s['hd95'], 9)}{f(s['nsd'], 8)}")
         return "\n".join(lines)

@@ -66,7 +66,9 @@ def _dataset(data: str | os.PathLike | LabeledDataset) -> LabeledDataset:
     return data if isinstance(data, LabeledDataset) else load_dataset(data)
 
 
-def _predict_case_box(session: Any, gt: np.ndarray, classes: list[int], margin: float) -> np.ndarray:
+def _predict_case_box(
+    session: Any, gt: np.ndarray, classes: list[int], margin: float
+) -> np.ndarray:
     from ..engine.preprocess import mask_bbox
 
     pred = np.zeros((max(classes) + 1, *gt.shape), dtype=bool)

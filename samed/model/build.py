@@ -143,23 +143,38 @@ def _tinyvit_modules(spec: ModelSpec) -> tuple[nn.Module, nn.Module, nn.Module]:
 
     MaskDecoder, PromptEncoder, TwoWayTransformer = _decoder_parts(spec)
     enc = TinyViT(
-        img_size=spec.image_size, in_chans=3, embed_dims=list(spec.encoder_dims),
-        depths=list(spec.encoder_depths), num_heads=list(spec.encoder_heads),
-        window_sizes=list(spec.window_sizes), mlp_ratio=spec.mlp_ratio,
-        drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
-        mbconv_expand_ratio=spec.mbconv_expand_ratio, local_conv_size=3, layer_lr_decay=0.8,
+        img_size=spec.image_size,
+        in_chans=3,
+        embed_dims=list(spec.encoder_dims),
+        depths=list(spec.encoder_depths),
+        num_heads=list(spec.encoder_heads),
+        window_sizes=list(spec.window_sizes),
+        mlp_ratio=spec.mlp_ratio,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        use_checkpoint=False,
+        mbconv_expand_ratio=spec.mbconv_expand_ratio,
+        local_conv_size=3,
+        layer_lr_decay=0.8,
     )
     transformer = TwoWayTransformer(
-        depth=spec.decoder_depth, embedding_dim=_OUT_CHANS, mlp_dim=spec.decoder_mlp_dim,
+        depth=spec.decoder_depth,
+        embedding_dim=_OUT_CHANS,
+        mlp_dim=spec.decoder_mlp_dim,
         num_heads=spec.decoder_heads,
     )
     pe = PromptEncoder(
-        embed_dim=_OUT_CHANS, image_embedding_size=(spec.embedding_side, spec.embedding_side),
-        input_image_size=(spec.image_size, spec.image_size), mask_in_chans=16,
+        embed_dim=_OUT_CHANS,
+        image_embedding_size=(spec.embedding_side, spec.embedding_side),
+        input_image_size=(spec.image_size, spec.image_size),
+        mask_in_chans=16,
     )
     dec = MaskDecoder(
-        num_multimask_outputs=3, transformer=transformer, transformer_dim=_OUT_CHANS,
-        iou_head_depth=3, iou_head_hidden_dim=256,
+        num_multimask_outputs=3,
+        transformer=transformer,
+        transformer_dim=_OUT_CHANS,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
     )
     return enc, pe, dec
 
@@ -171,23 +186,36 @@ def _vit_modules(spec: ModelSpec) -> tuple[nn.Module, nn.Module, nn.Module]:
     MaskDecoder, PromptEncoder, TwoWayTransformer = _decoder_parts(spec)
     img, side = spec.image_size, spec.embedding_side
     enc = ImageEncoderViT(
-        depth=spec.encoder_depths[0], embed_dim=spec.encoder_dims[0], img_size=img,
-        mlp_ratio=spec.mlp_ratio, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        num_heads=spec.encoder_heads[0], patch_size=img // side, qkv_bias=True, use_rel_pos=True,
-        global_attn_indexes=list(spec.global_attn_indexes), window_size=spec.window_sizes[0],
+        depth=spec.encoder_depths[0],
+        embed_dim=spec.encoder_dims[0],
+        img_size=img,
+        mlp_ratio=spec.mlp_ratio,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=spec.encoder_heads[0],
+        patch_size=img // side,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=list(spec.global_attn_indexes),
+        window_size=spec.window_sizes[0],
         out_chans=_OUT_CHANS,
     )
     pe = PromptEncoder(
-        embed_dim=_OUT_CHANS, image_embedding_size=(side, side),
-        input_image_size=(img, img), mask_in_chans=16,
+        embed_dim=_OUT_CHANS,
+        image_embedding_size=(side, side),
+        input_image_size=(img, img),
+        mask_in_chans=16,
     )
     dec = MaskDecoder(
         num_multimask_outputs=3,
         transformer=TwoWayTransformer(
-            depth=spec.decoder_depth, embedding_dim=_OUT_CHANS, mlp_dim=spec.decoder_mlp_dim,
+            depth=spec.decoder_depth,
+            embedding_dim=_OUT_CHANS,
+            mlp_dim=spec.decoder_mlp_dim,
             num_heads=spec.decoder_heads,
         ),
-        transformer_dim=_OUT_CHANS, iou_head_depth=3, iou_head_hidden_dim=256,
+        transformer_dim=_OUT_CHANS,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
     )
     return enc, pe, dec
 
@@ -202,15 +230,29 @@ _OUT_CHANS = 256  # embedding channels of every SAM-family encoder and of the de
 #: the random test models of :func:`build_tiny_model`: the real kinds with smaller numbers
 _TINY_SPECS: dict[str, ModelSpec] = {
     "tinyvit": replace(
-        MODEL_KINDS["litemedsam"], description="tiny random LiteMedSAM-shaped model",
-        encoder_dims=(8, 16, 16, 320), encoder_depths=(1, 1, 2, 1), encoder_heads=(1, 1, 1, 4),
-        mlp_ratio=2.0, mbconv_expand_ratio=2.0, decoder_depth=1, decoder_mlp_dim=64,
+        MODEL_KINDS["litemedsam"],
+        description="tiny random LiteMedSAM-shaped model",
+        encoder_dims=(8, 16, 16, 320),
+        encoder_depths=(1, 1, 2, 1),
+        encoder_heads=(1, 1, 1, 4),
+        mlp_ratio=2.0,
+        mbconv_expand_ratio=2.0,
+        decoder_depth=1,
+        decoder_mlp_dim=64,
         decoder_heads=2,
     ),
     "vit": replace(
-        MODEL_KINDS["sam_vit_b"], image_size=256, description="tiny random SAM ViT model",
-        encoder_dims=(32,), encoder_depths=(2,), encoder_heads=(2,), window_sizes=(4,),
-        global_attn_indexes=(1,), embedding_side=16, decoder_depth=1, decoder_mlp_dim=64,
+        MODEL_KINDS["sam_vit_b"],
+        image_size=256,
+        description="tiny random SAM ViT model",
+        encoder_dims=(32,),
+        encoder_depths=(2,),
+        encoder_heads=(2,),
+        window_sizes=(4,),
+        global_attn_indexes=(1,),
+        embedding_side=16,
+        decoder_depth=1,
+        decoder_mlp_dim=64,
         decoder_heads=2,
     ),
 }

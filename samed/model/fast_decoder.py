@@ -117,7 +117,9 @@ def prepare_image_state(
     )
 
 
-def _token_to_image(attn: nn.Module, q_in: torch.Tensor, x: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
+def _token_to_image(
+    attn: nn.Module, q_in: torch.Tensor, x: torch.Tensor, xp: torch.Tensor
+) -> torch.Tensor:
     """Attention(q=q_in, k=xp, v=x) for tokens q_in (B, N, C) over image tokens x, xp
     (B or 1, M, C), evaluated on the token side."""
     nh = attn.num_heads
@@ -135,7 +137,9 @@ def _token_to_image(attn: nn.Module, q_in: torch.Tensor, x: torch.Tensor, xp: to
     return attn.out_proj(out.transpose(1, 2).reshape(b, n, nh * d))
 
 
-def _token_to_image_cached(attn: nn.Module, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _token_to_image_cached(
+    attn: nn.Module, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
     """Attention(q=q_in, ...) with the image-side keys/values k, v (1, M, D) already projected."""
     nh = attn.num_heads
     b, n, _ = q_in.shape
@@ -216,7 +220,9 @@ def _is_sam_upscaling(seq: nn.Module) -> bool:
     )
 
 
-def _masks(decoder: nn.Module, keys: torch.Tensor, hw: tuple[int, int], hyper: torch.Tensor) -> torch.Tensor:
+def _masks(
+    decoder: nn.Module, keys: torch.Tensor, hw: tuple[int, int], hyper: torch.Tensor
+) -> torch.Tensor:
     """Mask logits (B, K, 4h, 4w) = hyper (B, K, C') . output_upscaling(keys (B, M, C)).
 
     SAM's upscaling (ConvT 2x2/2 -> LayerNorm2d -> GELU -> ConvT 2x2/2 -> GELU) is per-pixel
@@ -237,9 +243,13 @@ def _masks(decoder: nn.Module, keys: torch.Tensor, hw: tuple[int, int], hyper: t
     # in chunks of image rows so that the 16x larger intermediates stay in cache
     for kc in keys.split(_CHUNK_TOKENS, dim=1):
         mc = kc.shape[1]
-        y = torch.addmm(b1, kc.reshape(b * mc, -1), w1).reshape(b, mc * 4, -1)  # rows (i, j, a1, c1)
+        y = torch.addmm(b1, kc.reshape(b * mc, -1), w1).reshape(
+            b, mc * 4, -1
+        )  # rows (i, j, a1, c1)
         y = act1(F.layer_norm(y, ln.weight.shape, ln.weight, ln.bias, ln.eps))
-        y = act2(torch.addmm(b2, y.reshape(b * mc * 4, -1), w2)).reshape(b, mc * 4, -1)  # (a2, c2, o)
+        y = act2(torch.addmm(b2, y.reshape(b * mc * 4, -1), w2)).reshape(
+            b, mc * 4, -1
+        )  # (a2, c2, o)
         parts.append(torch.matmul(y.reshape(b, mc * 16, -1), ht))  # rows (i, j, a1, c1, a2, c2)
     out = torch.cat(parts, dim=1)  # (B, M*16, K)
     out = out.reshape(b, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
@@ -261,11 +271,15 @@ def fast_mask_decoder(
         (masks (B, K, 4h, 4w) logits, iou predictions (B, K)).
     """
     if state.fingerprint != decoder_fingerprint(decoder):
-        raise ValueError("the ImageState was prepared with different decoder weights; prepare it again")
+        raise ValueError(
+            "the ImageState was prepared with different decoder weights; prepare it again"
+        )
     tr = decoder.transformer
     b = sparse.shape[0]
     out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse.to(out_tokens.dtype)], dim=1)
+    tokens = torch.cat(
+        [out_tokens.unsqueeze(0).expand(b, -1, -1), sparse.to(out_tokens.dtype)], dim=1
+    )
     queries, tpe = tokens, tokens
     keys, pe = state.x, state.pe
     for i, layer in enumerate(tr.layers):
@@ -277,7 +291,9 @@ def fast_mask_decoder(
         queries = layer.norm1(queries)
         keys_pe = None if i == 0 else keys + pe
         if i == 0:
-            attn = _token_to_image_cached(layer.cross_attn_token_to_image, queries + tpe, state.k0, state.v0)
+            attn = _token_to_image_cached(
+                layer.cross_attn_token_to_image, queries + tpe, state.k0, state.v0
+            )
         else:
             attn = _token_to_image(layer.cross_attn_token_to_image, queries + tpe, keys, keys_pe)
         queries = layer.norm2(queries + attn)

@@ -184,7 +184,9 @@ class SamModel(nn.Module):
             if image_state is None:
                 image_state = self.image_state(embeddings, mask_inputs)
             elif mask_inputs is not None:
-                raise ValueError("image_state covers the no-mask-prompt case only; pass mask_inputs without it")
+                raise ValueError(
+                    "image_state covers the no-mask-prompt case only; pass mask_inputs without it"
+                )
             return fast_mask_decoder(
                 self.mask_decoder, image_state, sparse.to(embeddings.dtype), multimask_output
             )
@@ -211,16 +213,16 @@ class SamModel(nn.Module):
         (optionally with a (1, 1, L, L) mask prompt): computed once, reused by every click."""
         if mask_inputs is None:
             h, w = embedding.shape[-2:]
-            dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, h, w)
+            dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+                1, -1, h, w
+            )
         else:
             dense = self.prompt_encoder._embed_masks(mask_inputs)
         return prepare_image_state(
             self.mask_decoder, embedding, dense.to(embedding.dtype), self._dense_pe(embedding.dtype)
         )
 
-    def forward(
-        self, images: torch.Tensor, boxes: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
         """Encode then decode: (B, 3, S, S) + (B, 4) boxes -> (B, 1, L, L) logits
         (automatic decoders without boxes: (B, num_classes, L, L))."""
         emb = self.encode(images)
@@ -248,6 +250,7 @@ class SamModel(nn.Module):
         Saves about 10% of encoder time on CPU and changes no output beyond float rounding
         (tested). Irreversible: do not train a fused model. Returns self.
         """
+
         def _swap(parent: nn.Module) -> None:
             for name, child in parent.named_children():
                 if type(child).__name__ == "Conv2d_BN" and hasattr(child, "fuse"):

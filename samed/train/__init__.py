@@ -33,7 +33,7 @@ _LAZY = {
     "ValidationSection": ".config",
     "VolumeCase": ".data",
     "adapter_metadata": ".report",
-    "build_base_model": ".loop",
+    "build_base_model": ".model",
     "config_from_dict": ".config",
     "finetune": ".loop",
     "load_cases": ".data",

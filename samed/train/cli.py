@@ -28,19 +28,30 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``samed finetune`` on an argparse sub-parser collection."""
     p = subparsers.add_parser(
-        "finetune", help="fine-tune a LoRA adapter on labeled volumes (YAML config)",
+        "finetune",
+        help="fine-tune a LoRA adapter on labeled volumes (YAML config)",
         description="Train LoRA + decoder on labeled data as configs/NAME.yaml says; writes "
         "checkpoint.pt, metrics.json, curve.png and the best adapter to --out.",
     )
     p.add_argument("--config", required=True, help="YAML fine-tuning config (configs/*.yaml)")
     p.add_argument("--out", default=None, help="output folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
-                   help="overrides train.device")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.iterations=100 (repeatable)")
-    p.add_argument("--export", default=None, metavar="DIR",
-                   help="also copy the best adapter to DIR/<name> (e.g. adapters)")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default=None, help="overrides train.device"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.iterations=100 (repeatable)",
+    )
+    p.add_argument(
+        "--export",
+        default=None,
+        metavar="DIR",
+        help="also copy the best adapter to DIR/<name> (e.g. adapters)",
+    )
     p.set_defaults(func=run_finetune)
     return p
 

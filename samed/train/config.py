@@ -49,7 +49,9 @@ def _fail(section: str, name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"config {section}.{name}={value!r} is invalid; allowed: {allowed}")
 
 
-def _range(section: str, name: str, value: Any, lo: float, hi: float, closed_hi: bool = True) -> None:
+def _range(
+    section: str, name: str, value: Any, lo: float, hi: float, closed_hi: bool = True
+) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     ok = ok and lo <= value and (value <= hi if closed_hi else value < hi)
     if not ok:
@@ -424,7 +426,9 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ValueError(f"config section {where!r}: unknown keys {unknown}; allowed: {sorted(names)}")
+        raise ValueError(
+            f"config section {where!r}: unknown keys {unknown}; allowed: {sorted(names)}"
+        )
     kwargs = dict(raw)
     for k in ("cases", "projections", "scale", "gamma", "box_margin"):
         if k in kwargs and isinstance(kwargs[k], list):
@@ -449,7 +453,9 @@ def config_from_dict(raw: dict[str, Any]) -> FinetuneConfig:
         raise ValueError(f"config: unknown keys {unknown}; allowed: {sorted(top)}")
     if "name" not in raw:
         raise ValueError("config: 'name' (the adapter name) is required")
-    kwargs: dict[str, Any] = {k: raw[k] for k in ("name", "mode", "description", "intended_use") if k in raw}
+    kwargs: dict[str, Any] = {
+        k: raw[k] for k in ("name", "mode", "description", "intended_use") if k in raw
+    }
     for key, cls in _SECTIONS.items():
         kwargs[key] = _build(cls, raw.get(key), key)
     return FinetuneConfig(**kwargs)

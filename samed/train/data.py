@@ -59,7 +59,11 @@ def _read_pair(image_path: Path, label_path: Path) -> tuple[np.ndarray, str, np.
 
     vol = load_volume(image_path)
     labels = load_label_map(label_path, reference=vol)
-    return np.asarray(vol.array, dtype=np.float32), str(vol.modality or ""), np.asarray(labels.array)
+    return (
+        np.asarray(vol.array, dtype=np.float32),
+        str(vol.modality or ""),
+        np.asarray(labels.array),
+    )
 
 
 def check_label_values(
@@ -148,7 +152,9 @@ def load_cases(
     where = f"{Path(data.root) / 'dataset.json'} 'labels'"
     if not declared_by_dataset and data.labels is not None:
         declared = {0: "background"}
-        declared.update({int(s): spec["name"] for spec in data.labels.values() for s in spec["source"]})
+        declared.update(
+            {int(s): spec["name"] for spec in data.labels.values() for s in spec["source"]}
+        )
         where = "the config's data.labels sources"
     cases = []
     modality_seen = data.modality
@@ -216,8 +222,12 @@ class Augmenter:
         if c.affine_prob > 0:
             tfs.append(
                 RandAffined(
-                    keys=("image", "label"), prob=c.affine_prob, rotate_range=(rot,),
-                    scale_range=(zoom, zoom), translate_range=None, mode=("bilinear", "nearest"),
+                    keys=("image", "label"),
+                    prob=c.affine_prob,
+                    rotate_range=(rot,),
+                    scale_range=(zoom, zoom),
+                    translate_range=None,
+                    mode=("bilinear", "nearest"),
                     padding_mode="zeros",
                 )
             )
@@ -253,7 +263,9 @@ class Augmenter:
             img = _shift(img, dy, dx)
             label = _shift(label, dy, dx)
         self._tf.set_random_state(seed=int(rng.integers(0, 2**31 - 1)))
-        out = self._tf({"image": img[None].astype(np.float32), "label": label[None].astype(np.float32)})
+        out = self._tf(
+            {"image": img[None].astype(np.float32), "label": label[None].astype(np.float32)}
+        )
         im = np.asarray(out["image"], dtype=np.float32)[0]
         lab = np.rint(np.asarray(out["label"], dtype=np.float32)[0]).astype(np.int64)
         if hi > lo:  # gamma works on the [lo, hi] range; keep the slice inside it
@@ -270,7 +282,9 @@ def _shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-def prepare_targets(labels: np.ndarray | torch.Tensor, image_size: int, low_res: int) -> torch.Tensor:
+def prepare_targets(
+    labels: np.ndarray | torch.Tensor, image_size: int, low_res: int
+) -> torch.Tensor:
     """Class-index maps on the low-resolution logit grid, resized like the model input.
 
     Args:
@@ -353,9 +367,7 @@ class SliceSet:
         self.foreground = fg
         self.empty = [i for i, (_, lab) in enumerate(self.slices) if not lab.any()]
         # prompted: every (slice, class) pair with the class present
-        self.pairs = [
-            (i, int(k)) for i in fg for k in np.unique(self.slices[i][1]) if k != 0
-        ]
+        self.pairs = [(i, int(k)) for i in fg for k in np.unique(self.slices[i][1]) if k != 0]
         if mode == "automatic" and not fg:
             raise ValueError("training data has no labeled foreground voxel")
         if mode == "prompted" and not self.pairs:
@@ -390,7 +402,9 @@ class SliceSet:
         box, pts = self._prompt(mask, rng)
         return Sample(x, tgt, box, pts)
 
-    def _prompt(self, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    def _prompt(
+        self, mask: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Jittered box (and optional points) in model-input pixels from a (H, W) mask."""
         geo = slice_geometry(mask.shape, self.image_size)
         ys, xs = np.nonzero(mask)

@@ -27,7 +27,7 @@ _TMP_PREFIX = ".tmp-export-"
 
 
 def _is_replaceable_adapter(folder: Path) -> str:
-    """"" when ``folder`` is a samed adapter holding only adapter files, else why it is not."""
+    """ "" when ``folder`` is a samed adapter holding only adapter files, else why it is not."""
     if folder.is_symlink() or not folder.is_dir():
         return "it is not a folder (a file or a symlink)"
     names = {p.name for p in folder.iterdir()}
@@ -55,7 +55,11 @@ def _remove_adapter_folder(folder: Path) -> None:
 def _clean_stale(dest_dir: Path) -> None:
     """Remove temporaries of an export that was killed (only names this module creates)."""
     for p in dest_dir.glob(f"{_TMP_PREFIX}*"):
-        if p.is_dir() and not p.is_symlink() and {q.name for q in p.iterdir()} <= set(ADAPTER_FILES):
+        if (
+            p.is_dir()
+            and not p.is_symlink()
+            and {q.name for q in p.iterdir()} <= set(ADAPTER_FILES)
+        ):
             _remove_adapter_folder(p)
 
 

@@ -18,7 +18,6 @@ Python::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -34,6 +33,14 @@ import torch.nn.functional as F
 from ..evaluate.metrics import dice
 from .config import FinetuneConfig
 from .data import SliceSet, VolumeCase, collate, load_cases, sample_rng
+from .model import (
+    _attach_lora,
+    _encoder_prefix,
+    _encoder_suffix,
+    _set_train_mode,
+    _trainable,
+    build_base_model,
+)
 from .report import adapter_metadata, plot_curve
 
 __all__ = [
@@ -46,82 +53,6 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
-
-
-# ---------------------------------------------------------------------------------- model
-def build_base_model(cfg: FinetuneConfig, device: torch.device) -> Any:
-    """The configured base model (``tiny``: the random test model) on ``device``."""
-    from ..model import build_tiny_model, load_model
-
-    if cfg.model.kind == "tiny":
-        return build_tiny_model("tinyvit", seed=cfg.train.seed, device=str(device))
-    # not optimised: inference fusion (Conv-BN folding) would freeze what training updates
-    return load_model(cfg.model.kind, cfg.model.checkpoint, device=str(device), optimize=False)
-
-
-def _attach_lora(model: Any, cfg: FinetuneConfig, num_classes: int) -> None:
-    from ..lora import LoraConfig, apply_lora
-
-    lc = LoraConfig(
-        **{f.name: getattr(cfg.lora, f.name) for f in dataclasses.fields(cfg.lora)},
-        mode=cfg.mode, num_classes=num_classes if cfg.mode == "automatic" else 0,
-    )
-    apply_lora(model, lc)
-    k = cfg.train.cache_stages
-    if k:
-        if model.spec.family != "tinyvit":
-            raise ValueError("train.cache_stages needs a TinyViT encoder (litemedsam or tiny)")
-        early = [t for t in model.adapter.targets if _stage_of(t) is not None and _stage_of(t) < k]
-        if early:
-            raise ValueError(
-                f"train.cache_stages={k} caches stages 0..{k - 1} but lora.target_modules adapts "
-                f"{early[:3]}; restrict the targets to layers.{k} and later"
-            )
-
-
-def _stage_of(name: str) -> int | None:
-    parts = name.split(".")
-    if "layers" in parts:
-        i = parts.index("layers")
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
-
-
-def _encoder_prefix(model: Any, images: torch.Tensor, k: int) -> torch.Tensor:
-    """Frozen TinyViT stages: patch embedding + ``layers[:k]`` of (B, 3, S, S) inputs."""
-    enc = model.image_encoder
-    x = enc.patch_embed(images)
-    for layer in enc.layers[:k]:
-        x = layer(x)
-    return x
-
-
-def _encoder_suffix(model: Any, feats: torch.Tensor, k: int) -> torch.Tensor:
-    """The remaining TinyViT stages + neck: cached features -> (B, 256, 64, 64) embeddings."""
-    enc = model.image_encoder
-    x = feats
-    for layer in enc.layers[k:]:
-        x = layer(x)
-    b, n, c = x.shape
-    side = int(round(math.sqrt(n)))
-    return enc.neck(x.view(b, side, side, c).permute(0, 3, 1, 2))
-
-
-def _set_train_mode(model: Any) -> None:
-    """Frozen parts stay in eval (BatchNorm statistics fixed); LoRA dropout and the decoder
-    train."""
-    from ..lora import LoRAQKV
-
-    model.eval()
-    model.mask_decoder.train()
-    for m in model.modules():
-        if isinstance(m, LoRAQKV):
-            m.train()
-
-
-def _trainable(model: Any) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 # ---------------------------------------------------------------------------------- loss
@@ -206,7 +137,9 @@ def validate(
         sess = Session(model, case.image, intensity="minmax", batch_size=batch_size)
         scores: dict[str, float] = {}
         if mode == "automatic":
-            pred = sess.automatic(postprocess="none")  # the raw model; adapters record their clean-up
+            pred = sess.automatic(
+                postprocess="none"
+            )  # the raw model; adapters record their clean-up
             for k, name in fg.items():
                 scores[name] = dice(pred == k, case.label == k)
         else:
@@ -253,7 +186,11 @@ class _CachedBatches:
     computed once; a step samples (slice, copy) pairs."""
 
     def __init__(
-        self, model: Any, slices: SliceSet, cfg: FinetuneConfig, device: torch.device,
+        self,
+        model: Any,
+        slices: SliceSet,
+        cfg: FinetuneConfig,
+        device: torch.device,
         log: Callable[[str], None],
     ) -> None:
         self.slices, self.cfg, self.mode = slices, cfg, cfg.mode
@@ -268,14 +205,18 @@ class _CachedBatches:
                     if c == 0:
                         im, lab = image, label
                     else:
-                        im, lab = slices.augment(image, label, sample_rng(cfg.train.seed, 10**9 + c, i))
+                        im, lab = slices.augment(
+                            image, label, sample_rng(cfg.train.seed, 10**9 + c, i)
+                        )
                     x = _prepare(im, model.image_size).to(device)
                     fs.append(_encoder_prefix(model, x, k)[0].cpu())
                     ls.append(lab)
                 self.feats.append(fs)
                 self.labels.append(ls)
-        log(f"cached stages 0..{k - 1} for {len(slices)} slices x {copies} copies "
-            f"in {time.perf_counter() - t0:.1f} s")
+        log(
+            f"cached stages 0..{k - 1} for {len(slices)} slices x {copies} copies "
+            f"in {time.perf_counter() - t0:.1f} s"
+        )
 
     def batch(self, step: int) -> dict[str, Any]:
         s = self.slices
@@ -367,8 +308,10 @@ def finetune(
     if cfg.data.val_split:
         val_cases, _, _ = load_cases(cfg.data, cfg.data.val_split)
     num_classes = max(labels) + 1
-    log(f"train: {summary['num_volumes']} volumes, {summary['num_slices']} slices "
-        f"({cfg.data.train_split}); val: {len(val_cases)} volumes; classes {labels}")
+    log(
+        f"train: {summary['num_volumes']} volumes, {summary['num_slices']} slices "
+        f"({cfg.data.train_split}); val: {len(val_cases)} volumes; classes {labels}"
+    )
 
     torch.manual_seed(cfg.train.seed)
     model = build_base_model(cfg, dev)
@@ -377,18 +320,31 @@ def finetune(
     model.adapter.labels = dict(labels)
     params = _trainable(model)
     groups = [
-        {"params": [p for n, p in params.items() if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
+        {
+            "params": [p for n, p in params.items() if p.ndim > 1],
+            "weight_decay": cfg.optim.weight_decay,
+        },
         {"params": [p for n, p in params.items() if p.ndim <= 1], "weight_decay": 0.0},
     ]
     if cfg.optim.name == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
     else:
         opt = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9)
-    log(f"model {model.kind} on {dev}: trainable {sum(p.numel() for p in params.values()):,} "
-        f"parameters in {len(model.adapter.targets)} LoRA layers + decoder={cfg.lora.train_decoder}")
+    log(
+        f"model {model.kind} on {dev}: trainable {sum(p.numel() for p in params.values()):,} "
+        f"parameters in {len(model.adapter.targets)} LoRA layers + decoder={cfg.lora.train_decoder}"
+    )
 
-    state = {"step": 0, "best": -1.0, "best_step": -1, "bad": 0, "history": [], "val": [],
-             "seconds": 0.0, "best_val": None}
+    state = {
+        "step": 0,
+        "best": -1.0,
+        "best_step": -1,
+        "bad": 0,
+        "history": [],
+        "val": [],
+        "seconds": 0.0,
+        "best_val": None,
+    }
     ckpt_path = out / CHECKPOINT
     if resume:
         if not ckpt_path.is_file():
@@ -396,8 +352,11 @@ def finetune(
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         saved_cfg = json.loads(ck["config"])
         if saved_cfg != cfg.to_dict():
-            diff = sorted(k for k in set(saved_cfg) | set(cfg.to_dict())
-                          if saved_cfg.get(k) != cfg.to_dict().get(k))
+            diff = sorted(
+                k
+                for k in set(saved_cfg) | set(cfg.to_dict())
+                if saved_cfg.get(k) != cfg.to_dict().get(k)
+            )
             raise ValueError(f"{ckpt_path} was written with another config (sections {diff})")
         with torch.no_grad():
             for n, t in ck["trainable"].items():
@@ -406,8 +365,15 @@ def finetune(
         state = json.loads(ck["state"])
         log(f"resumed at step {state['step']} from {ckpt_path}")
 
-    slices = SliceSet(train_cases, cfg.mode, cfg.augment, cfg.prompt, model.image_size,
-                      model.low_res_size, cfg.data.empty_slice_fraction)
+    slices = SliceSet(
+        train_cases,
+        cfg.mode,
+        cfg.augment,
+        cfg.prompt,
+        model.image_size,
+        model.low_res_size,
+        cfg.data.empty_slice_fraction,
+    )
     cached = None
     k = cfg.train.cache_stages
     if k:
@@ -418,8 +384,12 @@ def finetune(
         w = cfg.train.workers
         if w:
             loader = torch.utils.data.DataLoader(
-                src, batch_size=None, sampler=range(state["step"], cfg.train.iterations),
-                num_workers=w, prefetch_factor=4, persistent_workers=False,
+                src,
+                batch_size=None,
+                sampler=range(state["step"], cfg.train.iterations),
+                num_workers=w,
+                prefetch_factor=4,
+                persistent_workers=False,
             )
             batches = iter(loader)
         else:
@@ -433,14 +403,24 @@ def finetune(
         """Validate, export on improvement; returns True when early stopping triggers."""
         model.eval()
         t0 = time.perf_counter()
-        res = validate(model, val_cases, labels, cfg.mode, box_margin=cfg.validation.box_margin,
-                       limit=cfg.validation.limit, batch_size=32 if dev.type == "cuda" else 4)
-        state["val"].append({"step": step, "mean_dice": res["mean_dice"],
-                             "per_class": res["per_class"]})
+        res = validate(
+            model,
+            val_cases,
+            labels,
+            cfg.mode,
+            box_margin=cfg.validation.box_margin,
+            limit=cfg.validation.limit,
+            batch_size=32 if dev.type == "cuda" else 4,
+        )
+        state["val"].append(
+            {"step": step, "mean_dice": res["mean_dice"], "per_class": res["per_class"]}
+        )
         cls = " ".join(f"{n}={v:.4f}" for n, v in res["per_class"].items())
         improved = res["mean_dice"] > state["best"]
-        log(f"val step {step}: mean_dice={res['mean_dice']:.4f} ({cls}) "
-            f"{time.perf_counter() - t0:.1f}s{' *' if improved else ''}")
+        log(
+            f"val step {step}: mean_dice={res['mean_dice']:.4f} ({cls}) "
+            f"{time.perf_counter() - t0:.1f}s{' *' if improved else ''}"
+        )
         if improved:
             state["best"], state["best_step"], state["bad"] = res["mean_dice"], step, 0
             state["best_val"] = res
@@ -452,8 +432,17 @@ def finetune(
         return bool(p and state["bad"] >= p)
 
     def export(step: int, val: dict[str, Any] | None) -> None:
-        meta = adapter_metadata(cfg, labels, summary, val, step, command, str(dev),
-                         state["seconds"] + time.perf_counter() - t_run, model)
+        meta = adapter_metadata(
+            cfg,
+            labels,
+            summary,
+            val,
+            step,
+            command,
+            str(dev),
+            state["seconds"] + time.perf_counter() - t_run,
+            model,
+        )
         meta["training"]["iterations_run"] = step
         save_adapter(model, out / "adapter", labels=labels, metadata=meta, overwrite=True)
 
@@ -461,9 +450,12 @@ def finetune(
         state["step"] = step
         state["seconds"] += time.perf_counter() - t_run
         _atomic_torch_save(
-            {"trainable": {n: p.detach().cpu().clone() for n, p in params.items()},
-             "optimizer": opt.state_dict(), "state": json.dumps(state),
-             "config": json.dumps(cfg.to_dict())},
+            {
+                "trainable": {n: p.detach().cpu().clone() for n, p in params.items()},
+                "optimizer": opt.state_dict(),
+                "state": json.dumps(state),
+                "config": json.dumps(cfg.to_dict()),
+            },
             ckpt_path,
         )
         state["seconds"] -= time.perf_counter() - t_run
@@ -480,7 +472,9 @@ def finetune(
         batch = next(batches)
         for g in opt.param_groups:
             g["lr"] = cfg.optim.lr * lr_factor(step, cfg)
-        with torch.autocast("cuda", dtype=amp_dtype) if amp else torch.autocast("cpu", enabled=False):
+        with (
+            torch.autocast("cuda", dtype=amp_dtype) if amp else torch.autocast("cpu", enabled=False)
+        ):
             if cached is not None:
                 emb = _encoder_suffix(model, batch["features"].to(dev), k)
             else:
@@ -492,8 +486,9 @@ def finetune(
                 if pts is not None:
                     pts = (pts[0].to(dev), pts[1].to(dev))
                 logits, _ = model.decode(emb, boxes=batch["boxes"].to(dev), points=pts)
-        loss = loss_fn(logits, batch["targets"].to(dev), cfg.mode, cfg.loss.dice_weight,
-                       cfg.loss.ce_weight)
+        loss = loss_fn(
+            logits, batch["targets"].to(dev), cfg.mode, cfg.loss.dice_weight, cfg.loss.ce_weight
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip:
@@ -507,8 +502,10 @@ def finetune(
         n_log += 1
         if step % cfg.train.log_interval == 0 or step == cfg.train.iterations:
             dt = (time.perf_counter() - t_log) / max(n_log, 1)
-            log(f"step {step}/{cfg.train.iterations} loss={lv:.4f} "
-                f"lr={opt.param_groups[0]['lr']:.2e} {dt:.3f} s/it")
+            log(
+                f"step {step}/{cfg.train.iterations} loss={lv:.4f} "
+                f"lr={opt.param_groups[0]['lr']:.2e} {dt:.3f} s/it"
+            )
             t_log, n_log = time.perf_counter(), 0
         last = step == cfg.train.iterations
         mm = cfg.train.max_minutes
@@ -517,8 +514,10 @@ def finetune(
             last = stopped_early = True
         if val_cases and ((val_iv and step % val_iv == 0) or last):
             if run_validation(step) and not stopped_early:
-                log(f"early stop at step {step}: no improvement in "
-                    f"{cfg.validation.patience} validations")
+                log(
+                    f"early stop at step {step}: no improvement in "
+                    f"{cfg.validation.patience} validations"
+                )
                 stopped_early = True
                 last = True
         if step % cfg.train.checkpoint_interval == 0 or last:
@@ -530,22 +529,36 @@ def finetune(
         state["best_step"] = step
     state["seconds"] += time.perf_counter() - t_run
     metrics = {
-        "name": cfg.name, "mode": cfg.mode, "device": str(dev), "steps": step,
-        "stopped_early": stopped_early, "best_step": state["best_step"],
+        "name": cfg.name,
+        "mode": cfg.mode,
+        "device": str(dev),
+        "steps": step,
+        "stopped_early": stopped_early,
+        "best_step": state["best_step"],
         "best_mean_dice": state["best"] if val_cases else None,
-        "best_validation": state["best_val"], "validation": state["val"],
-        "loss": state["history"], "train_seconds": round(state["seconds"], 1),
+        "best_validation": state["best_val"],
+        "validation": state["val"],
+        "loss": state["history"],
+        "train_seconds": round(state["seconds"], 1),
         "seconds_per_iteration": round(state["seconds"] / max(1, len(state["history"])), 4),
-        "train_data": summary, "command": command, "config": cfg.to_dict(),
+        "train_data": summary,
+        "command": command,
+        "config": cfg.to_dict(),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     try:
         plot_curve(metrics, out / "curve.png")
     except ImportError:
         log("matplotlib missing: no curve.png")
-    log(f"done: {step} steps, best mean_dice={state['best']:.4f} at step {state['best_step']}; "
-        f"adapter in {out / 'adapter'}")
-    return FinetuneResult(out=out, adapter=out / "adapter", steps=step,
-                          best_step=state["best_step"], best_mean_dice=state["best"],
-                          validation=state["best_val"])
-
+    log(
+        f"done: {step} steps, best mean_dice={state['best']:.4f} at step {state['best_step']}; "
+        f"adapter in {out / 'adapter'}"
+    )
+    return FinetuneResult(
+        out=out,
+        adapter=out / "adapter",
+        steps=step,
+        best_step=state["best_step"],
+        best_mean_dice=state["best"],
+        validation=state["best_val"],
+    )

@@ -13,16 +13,24 @@ __all__ = ["adapter_metadata", "plot_curve"]
 
 
 def adapter_metadata(
-    cfg: FinetuneConfig, labels: dict[int, str], summary: dict[str, Any],
-    val: dict[str, Any] | None, best_step: int, command: str, device: str, seconds: float,
+    cfg: FinetuneConfig,
+    labels: dict[int, str],
+    summary: dict[str, Any],
+    val: dict[str, Any] | None,
+    best_step: int,
+    command: str,
+    device: str,
+    seconds: float,
     model: Any,
 ) -> dict[str, Any]:
     """metadata.json content of an adapter exported by :func:`samed.train.finetune`."""
     from .. import __version__
     from ..lora import trainable_parameters
 
-    prompt = "none: one output per class (argmax)" if cfg.mode == "automatic" else (
-        "a box (x0, y0, x1, y1) around one object per call; returns one binary mask"
+    prompt = (
+        "none: one output per class (argmax)"
+        if cfg.mode == "automatic"
+        else ("a box (x0, y0, x1, y1) around one object per call; returns one binary mask")
     )
     return {
         "name": cfg.name,
@@ -51,11 +59,16 @@ def adapter_metadata(
             "labels_source": cfg.data.label_source,
             "licence": cfg.data.licence,
         },
-        "validation": None if val is None else {
+        "validation": None
+        if val is None
+        else {
             "split": cfg.data.val_split,
             "metric": "3D Dice per volume, mean over classes then volumes"
-            + (f"; ground-truth boxes, margin {cfg.validation.box_margin:g} px"
-               if cfg.mode == "prompted" else ""),
+            + (
+                f"; ground-truth boxes, margin {cfg.validation.box_margin:g} px"
+                if cfg.mode == "prompted"
+                else ""
+            ),
             "step": best_step,
             "mean_dice": val["mean_dice"],
             "per_class": val["per_class"],
@@ -94,8 +107,13 @@ def plot_curve(metrics: dict[str, Any], path: Path) -> None:
     if metrics["validation"]:
         ax2 = ax.twinx()
         v = metrics["validation"]
-        ax2.plot([r["step"] for r in v], [r["mean_dice"] for r in v], "o-", color="C1",
-                 label="val mean Dice")
+        ax2.plot(
+            [r["step"] for r in v],
+            [r["mean_dice"] for r in v],
+            "o-",
+            color="C1",
+            label="val mean Dice",
+        )
         ax2.set_ylabel("validation mean Dice")
         ax2.set_ylim(0, 1)
     ax.set_title(f"{metrics['name']} ({metrics['mode']})")

@@ -373,8 +373,13 @@ def test_propagation_stops_where_the_object_jumps(tiny, monkeypatch):
     # the engine's own walk and stop rules; only the decoder's answer per slice is scripted
     vol = np.random.default_rng(0).random((10, 32, 32)).astype(np.float32)
     s = Session(tiny, vol, intensity="minmax")
-    monkeypatch.setattr(s, "predict_full", lambda z, **kw: Prediction(
-        mask=_drifting_square(z), score=0.9, low_res_logits=torch.zeros(256, 256)))
+    monkeypatch.setattr(
+        s,
+        "predict_full",
+        lambda z, **kw: Prediction(
+            mask=_drifting_square(z), score=0.9, low_res_logits=torch.zeros(256, 256)
+        ),
+    )
     visited: list[int] = []
     out = _propagate(s, 2, _drifting_square(2), 0.7, visited.append)
     assert np.nonzero(out.any(axis=(1, 2)))[0].tolist() == [0, 1, 2, 3, 4, 5]

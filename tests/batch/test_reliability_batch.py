@@ -53,12 +53,18 @@ def _prompts(path: Path, entries: list[dict]) -> Path:
     return path
 
 
-def _samed(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def _samed(
+    *args: str, env: dict | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "plugins")]))
     e.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "samed", *args], capture_output=True, text=True, env=e,
-        cwd=cwd, timeout=300,
+        [sys.executable, "-m", "samed", *args],
+        capture_output=True,
+        text=True,
+        env=e,
+        cwd=cwd,
+        timeout=300,
     )
 
 
@@ -100,8 +106,17 @@ def test_unwritable_output_is_one_clear_line(tmp_path):
     blocker.write_text("not a folder")
     prompts = _prompts(tmp_path / "p.json", [{"case": "ct", "label": 1, **BOX}])
     before = _hashes(tmp_path)
-    res = _samed("segment", str(src), "-o", str(blocker / "out"), "--prompts", str(prompts),
-                 "--quiet", "--device", "cpu")
+    res = _samed(
+        "segment",
+        str(src),
+        "-o",
+        str(blocker / "out"),
+        "--prompts",
+        str(prompts),
+        "--quiet",
+        "--device",
+        "cpu",
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert "is not writable" in res.stderr and str(blocker / "out") in res.stderr
     assert _hashes(tmp_path) == before
@@ -154,17 +169,24 @@ def test_resume_does_not_trust_the_case_id(tmp_path, tiny):
 def test_two_inputs_with_one_case_id_in_one_batch_get_distinct_folders(tmp_path, tiny):
     a = _crop(tmp_path / "siteA" / "ct.nii.gz", 10)
     b = _crop(tmp_path / "siteB" / "CT.nii.gz", 20)  # differs only in case: one folder on macOS
-    res = segment_batch([a, b], tmp_path / "out", prompts=_prompts(tmp_path / "p.json", []),
-                        model=tiny, qc=False)
+    res = segment_batch(
+        [a, b], tmp_path / "out", prompts=_prompts(tmp_path / "p.json", []), model=tiny, qc=False
+    )
     ids = [r.case for r in res.results]
-    assert len({i.lower() for i in ids}) == 2 and ids[0].startswith("ct_") and ids[1].startswith("CT_")
+    assert (
+        len({i.lower() for i in ids}) == 2 and ids[0].startswith("ct_") and ids[1].startswith("CT_")
+    )
 
 
 # ------------------------------------------------------------------ leftovers after failures
-def test_failed_case_leaves_only_its_error_row_and_failed_overwrite_keeps_the_old_case(tmp_path, tiny):
+def test_failed_case_leaves_only_its_error_row_and_failed_overwrite_keeps_the_old_case(
+    tmp_path, tiny
+):
     src = _crop(tmp_path / "in" / "ct.nii.gz", 10)
     out = tmp_path / "out"
-    bad = _prompts(tmp_path / "bad.json", [{"case": "ct", "label": 1, "slice": 9, "box": [1, 1, 5, 5]}])
+    bad = _prompts(
+        tmp_path / "bad.json", [{"case": "ct", "label": 1, "slice": 9, "box": [1, 1, 5, 5]}]
+    )
     res = segment_batch([src], out, prompts=bad, model=tiny, qc=False)
     assert res.results[0].status == "error" and "outside the volume" in res.results[0].error
     assert sorted(p.name for p in out.iterdir()) == ["summary.csv", "summary.json"]
@@ -197,10 +219,13 @@ def test_temporaries_of_a_killed_run_are_cleaned_on_the_next_run(tmp_path, tiny)
 # ------------------------------------------------------------------ item 12 and prompts files
 def test_two_labels_with_one_name_are_refused_naming_the_prompts_file(tmp_path, tiny):
     src = _crop(tmp_path / "in" / "ct.nii.gz", 10)
-    prompts = _prompts(tmp_path / "dup.json", [
-        {"case": "ct", "label": 1, "name": "liver", **BOX},
-        {"case": "ct", "label": 2, "name": "liver", "slice": 2, "box": [80, 40, 110, 70]},
-    ])
+    prompts = _prompts(
+        tmp_path / "dup.json",
+        [
+            {"case": "ct", "label": 1, "name": "liver", **BOX},
+            {"case": "ct", "label": 2, "name": "liver", "slice": 2, "box": [80, 40, 110, 70]},
+        ],
+    )
     with pytest.raises(ValueError, match=r"dup\.json.*'liver'.*label 2.*label 1"):
         segment_batch([src], tmp_path / "out", prompts=prompts, model=tiny)
     assert not (tmp_path / "out").exists()
@@ -209,7 +234,9 @@ def test_two_labels_with_one_name_are_refused_naming_the_prompts_file(tmp_path, 
 def test_excel_csv_with_a_bom_is_read(tmp_path, tiny):
     src = _crop(tmp_path / "in" / "ct.nii.gz", 10)
     csv_file = tmp_path / "p.csv"
-    csv_file.write_bytes("case,label,name,slice,box\r\nct,1,liver,1,20 30 70 80\r\n".encode("utf-8-sig"))
+    csv_file.write_bytes(
+        "case,label,name,slice,box\r\nct,1,liver,1,20 30 70 80\r\n".encode("utf-8-sig")
+    )
     before = _hashes(src, csv_file)
     res = segment_batch([src], tmp_path / "out", prompts=csv_file, model=tiny, qc=False)
     assert res.results[0].status == "ok", res.results[0].error
@@ -219,9 +246,13 @@ def test_excel_csv_with_a_bom_is_read(tmp_path, tiny):
 
 def test_prompts_for_cases_not_in_the_batch_are_warned_in_the_summary(tmp_path, tiny):
     src = _crop(tmp_path / "in" / "ct.nii.gz", 10)
-    prompts = _prompts(tmp_path / "p.json", [
-        {"case": "ct", "label": 1, **BOX}, {"case": "ct_typo", "label": 1, **BOX},
-    ])
+    prompts = _prompts(
+        tmp_path / "p.json",
+        [
+            {"case": "ct", "label": 1, **BOX},
+            {"case": "ct_typo", "label": 1, **BOX},
+        ],
+    )
     res = segment_batch([src], tmp_path / "out", prompts=prompts, model=tiny, qc=False)
     assert res.results[0].status == "ok"
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -250,14 +281,19 @@ def test_adapter_with_a_nan_weight_is_refused_naming_file_and_tensor(tmp_path):
     save_file(state, str(weights))
     src = _crop(tmp_path / "in" / "ct.nii.gz", 10)
     before = _hashes(src, folder)
-    with pytest.raises(AdapterError, match=rf"adapter_model\.safetensors: tensor '{key}' holds 1 NaN"):
-        segment_batch([src], tmp_path / "out", adapter=folder,
-                      model=build_tiny_model("tinyvit", seed=SEED))
+    with pytest.raises(
+        AdapterError, match=rf"adapter_model\.safetensors: tensor '{key}' holds 1 NaN"
+    ):
+        segment_batch(
+            [src], tmp_path / "out", adapter=folder, model=build_tiny_model("tinyvit", seed=SEED)
+        )
     assert _hashes(src, folder) == before
 
 
 # ------------------------------------------------------------------ unclear: broken adapter folders
-def test_broken_adapter_folders_are_listed_as_unusable_and_break_nothing_else(tmp_path, monkeypatch):
+def test_broken_adapter_folders_are_listed_as_unusable_and_break_nothing_else(
+    tmp_path, monkeypatch
+):
     from samed.registry import find_adapters, resolve_adapter
 
     root = tmp_path / "adapters"
@@ -265,7 +301,9 @@ def test_broken_adapter_folders_are_listed_as_unusable_and_break_nothing_else(tm
     for name, cfg in (("list-config", "[]"), ("bad-key", None)):
         bad = root / name
         bad.mkdir()
-        (bad / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+        (bad / "adapter_model.safetensors").write_bytes(
+            (good / "adapter_model.safetensors").read_bytes()
+        )
         if cfg is None:
             data = json.loads((good / "adapter_config.json").read_text())
             data["labels"] = {"liver": "1"}
@@ -275,7 +313,9 @@ def test_broken_adapter_folders_are_listed_as_unusable_and_break_nothing_else(tm
     env = {"SAMED_ADAPTERS": str(root)}
     res = _samed("info", env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    lines = {ln.split()[0]: ln for ln in res.stdout.splitlines() if ln.startswith("  ") and ln.split()}
+    lines = {
+        ln.split()[0]: ln for ln in res.stdout.splitlines() if ln.startswith("  ") and ln.split()
+    }
     assert "UNUSABLE" in lines["list-config"] and "holds a list" in lines["list-config"]
     assert "UNUSABLE" in lines["bad-key"] and "'labels'" in lines["bad-key"]
     assert "UNUSABLE" not in lines["good"] and "automatic" in lines["good"]

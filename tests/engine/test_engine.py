@@ -106,14 +106,21 @@ def test_amp_choices_are_checked_and_cpu_always_runs_float32(tiny):
 def test_precision_options_map_to_autocast_choices():
     from samed.precision import amp_from_precision, encoder_precision
 
-    assert [amp_from_precision(p) for p in ("auto", "fp32", "fp16", "bf16")] == [True, False, "fp16", "bf16"]
+    assert [amp_from_precision(p) for p in ("auto", "fp32", "fp16", "bf16")] == [
+        True,
+        False,
+        "fp16",
+        "bf16",
+    ]
     with pytest.raises(ValueError, match="precision='half' must be one of auto, fp32, fp16, bf16"):
         amp_from_precision("half")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert encoder_precision(cuda, True) == "fp16"  # the default measured closest to fp32
     assert encoder_precision(cuda, False) == "fp32"
     assert {encoder_precision(cpu, a) for a in (True, "fp16", "bf16")} == {"fp32"}
-    assert encoder_precision("cuda:0", True) == "fp16" and encoder_precision("cpu", "fp16") == "fp32"
+    assert (
+        encoder_precision("cuda:0", True) == "fp16" and encoder_precision("cpu", "fp16") == "fp32"
+    )
 
 
 def test_embeddings_are_computed_once_and_cached_on_disk(
@@ -251,8 +258,13 @@ def test_max_step_keeps_each_mask_near_the_previous(tiny, make_tiny_volume):
     start[25:35, 40:50] = True
     prev, n = start, 0
     for st in s.propagate(
-        0, start, direction="forward", min_area=0, min_score=float("-inf"),
-        max_intensity_shift=None, max_step_px=2,
+        0,
+        start,
+        direction="forward",
+        min_area=0,
+        min_score=float("-inf"),
+        max_intensity_shift=None,
+        max_step_px=2,
     ):
         assert not (st.mask & ~binary_dilation(prev, iterations=2)).any()
         prev, n = st.mask, n + 1
@@ -269,19 +281,28 @@ def test_propagation_stops_where_the_mask_jumps_and_says_why(tiny, monkeypatch, 
     jumped[20:40, 45:65] = True  # same size, next to the object: the box slid onto a neighbour
 
     def predict_full(z, **kw):  # slices 1-2 follow the object, slice 3 jumps
-        return Prediction(mask=(jumped if z == 3 else start).copy(), score=0.9,
-                          low_res_logits=torch.zeros(256, 256))
+        return Prediction(
+            mask=(jumped if z == 3 else start).copy(),
+            score=0.9,
+            low_res_logits=torch.zeros(256, 256),
+        )
 
     monkeypatch.setattr(s, "predict_full", predict_full)
-    steps = list(s.propagate(0, start, direction="forward", min_slice_iou=0.7,
-                             max_intensity_shift=None))
+    steps = list(
+        s.propagate(0, start, direction="forward", min_slice_iou=0.7, max_intensity_shift=None)
+    )
     assert [(st.z, st.stopped, st.reason) for st in steps] == [
-        (1, False, ""), (2, False, ""), (3, True, "overlap")]
+        (1, False, ""),
+        (2, False, ""),
+        (3, True, "overlap"),
+    ]
     assert not steps[-1].mask.any()
     # off by default: the walk goes on to the end of the volume
     steps = list(s.propagate(0, start, direction="forward", max_intensity_shift=None))
     assert [st.z for st in steps] == [1, 2, 3, 4, 5] and not any(st.stopped for st in steps)
-    small = list(s.propagate(0, start, direction="forward", min_area=10_000, max_intensity_shift=None))
+    small = list(
+        s.propagate(0, start, direction="forward", min_area=10_000, max_intensity_shift=None)
+    )
     assert [(st.z, st.reason) for st in small] == [(1, "area")]
     with pytest.raises(ValueError, match="min_slice_iou=1.0 must be in"):
         next(s.propagate(0, start, min_slice_iou=1.0))

@@ -66,7 +66,9 @@ def _automatic_adapter(tmp_path, post: object, make_tiny_model) -> object:
     torch.manual_seed(0)
     m = apply_lora(make_tiny_model("tinyvit"), LoraConfig(mode="automatic", num_classes=3))
     meta = {"description": "test"} if post is None else {"postprocessing": post}
-    return save_adapter(m, tmp_path / "auto", labels={0: "background", 1: "a", 2: "b"}, metadata=meta)
+    return save_adapter(
+        m, tmp_path / "auto", labels={0: "background", 1: "a", 2: "b"}, metadata=meta
+    )
 
 
 def test_adapter_recommendation_is_loaded_and_applied_by_automatic(tmp_path, make_tiny_model):

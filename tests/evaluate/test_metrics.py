@@ -63,7 +63,9 @@ def test_score_case_dice_matches_monai() -> None:
     assert got == pytest.approx(ref, abs=1e-6)
 
 
-@pytest.mark.parametrize(("kw", "needle"), [({"prompt": "points"}, "prompt"), ({"limit": 0}, "limit")])
+@pytest.mark.parametrize(
+    ("kw", "needle"), [({"prompt": "points"}, "prompt"), ({"limit": 0}, "limit")]
+)
 def test_eval_options_name_the_bad_value(kw: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         EvalOptions(**kw)
@@ -72,7 +74,15 @@ def test_eval_options_name_the_bad_value(kw: dict, needle: str) -> None:
 def test_report_means_skip_unscored_cases() -> None:
     rows = [
         {"case": "p1", "label": 1, "name": "a", "dice": 0.5, "hd95": 2.0, "nsd": 0.9, "seconds": 1},
-        {"case": "p1", "label": 2, "name": "b", "dice": None, "hd95": None, "nsd": None, "seconds": 1},
+        {
+            "case": "p1",
+            "label": 2,
+            "name": "b",
+            "dice": None,
+            "hd95": None,
+            "nsd": None,
+            "seconds": 1,
+        },
         {"case": "p2", "label": 1, "name": "a", "dice": 0.7, "hd95": 4.0, "nsd": 0.7, "seconds": 1},
         {"case": "p2", "label": 2, "name": "b", "dice": 0.9, "hd95": 1.0, "nsd": 1.0, "seconds": 1},
     ]

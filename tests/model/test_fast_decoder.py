@@ -28,8 +28,13 @@ def lite():
 
 
 def _prompts(s: int) -> list[dict]:
-    boxes = torch.tensor([[0.2 * s, 0.2 * s, 0.6 * s, 0.5 * s], [0.1 * s, 0.3 * s, 0.9 * s, 0.8 * s]])
-    pts = (torch.tensor([[[0.5 * s, 0.5 * s], [0.1 * s, 0.2 * s], [0.0, 0.0]]]), torch.tensor([[1, 0, -1]]))
+    boxes = torch.tensor(
+        [[0.2 * s, 0.2 * s, 0.6 * s, 0.5 * s], [0.1 * s, 0.3 * s, 0.9 * s, 0.8 * s]]
+    )
+    pts = (
+        torch.tensor([[[0.5 * s, 0.5 * s], [0.1 * s, 0.2 * s], [0.0, 0.0]]]),
+        torch.tensor([[1, 0, -1]]),
+    )
     return [
         {"boxes": boxes[:1]},
         {"boxes": boxes},  # two objects on one slice
@@ -62,7 +67,9 @@ def test_fast_decoder_equals_sam_on_other_shapes_and_automatic_decoders(make_tin
         assert (fast - ref).abs().max().item() < 1e-4
     model.mask_decoder = make_automatic_decoder(model.mask_decoder, 4)
     (ref, ref_iou), (fast, iou) = _both(model, emb, multimask_output=True)
-    assert fast.shape == ref.shape == (1, 4, 4 * model.embedding_size[0], 4 * model.embedding_size[1])
+    assert (
+        fast.shape == ref.shape == (1, 4, 4 * model.embedding_size[0], 4 * model.embedding_size[1])
+    )
     assert (fast - ref).abs().max().item() < 1e-4
 
 
@@ -71,7 +78,9 @@ def test_state_from_other_weights_is_refused(lite):
     emb = torch.randn(1, 256, 64, 64)
     with torch.inference_mode():
         state = lite.image_state(emb)
-        sparse, _ = lite.prompt_encoder(points=None, boxes=torch.tensor([[[10.0, 10, 90, 90]]]), masks=None)
+        sparse, _ = lite.prompt_encoder(
+            points=None, boxes=torch.tensor([[[10.0, 10, 90, 90]]]), masks=None
+        )
         dec = make_automatic_decoder(lite.mask_decoder, 3)
         with pytest.raises(ValueError, match="different decoder weights"):
             fast_mask_decoder(dec, state, sparse, True)

@@ -33,7 +33,9 @@ def folders(tmp_path_factory, make_tiny_model):
     return {
         "prompted": save_adapter(prompted, root / "tiny-prompted", labels={1: "liver"}),
         "automatic": save_adapter(
-            auto, root / "tiny-auto", labels={0: "background", 1: "a", 2: "b", 3: "c"},
+            auto,
+            root / "tiny-auto",
+            labels={0: "background", 1: "a", 2: "b", 3: "c"},
             metadata={
                 "postprocessing": {"largest_component": [1]},
                 "preprocessing": {"intensity": "liver"},

@@ -36,7 +36,10 @@ def _randomize_lora(model, seed=0):
 def _outputs(model):
     with torch.no_grad():
         emb = model.encode(X)
-        auto = getattr(model, "lora_config", None) is not None and model.lora_config.mode == "automatic"
+        auto = (
+            getattr(model, "lora_config", None) is not None
+            and model.lora_config.mode == "automatic"
+        )
         if auto:
             logits, _ = model.decode(emb, multimask_output=True)
         else:

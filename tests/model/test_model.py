@@ -163,8 +163,10 @@ def test_conv_gelu_equals_conv_then_gelu_or_falls_back(case):
     from samed.engine.cpu import ConvGELU
 
     torch.manual_seed(0)
-    kw = {"reflect_padding": {"padding": 1, "padding_mode": "reflect"},
-          "same_padding": {"padding": "same"}}.get(case, {"padding": 1})
+    kw = {
+        "reflect_padding": {"padding": 1, "padding_mode": "reflect"},
+        "same_padding": {"padding": "same"},
+    }.get(case, {"padding": 1})
     conv = torch.nn.Conv2d(4, 6, 3, **kw)
     x = torch.randn(2, 4, 9, 11)
     if case == "float64":
@@ -190,14 +192,24 @@ def test_builder_table_numbers_describe_every_kind(make_tiny_model):
     for kind, spec in MODEL_KINDS.items():
         assert spec.kind == kind and spec.family in _BUILDERS
         stages = len(spec.encoder_dims)
-        assert len(spec.encoder_depths) == len(spec.encoder_heads) == len(spec.window_sizes) == stages
+        assert (
+            len(spec.encoder_depths) == len(spec.encoder_heads) == len(spec.window_sizes) == stages
+        )
         assert all(0 <= i < sum(spec.encoder_depths) for i in spec.global_attn_indexes)
         assert spec.bundled or (spec.checkpoint_file and spec.checkpoint_file in spec.description)
     # segment-anything's build_sam.py table
-    assert [(MODEL_KINDS[k].encoder_dims[0], MODEL_KINDS[k].encoder_depths[0],
-             MODEL_KINDS[k].encoder_heads[0], MODEL_KINDS[k].global_attn_indexes)
-            for k in ("sam_vit_b", "sam_vit_l", "sam_vit_h")] == [
-        (768, 12, 12, (2, 5, 8, 11)), (1024, 24, 16, (5, 11, 17, 23)), (1280, 32, 16, (7, 15, 23, 31)),
+    assert [
+        (
+            MODEL_KINDS[k].encoder_dims[0],
+            MODEL_KINDS[k].encoder_depths[0],
+            MODEL_KINDS[k].encoder_heads[0],
+            MODEL_KINDS[k].global_attn_indexes,
+        )
+        for k in ("sam_vit_b", "sam_vit_l", "sam_vit_h")
+    ] == [
+        (768, 12, 12, (2, 5, 8, 11)),
+        (1024, 24, 16, (5, 11, 17, 23)),
+        (1280, 32, 16, (7, 15, 23, 31)),
     ]
     m = make_tiny_model("vit")
     assert len(m.image_encoder.blocks) == 2 and m.embedding_size == (16, 16)

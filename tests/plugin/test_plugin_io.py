@@ -136,8 +136,15 @@ def test_sample_data():
 
 @pytest.mark.parametrize(
     ("codes", "expected"),
-    [("RAS", ("up", "left")), ("LPS", ("down", "right")), ("LAS", ("up", "right")),
-     ("RPI", ("down", "left")), ("ASR", None), ("RSA", None), ("XYZ", None)],
+    [
+        ("RAS", ("up", "left")),
+        ("LPS", ("down", "right")),
+        ("LAS", ("up", "right")),
+        ("RPI", ("down", "left")),
+        ("ASR", None),
+        ("RSA", None),
+        ("XYZ", None),
+    ],
 )
 def test_radiological_orientation_for_axial_volumes_only(codes, expected):
     from napari_samed._layers import radiological_orientation2d

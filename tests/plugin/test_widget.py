@@ -154,7 +154,9 @@ def test_shortcuts_and_export(setup, qtbot, tmp_path):
     np.testing.assert_array_equal(np.asarray(img.dataobj).T, viewer.layers["vol labels"].data)
 
 
-def test_radiological_view_turns_the_camera_not_the_data(make_napari_viewer, qtbot, box_model_session):
+def test_radiological_view_turns_the_camera_not_the_data(
+    make_napari_viewer, qtbot, box_model_session
+):
     from napari_samed._reader import volume_layer_data
     from napari_samed._widget import SamedWidget, viewer_camera, viewer_text_overlay
 
@@ -170,7 +172,9 @@ def test_radiological_view_turns_the_camera_not_the_data(make_napari_viewer, qtb
     viewer.window.add_dock_widget(widget, name="samed")
     assert widget.ui.radiological_check.isChecked()
     assert tuple(str(v.value) for v in viewer_camera(viewer).orientation2d) == ("up", "left")
-    assert viewer_text_overlay(viewer).visible and "radiological" in viewer_text_overlay(viewer).text
+    assert (
+        viewer_text_overlay(viewer).visible and "radiological" in viewer_text_overlay(viewer).text
+    )
     np.testing.assert_array_equal(image.data, ras.array)  # the data is not reoriented
     # prompts still land on the same voxels: positions go through world coordinates
     widget.annotator.engine  # noqa: B018 - creates the prompt layers

@@ -98,10 +98,12 @@ def test_unknown_or_malformed_keys_are_refused(raw: dict) -> None:
 def test_pairs_need_cases() -> None:
     with pytest.raises(ValueError, match="cases"):
         config_from_dict({"name": "x", "data": {"format": "pairs"}})
-    cfg = config_from_dict({
-        "name": "x",
-        "data": {"format": "pairs", "cases": [{"image": "a", "label": "b", "z_range": [0, 3]}]},
-    })
+    cfg = config_from_dict(
+        {
+            "name": "x",
+            "data": {"format": "pairs", "cases": [{"image": "a", "label": "b", "z_range": [0, 3]}]},
+        }
+    )
     assert cfg.data.cases[0]["z_range"] == [0, 3]
 
 
@@ -120,8 +122,11 @@ def test_lora_section_is_the_adapters_lora_settings() -> None:
 
     cfg = config_from_dict({**BASE, "lora": {"r": 2, "alpha": 8, "projections": ["q", "k", "v"]}})
     assert type(cfg.lora) is LoraSettings and issubclass(LoraConfig, LoraSettings)
-    lc = LoraConfig(**{f.name: getattr(cfg.lora, f.name) for f in fields(cfg.lora)},
-                    mode="automatic", num_classes=3)
+    lc = LoraConfig(
+        **{f.name: getattr(cfg.lora, f.name) for f in fields(cfg.lora)},
+        mode="automatic",
+        num_classes=3,
+    )
     assert lc.scaling == 4.0 and lc.projections == ("q", "k", "v") and lc.train_decoder
     for key, value in (("alpha", 0), ("train_decoder", "yes"), ("target_modules", "(")):
         with pytest.raises(ValueError, match=rf"lora\.{key}"):

@@ -33,12 +33,17 @@ REPO = Path(__file__).resolve().parents[2]
 def _hashes(root: Path) -> dict[str, str]:
     return {
         str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
-def _dataset(root: Path, label_values: tuple[int, ...] = (1,), flip_label: bool = False,
-             declared: dict | None = None) -> Path:
+def _dataset(
+    root: Path,
+    label_values: tuple[int, ...] = (1,),
+    flip_label: bool = False,
+    declared: dict | None = None,
+) -> Path:
     """An MSD dataset of one real 4-slice CT crop; the label is the CT above 100 HU, valued
     ``label_values[i]`` on slice i (cycled)."""
     ct = nib.load(shared_path("totalsegmentator", "ct_3mm", "example_ct_sm.nii.gz"))
@@ -57,21 +62,42 @@ def _dataset(root: Path, label_values: tuple[int, ...] = (1,), flip_label: bool 
         lab_affine[:3, 3] = (affine @ [data.shape[0] - 1, 0, 0, 1])[:3]
         lab = lab[::-1]
     nib.save(nib.Nifti1Image(lab, lab_affine), root / "labelsTr" / "c0.nii.gz")
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "realcrop", "labels": declared or {"0": "background", "1": "bone"},
-        "training": [{"image": "imagesTr/c0.nii.gz", "label": "labelsTr/c0.nii.gz"}],
-    }))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "realcrop",
+                "labels": declared or {"0": "background", "1": "bone"},
+                "training": [{"image": "imagesTr/c0.nii.gz", "label": "labelsTr/c0.nii.gz"}],
+            }
+        )
+    )
     return root
 
 
 def _data_section(root: Path):
-    return config_from_dict({"name": "x", "data": {"root": str(root), "train_split": "all",
-                                                   "val_split": None}}).data
+    return config_from_dict(
+        {"name": "x", "data": {"root": str(root), "train_split": "all", "val_split": None}}
+    ).data
 
 
 # ------------------------------------------------------------------ item 1: names and export
-@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "a\\b", "-rf", "nul", "CON", "x\x00y",
-                                  "tab\tname", "x" * 200, "trailing."])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "..",
+        ".",
+        "",
+        "a/b",
+        "a\\b",
+        "-rf",
+        "nul",
+        "CON",
+        "x\x00y",
+        "tab\tname",
+        "x" * 200,
+        "trailing.",
+    ],
+)
 def test_unsafe_adapter_names_are_refused(name):
     with pytest.raises(ValueError, match="config name"):
         config_from_dict({"name": name, "data": {"root": "."}})
@@ -87,14 +113,28 @@ def test_finetune_export_with_dot_names_deletes_nothing(tmp_path, name):
     (tmp_path / "user" / "thesis.docx").write_text("also mine")
     ds = _dataset(tmp_path / "ds")
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"name": name, "model": {"kind": "tiny"},
-                                   "data": {"root": str(ds)}}))
+    cfg.write_text(
+        yaml.safe_dump({"name": name, "model": {"kind": "tiny"}, "data": {"root": str(ds)}})
+    )
     before = _hashes(tmp_path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "plugins")]))
     res = subprocess.run(
-        [sys.executable, "-m", "samed", "finetune", "--config", str(cfg), "--export", str(export),
-         "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "samed",
+            "finetune",
+            "--config",
+            str(cfg),
+            "--export",
+            str(export),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert "config name" in res.stderr and repr(name) in res.stderr
@@ -135,7 +175,9 @@ def test_export_never_replaces_a_folder_that_is_not_an_adapter(tmp_path):
 def test_training_refuses_labels_off_the_image_grid(tmp_path):
     ds = _dataset(tmp_path / "ds", flip_label=True)
     before = _hashes(ds)
-    with pytest.raises(GeometryError, match=r"labelsTr/c0\.nii\.gz is not on the grid of .*imagesTr/c0"):
+    with pytest.raises(
+        GeometryError, match=r"labelsTr/c0\.nii\.gz is not on the grid of .*imagesTr/c0"
+    ):
         load_cases(_data_section(ds), "all")
     assert _hashes(ds) == before
 
@@ -149,8 +191,11 @@ def test_training_accepts_labels_on_the_image_grid(tmp_path):
 def test_undeclared_label_value_is_refused_naming_file_values_and_map(tmp_path):
     ds = _dataset(tmp_path / "ds", label_values=(1, 255))
     before = _hashes(ds)
-    with pytest.raises(ValueError, match=r"c0\.nii\.gz: label values \[255\] are not declared in "
-                       r".*dataset\.json 'labels' \(values found: \[0, 1, 255\]; declared: \[0, 1\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"c0\.nii\.gz: label values \[255\] are not declared in "
+        r".*dataset\.json 'labels' \(values found: \[0, 1, 255\]; declared: \[0, 1\]\)",
+    ):
         load_cases(_data_section(ds), "all")
     assert _hashes(ds) == before
 
@@ -158,14 +203,33 @@ def test_undeclared_label_value_is_refused_naming_file_values_and_map(tmp_path):
 def test_negative_label_value_is_a_clear_error_not_a_traceback(tmp_path):
     ds = _dataset(tmp_path / "ds", label_values=(1, -1))
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"name": "neg", "model": {"kind": "tiny"},
-                                   "data": {"root": str(ds), "train_split": "all", "val_split": None},
-                                   "train": {"iterations": 1, "device": "cpu"}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "name": "neg",
+                "model": {"kind": "tiny"},
+                "data": {"root": str(ds), "train_split": "all", "val_split": None},
+                "train": {"iterations": 1, "device": "cpu"},
+            }
+        )
+    )
     before = _hashes(ds)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "plugins")]))
     res = subprocess.run(
-        [sys.executable, "-m", "samed", "finetune", "--config", str(cfg), "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "samed",
+            "finetune",
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert "label values [-1] are not declared" in res.stderr and "c0.nii.gz" in res.stderr
@@ -187,20 +251,39 @@ def test_finetune_export_replaces_only_its_own_adapter(tmp_path, capsys):
     _fake_adapter(export / "bone-test")  # an earlier export of this adapter: replaced
     (export / "other.txt").write_text("user file")
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "name": "bone-test", "model": {"kind": "tiny"},
-        "data": {"root": str(ds), "train_split": "all", "val_split": None},
-        "lora": {"r": 2, "alpha": 2, "target_modules": r"image_encoder\.layers\.3\..*\.attn\.qkv"},
-        "augment": {"enabled": False},
-        "train": {"iterations": 2, "batch_size": 1, "device": "cpu", "log_interval": 100,
-                  "checkpoint_interval": 100},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bone-test",
+                "model": {"kind": "tiny"},
+                "data": {"root": str(ds), "train_split": "all", "val_split": None},
+                "lora": {
+                    "r": 2,
+                    "alpha": 2,
+                    "target_modules": r"image_encoder\.layers\.3\..*\.attn\.qkv",
+                },
+                "augment": {"enabled": False},
+                "train": {
+                    "iterations": 2,
+                    "batch_size": 1,
+                    "device": "cpu",
+                    "log_interval": 100,
+                    "checkpoint_interval": 100,
+                },
+            }
+        )
+    )
     before = _hashes(ds)
-    rc = main(["finetune", "--config", str(cfg), "--out", str(tmp_path / "run"), "--export", str(export)])
+    rc = main(
+        ["finetune", "--config", str(cfg), "--out", str(tmp_path / "run"), "--export", str(export)]
+    )
     assert rc == 0, capsys.readouterr().err
     assert sorted(p.name for p in export.iterdir()) == ["bone-test", "other.txt"]
     got = export / "bone-test" / "adapter_model.safetensors"
-    assert got.read_bytes() == (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (
+        got.read_bytes()
+        == (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    )
     assert (export / "other.txt").read_text() == "user file"
     assert _hashes(ds) == before
 
@@ -222,5 +305,8 @@ def test_save_adapter_overwrite_replaces_only_an_adapter_folder(tmp_path):
     first = save_adapter(model, tmp_path / "good")
     again = save_adapter(model, first, overwrite=True)
     assert sorted(p.name for p in again.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "metadata.json"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metadata.json",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.old", "adapter", "good"]

@@ -33,13 +33,21 @@ def make_tiny_dataset(root: Path) -> Path:
         lab[:, 10:22, 30:42] = 2
         img = 0.1 + 0.5 * (lab == 1) + 0.8 * (lab == 2) + 0.03 * rng.standard_normal(lab.shape)
         # files store (x, y, z); samed reads them as (z, y, x)
-        nib.save(nib.Nifti1Image(img.astype(np.float32).T, np.eye(4)), root / f"imagesTr/c{i}.nii.gz")
+        nib.save(
+            nib.Nifti1Image(img.astype(np.float32).T, np.eye(4)), root / f"imagesTr/c{i}.nii.gz"
+        )
         nib.save(nib.Nifti1Image(lab.T, np.eye(4)), root / f"labelsTr/c{i}.nii.gz")
         training.append({"image": f"imagesTr/c{i}.nii.gz", "label": f"labelsTr/c{i}.nii.gz"})
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "tiny", "labels": {"0": "background", "1": "disk", "2": "square"},
-        "training": training, "splits": {"train": ["c0", "c1", "c2"], "val": ["c3"]},
-    }))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "tiny",
+                "labels": {"0": "background", "1": "disk", "2": "square"},
+                "training": training,
+                "splits": {"train": ["c0", "c1", "c2"], "val": ["c3"]},
+            }
+        )
+    )
     return root
 
 
@@ -50,14 +58,27 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(root: Path, **over: dict) -> object:
     raw = {
-        "name": "tiny-adapter", "mode": "automatic", "model": {"kind": "tiny"},
-        "data": {"root": str(root), "train_split": "train", "val_split": None,
-                 "empty_slice_fraction": 0.0},
+        "name": "tiny-adapter",
+        "mode": "automatic",
+        "model": {"kind": "tiny"},
+        "data": {
+            "root": str(root),
+            "train_split": "train",
+            "val_split": None,
+            "empty_slice_fraction": 0.0,
+        },
         "lora": {"r": 2, "alpha": 2, "target_modules": LATE},
         "augment": {"enabled": False},
         "optim": {"lr": 1e-3, "warmup": 0, "schedule": "constant"},
-        "train": {"iterations": 6, "batch_size": 1, "cache_stages": 3, "cache_copies": 1,
-                  "log_interval": 100, "checkpoint_interval": 100, "device": "cpu"},
+        "train": {
+            "iterations": 6,
+            "batch_size": 1,
+            "cache_stages": 3,
+            "cache_copies": 1,
+            "log_interval": 100,
+            "checkpoint_interval": 100,
+            "device": "cpu",
+        },
         "validation": {"interval": 0},
     }
     for k, v in over.items():
@@ -79,8 +100,16 @@ def test_loss_falls_and_exported_adapter_reloads(
     assert (tmp_path / "run" / "curve.png").stat().st_size > 1000
     folder = res["adapter"]
     meta = json.loads((folder / "metadata.json").read_text())
-    for key in ("description", "labels", "preprocessing", "training_data", "validation",
-                "command", "samed_version", "intended_use"):
+    for key in (
+        "description",
+        "labels",
+        "preprocessing",
+        "training_data",
+        "validation",
+        "command",
+        "samed_version",
+        "intended_use",
+    ):
         assert key in meta
     assert meta["training_data"]["cases"] == ["c0", "c1", "c2"]
     assert meta["validation"]["per_class"].keys() == {"disk", "square"}
@@ -96,8 +125,10 @@ def test_loss_falls_and_exported_adapter_reloads(
 
 def test_resume_continues_identically(tiny_dataset: Path, tmp_path: Path) -> None:
     # on-the-fly MONAI augmentation, full encoder path
-    over = {"augment": {"enabled": True, "noise_prob": 0.5},
-            "train": {"iterations": 3, "cache_stages": 0}}
+    over = {
+        "augment": {"enabled": True, "noise_prob": 0.5},
+        "train": {"iterations": 3, "cache_stages": 0},
+    }
     cfg = _cfg(tiny_dataset, **over)
     finetune(cfg, tmp_path / "a", log=lambda s: None)
     part = finetune(cfg, tmp_path / "b", log=lambda s: None, stop_after=1)
@@ -121,8 +152,13 @@ def test_resume_refuses_another_config(tiny_dataset: Path, tmp_path: Path) -> No
 
 
 def test_prompted_mode_trains_and_validates(tiny_dataset: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tiny_dataset, mode="prompted", data={"val_split": "val"},
-               prompt={"point_prob": 0.5, "max_points": 2}, train={"iterations": 1})
+    cfg = _cfg(
+        tiny_dataset,
+        mode="prompted",
+        data={"val_split": "val"},
+        prompt={"point_prob": 0.5, "max_points": 2},
+        train={"iterations": 1},
+    )
     res = finetune(cfg, tmp_path / "p", log=lambda s: None)
     assert 0.0 <= res["best_mean_dice"] <= 1.0
     cfgj = json.loads((res["adapter"] / "adapter_config.json").read_text())
@@ -155,8 +191,9 @@ def test_dice_and_schedule() -> None:
     a[0, :2] = True
     assert dice(a, a) == 1.0
     assert np.isnan(dice(a, np.zeros_like(a)))
-    cfg = config_from_dict({"name": "x", "data": {"root": "r"}, "optim": {"warmup": 10},
-                            "train": {"iterations": 100}})
+    cfg = config_from_dict(
+        {"name": "x", "data": {"root": "r"}, "optim": {"warmup": 10}, "train": {"iterations": 100}}
+    )
     assert lr_factor(0, cfg) == pytest.approx(0.1)
     assert lr_factor(10, cfg) == pytest.approx(1.0)
     assert lr_factor(99, cfg) < 0.01

@@ -4,8 +4,8 @@ On the liver's largest slice of the TotalSegmentator CT, a box around the liver 
 point deep inside it gave masks with every other row empty (5 empty rows on slice 106; 184 over
 the liver's slices): LiteMedSAM's own decoder logits (same with SAM's decoder module), because a
 point token on a box-tuned model puts the logits near 0 where the decoder's transposed
-convolutions leave a period-4 row pattern. Refining from the slice's previous logits (issue #17,
-``Annotator.add_point``) removes it; until that lands this test is an expected failure.
+convolutions leave a period-4 row pattern. ``Annotator.add_point`` now refines the slice from its
+previous logits, box and points (issue #17), which removes it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ def _row_gaps(mask: np.ndarray, extent: np.ndarray) -> list[int]:
     return [y for y in range(rows.min(), rows.max() + 1) if extent[y].any() and not mask[y].any()]
 
 
-@pytest.mark.xfail(strict=True, reason="box + point refinement from the previous logits: #17")
 def test_box_and_point_on_the_liver_leave_no_empty_rows():
     from scipy.ndimage import distance_transform_edt
     from skimage.morphology import convex_hull_image

@@ -156,6 +156,17 @@ def build_ui(parent: QWidget) -> SimpleNamespace:
     row.addWidget(ui.range_to)
     grid.addWidget(ui.range_check, (n + 1) // 2 + 1, 0)
     grid.addLayout(row, (n + 1) // 2 + 1, 1)
+    ui.repropagate_check = QCheckBox("Re-propagate after a click")
+    ui.repropagate_check.setChecked(True)
+    ui.repropagate_check.setToolTip(
+        "A point added on a slice of a propagated object refines that slice and carries the "
+        "change to the neighbouring slices, as far as it reaches and never over a prompted "
+        "slice (a keyframe); click and re-propagation undo as one step"
+    )
+    grid.addWidget(ui.repropagate_check, (n + 1) // 2 + 2, 0, 1, 2)
+    ui.keyframes = QLabel("Keyframes (prompted slices): none")
+    ui.keyframes.setWordWrap(True)
+    grid.addWidget(ui.keyframes, (n + 1) // 2 + 3, 0, 1, 2)
     ui.stop_btn.setEnabled(False)
     ui.undo_btn.setEnabled(False)
     ui.redo_btn.setEnabled(False)

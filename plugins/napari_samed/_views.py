@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from napari.layers import Labels, Points, Shapes
 
+from samed.annotation import SlicePrompts
+
 from ._layers import prompt_layer_data, radiological_orientation2d
 from ._writer import reference_volume
 
@@ -108,6 +110,25 @@ class LayersMixin:
         for z, m in ann.masks.items():
             preview.data[z][m] = 1
         preview.refresh()
+
+    def _is_click(self, ann: Any, z: int, new: SlicePrompts) -> bool:
+        """Whether ``new`` adds one point to slice z of an object that spans other slices,
+        with *Re-propagate after a click* on."""
+        if not self.ui.repropagate_check.isChecked():
+            return False
+        old = ann.prompts.get(z, SlicePrompts())
+        one_more = (
+            new.box == old.box
+            and len(new.points) == len(old.points) + 1
+            and new.points[:-1] == old.points
+        )
+        return one_more and any(k != z and m.any() for k, m in ann.masks.items())
+
+    def _show_keyframes(self) -> None:
+        ann = self._annotator
+        keys = sorted(ann.prompts) if ann is not None else []
+        text = ", ".join(str(k) for k in keys) if keys else "none"
+        self.ui.keyframes.setText(f"Keyframes (prompted slices): {text}")
 
     def _show_mask(self, z: int, mask: np.ndarray | None) -> None:
         preview = self._layers[PREVIEW]

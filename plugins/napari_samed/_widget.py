@@ -402,8 +402,12 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
             if not p.empty and not ann.engine.is_embedded(z):
                 self._embed_slice(z)
                 continue
-            mask = ann.set_prompts(z, p)
-            self._show_mask(z, mask)
+            if self._is_click(ann, z, p):
+                # a corrective click on a propagated object: refine + re-propagate, one undo step
+                ann.click(z, p.points[-1], bool(p.labels[-1]), **self.propagate_options)
+                self._sync_layers()
+            else:
+                self._show_mask(z, ann.set_prompts(z, p))
             done.append(z)
         if done:
             ms = (time.perf_counter() - t0) * 1000.0
@@ -567,6 +571,7 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
         ui.stop_btn.setEnabled(self.busy)
         ui.undo_btn.setEnabled(ann is not None and ann.can_undo)
         ui.redo_btn.setEnabled(ann is not None and ann.can_redo)
+        self._show_keyframes()
 
 
 def unwrap(obj: Any) -> Any:

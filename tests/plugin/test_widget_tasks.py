@@ -375,3 +375,41 @@ def test_a_layer_opened_by_napari_builtins_is_re_read_with_samed_geometry(
     np.testing.assert_array_equal(np.asarray(image.data), vol.array)
     assert "samed boxes" in viewer.layers  # prompt layers for the re-read image
     qtbot.waitUntil(lambda: not widget.model_loading, timeout=120_000)
+
+
+def test_a_click_on_a_propagated_object_refines_and_re_propagates_as_one_undo_step(
+    ct_widget, qtbot
+):
+    viewer, widget, _ = ct_widget
+    z, box = _liver_box()
+    viewer.dims.set_current_step(0, z)
+    _box(qtbot, viewer, widget, z, box)
+    _propagate(qtbot, widget)
+    ann = widget.annotator
+    assert widget.ui.repropagate_check.isChecked()  # on by default
+    before = {k: m.copy() for k, m in ann.masks.items()}
+    assert len(before) > 3
+    assert widget.ui.keyframes.text().endswith(str(z))
+    # a negative click inside the mask on a propagated (non-prompted) slice
+    k = z + 2
+    ys, xs = np.nonzero(before[k])
+    i = len(ys) // 2
+    viewer.layers["samed negative"].add([[k, float(ys[i]), float(xs[i])]])
+    qtbot.waitUntil(lambda: k in ann.prompts, timeout=60_000)
+    assert not widget.last_error, widget.last_error
+    assert not (ann.masks[k] & ~before[k]).any()  # a negative click never grows its slice
+    assert not ann.masks[k][ys[i], xs[i]]
+    np.testing.assert_array_equal(ann.masks[z], before[z])  # the keyframe is untouched
+    assert widget.ui.keyframes.text().endswith(f"{z}, {k}")
+    # the preview shows the whole object as the annotator has it
+    preview = np.asarray(viewer.layers["samed preview"].data)
+    for s, m in ann.masks.items():
+        np.testing.assert_array_equal(preview[s] > 0, m)
+    changed = [s for s, m in ann.masks.items() if s != k and not np.array_equal(m, before[s])]
+    widget.undo()  # click + re-propagation: one step back to the propagated object
+    assert "re-propagate" in widget.ui.status.text(), widget.ui.status.text()
+    print("slices changed by the re-propagation besides the clicked one:", changed)
+    assert set(ann.masks) == set(before)
+    for s, m in before.items():
+        np.testing.assert_array_equal(ann.masks[s], m)
+    assert k not in ann.prompts

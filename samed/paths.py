@@ -10,9 +10,13 @@ silently rewritten, so the name a user sees is the folder that is written.
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
-__all__ = ["safe_name", "MAX_NAME_LENGTH", "WINDOWS_RESERVED"]
+__all__ = ["safe_name", "swap_in_folder", "MAX_NAME_LENGTH", "WINDOWS_RESERVED"]
 
 #: Longest accepted name in characters (file systems allow 255 bytes; keep room for suffixes).
 MAX_NAME_LENGTH = 120
@@ -67,3 +71,23 @@ def safe_name(name: object, what: str = "name") -> str:
     if problem:
         raise ValueError(f"{what} {name!r} {problem}; allowed: {allowed}")
     return name
+
+
+def swap_in_folder(
+    tmp: Path, folder: Path, remove_old: Callable[[Path], None], tmp_prefix: str
+) -> None:
+    """Put the finished folder ``tmp`` in place of ``folder`` (which may hold an earlier result).
+
+    Two renames in one parent folder: the old folder moves aside under ``tmp_prefix`` + a unique
+    name, ``tmp`` takes its name, then ``remove_old`` removes the old one (the caller decides
+    what may be removed). A crash between the renames leaves only ``tmp_prefix`` folders, which
+    the callers clean on their next run; ``folder`` is never half old, half new.
+    """
+    if folder.exists() or folder.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f"{tmp_prefix}old-{folder.name}-", dir=folder.parent))
+        old.rmdir()
+        os.rename(folder, old)
+        os.rename(tmp, folder)
+        remove_old(old)
+    else:
+        os.rename(tmp, folder)

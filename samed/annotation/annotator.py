@@ -328,19 +328,8 @@ class Annotator(Undoable[HistoryStep]):
         masks = self._state.masks
         prompted = set(self._state.prompts)
         if hasattr(self.engine, "repropagate"):  # only as far as the change reaches
-            n = 0
-            try:
-                for step in self.engine.repropagate(
-                    seed, masks, prompted, direction=direction, **kwargs
-                ):
-                    if step.stopped or not step.mask.any():
-                        masks.pop(step.z, None)
-                    else:
-                        masks[step.z] = np.asarray(step.mask, dtype=bool)
-                    n += 1
-                    yield step
-            finally:
-                self._record(f"propagate from slice {seed} ({direction}, {n} slices)", before)
+            steps = self.engine.repropagate(seed, masks, prompted, direction=direction, **kwargs)
+            yield from self._apply_steps(steps, prompted, seed, direction, before)
             return
         for k in list(masks):
             ahead = (direction in ("both", "forward") and k > seed) or (
@@ -348,10 +337,19 @@ class Annotator(Undoable[HistoryStep]):
             )
             if ahead and k not in prompted:
                 del masks[k]
+        steps = self.engine.propagate(seed, masks[seed], direction=direction, **kwargs)
+        yield from self._apply_steps(steps, prompted, seed, direction, before)
+
+    def _apply_steps(
+        self, steps: Iterator[Any], keyframes: set[int], seed: int, direction: str, before: Any
+    ) -> Iterator[Any]:
+        """Write propagation steps into the object's masks (never over a keyframe; a stopped or
+        empty step removes its slice) and record the whole run as one undoable step."""
+        masks = self._state.masks
         n = 0
         try:
-            for step in self.engine.propagate(seed, masks[seed], direction=direction, **kwargs):
-                if step.z not in prompted:
+            for step in steps:
+                if step.z not in keyframes:
                     if step.stopped or not step.mask.any():
                         masks.pop(step.z, None)
                     else:

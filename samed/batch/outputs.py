@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..paths import swap_in_folder
 from .cases import CaseInput
 
 __all__ = [
@@ -158,14 +159,7 @@ def commit_case_folder(tmp: Path, folder: Path) -> None:
     then the old one is removed. A crash between them leaves only ``.tmp-*`` folders, which
     :func:`clean_temporaries` removes on the next run.
     """
-    if folder.exists() or folder.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{folder.name}-", dir=folder.parent))
-        old.rmdir()
-        os.rename(folder, old)
-        os.rename(tmp, folder)
-        _remove_tree(old)
-    else:
-        os.rename(tmp, folder)
+    swap_in_folder(tmp, folder, _remove_tree, TMP_PREFIX)
 
 
 def _remove_tree(p: Path) -> None:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from ..lora_config import ADAPTER_CONFIG, ADAPTER_METADATA, ADAPTER_WEIGHTS
-from ..paths import safe_name
+from ..paths import safe_name, swap_in_folder
 
 __all__ = ["export_adapter", "check_export", "ADAPTER_FILES"]
 
@@ -111,14 +111,7 @@ def export_adapter(adapter: str | os.PathLike, dest_dir: str | os.PathLike, name
         for f in ADAPTER_FILES:
             if (src / f).is_file():
                 shutil.copy2(src / f, tmp / f)
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{name}-", dir=root))
-            old.rmdir()
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            _remove_adapter_folder(old)
-        else:
-            os.rename(tmp, dst)
+        swap_in_folder(tmp, dst, _remove_adapter_folder, _TMP_PREFIX)
     except BaseException:
         if tmp.exists():
             _remove_adapter_folder(tmp)

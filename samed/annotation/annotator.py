@@ -109,6 +109,10 @@ class Annotator(Undoable[HistoryStep]):
         self.shape: tuple[int, int, int] = labels.shape  # type: ignore[assignment]
         self._state = _State()
         self._history: History[HistoryStep] = History(max_history)
+        #: slices refined by a point click since their last propagation: propagating from one of
+        #: them carries only the correction (``engine.repropagate``); any other propagation
+        #: (the first one, the *Propagate* button again) recomputes as before
+        self._refined: set[int] = set()
 
     # ------------------------------------------------------------------ state access
     @property
@@ -228,6 +232,10 @@ class Annotator(Undoable[HistoryStep]):
                 and (len(prompts.points) == len(old.points) + 1)
             )  # one more point: refine the slice's current mask
             prev = self._state.masks.get(z, np.zeros(self.shape[1:], bool)) if clicked else None
+            if clicked:
+                self._refined.add(z)
+            else:
+                self._refined.discard(z)
             mask = self.predict(z, prompts, prev)
         before = self._state.copy()
         if prompts.empty:
@@ -301,7 +309,10 @@ class Annotator(Undoable[HistoryStep]):
         """Carry the current object through the volume from slice z, step by step.
 
         Unprompted slices of the object in the chosen direction(s) are recomputed; prompted
-        slices keep the user's masks. The whole run is one undoable step, recorded when the
+        slices keep the user's masks. From a slice that a point click refined since its last
+        propagation (:meth:`add_point`, :meth:`click`), only the correction is carried, as far
+        as it reaches and never over a prompted slice (:func:`samed.engine.interactive.
+        repropagate`). The whole run is one undoable step, recorded when the
         generator finishes *or is closed early* (a stop button), keeping the slices reached.
 
         Args:
@@ -317,7 +328,13 @@ class Annotator(Undoable[HistoryStep]):
             ValueError: when there is no object mask to start from.
         """
         seed = self.seed_slice(z)
-        if z is not None and int(z) in self._state.prompts and hasattr(self.engine, "repropagate"):
+        correction = (
+            z is not None
+            and int(z) in self._refined
+            and bool(self._state.prompts.get(int(z), SlicePrompts()).points)  # click not undone
+            and hasattr(self.engine, "repropagate")
+        )
+        if correction:
             seed = int(z)  # a corrected slice, even one a negative click emptied
         if seed is None:
             raise ValueError(
@@ -327,18 +344,40 @@ class Annotator(Undoable[HistoryStep]):
         before = self._state.copy()
         masks = self._state.masks
         prompted = set(self._state.prompts)
-        if hasattr(self.engine, "repropagate"):  # only as far as the change reaches
+        self._refined.discard(seed)
+        if correction:  # after a click: only as far as the change reaches
             steps = self.engine.repropagate(seed, masks, prompted, direction=direction, **kwargs)
             yield from self._apply_steps(steps, prompted, seed, direction, before)
             return
-        for k in list(masks):
-            ahead = (direction in ("both", "forward") and k > seed) or (
-                direction in ("both", "backward") and k < seed
+        sides = {"both": (1, -1), "forward": (1,), "backward": (-1,)}[direction]
+        # each side runs up to the next prompted slice (a keyframe): beyond it is its domain
+        ends = {
+            d: min(
+                (k for k in prompted if (k - seed) * d > 0),
+                key=lambda k: abs(k - seed),
+                default=None,
             )
-            if ahead and k not in prompted:
-                del masks[k]
-        steps = self.engine.propagate(seed, masks[seed], direction=direction, **kwargs)
-        yield from self._apply_steps(steps, prompted, seed, direction, before)
+            for d in sides
+        }
+        for k in list(masks):
+            d = 1 if k > seed else -1
+            if k != seed and d in ends and k not in prompted:
+                if ends[d] is None or (ends[d] - k) * d > 0:
+                    del masks[k]
+        seed_mask = masks[seed]
+
+        def steps() -> Iterator[Any]:
+            for d in sides:
+                run = self.engine.propagate(
+                    seed, seed_mask, direction="forward" if d > 0 else "backward", **kwargs
+                )
+                for step in run:
+                    if step.z == ends[d]:
+                        run.close()
+                        break
+                    yield step
+
+        yield from self._apply_steps(steps(), prompted, seed, direction, before)
 
     def _apply_steps(
         self, steps: Iterator[Any], keyframes: set[int], seed: int, direction: str, before: Any

@@ -64,7 +64,9 @@ def test_box_prompt_gives_preview_and_undo_restores_layers(setup, qtbot):
     # a positive point on the same cached slice: decoder only, synchronous
     viewer.layers["samed positive"].add([2, 40, 55])  # (z, row, column), outside the box
     assert ann.prompts[2].points == ((55.0, 40.0),) and ann.prompts[2].labels == (1,)
-    assert ann.masks[2][40, 55] and not ann.masks[2][40, 20]
+    # a click refines: the box widens to take in the positive click and the previous mask is
+    # kept (the fake model's mask is its box)
+    assert ann.masks[2][40, 55] and ann.masks[2][15:35, 20:45].all()
     assert widget.timings["click_to_preview_ms"] > 0
     widget.undo()
     assert len(viewer.layers["samed positive"].data) == 0

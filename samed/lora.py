@@ -37,9 +37,11 @@ from .lora_config import (
     AdapterError,
     LoraConfig,
     LoraSettings,
+    remove_adapter_folder,
 )
 from .model.adapter import AdapterState
 from .model.sam import SamModel
+from .paths import swap_in_folder
 
 __all__ = [
     "AdapterError",
@@ -388,16 +390,7 @@ def save_adapter(
         (tmp / ADAPTER_METADATA).write_text(
             json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
         )
-        if folder.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            backup.rmdir()
-            folder.rename(backup)
-            tmp.rename(folder)
-            for name in files:  # the old adapter's own files, then its (now empty) folder
-                (backup / name).unlink(missing_ok=True)
-            backup.rmdir()
-        else:
-            tmp.rename(folder)
+        swap_in_folder(tmp, folder, remove_adapter_folder, f".{folder.name}.")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "LoraSettings",
     "LoraConfig",
     "config_as_dict",
+    "remove_adapter_folder",
 ]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -118,3 +120,11 @@ def config_as_dict(config: LoraConfig) -> dict[str, Any]:
     d = asdict(config)
     d["projections"] = list(config.projections)
     return d
+
+
+def remove_adapter_folder(folder: Path) -> None:
+    """Remove an adapter folder's own files, then the (then empty) folder; anything else in it
+    makes ``rmdir`` fail, so nothing a user put there is ever deleted."""
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_METADATA):
+        (folder / name).unlink(missing_ok=True)
+    folder.rmdir()

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["safe_name", "swap_in_folder", "MAX_NAME_LENGTH", "WINDOWS_RESERVED"]
+__all__ = ["safe_name", "swap_in_folder", "TMP_PREFIX", "MAX_NAME_LENGTH", "WINDOWS_RESERVED"]
 
 #: Longest accepted name in characters (file systems allow 255 bytes; keep room for suffixes).
 MAX_NAME_LENGTH = 120
@@ -27,6 +27,11 @@ WINDOWS_RESERVED = frozenset(
     + [f"LPT{i}" for i in range(1, 10)]
 )
 _FORBIDDEN = re.compile(r'[/\\<>:"|?*\x00-\x1f\x7f]')
+
+
+#: Prefix of every temporary name samed writes beside an output (atomic writes, batch case
+#: folders): only names with it are ever cleaned up, so a user's own ``.tmp-*`` files are safe.
+TMP_PREFIX = ".tmp-samed-"
 
 
 def safe_name(name: object, what: str = "name") -> str:

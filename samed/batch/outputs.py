@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..paths import swap_in_folder
+from ..paths import TMP_PREFIX, swap_in_folder
 from .cases import CaseInput
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
 #: Files of the output folder itself.
 SUMMARY_FILES = ("summary.csv", "summary.json")
 #: Prefix of every temporary this package (and :func:`samed.io.atomic_write`) creates.
-TMP_PREFIX = ".tmp-"
 _HASH_CHUNK = 1 << 20
 
 

@@ -26,6 +26,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from ..paths import TMP_PREFIX
+
 __all__ = [
     "VolumeReadError",
     "GeometryError",
@@ -238,7 +240,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     if not final.parent.is_dir():
         raise FileNotFoundError(f"output folder {final.parent} does not exist (writing {final})")
-    tmp = final.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{final.name}")
+    tmp = final.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{final.name}")
     try:
         yield tmp
         if not tmp.exists():

@@ -16,7 +16,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..lora_config import ADAPTER_CONFIG, ADAPTER_METADATA, ADAPTER_WEIGHTS
+from ..lora_config import (
+    ADAPTER_CONFIG,
+    ADAPTER_METADATA,
+    ADAPTER_WEIGHTS,
+)
+from ..lora_config import (
+    remove_adapter_folder as _remove_adapter_folder,
+)
 from ..paths import safe_name, swap_in_folder
 
 __all__ = ["export_adapter", "check_export", "ADAPTER_FILES"]
@@ -41,15 +48,6 @@ def _is_replaceable_adapter(folder: Path) -> str:
     if not isinstance(cfg, dict) or cfg.get("format") != "samed-lora":
         return f"its {ADAPTER_CONFIG} is not a samed adapter config"
     return ""
-
-
-def _remove_adapter_folder(folder: Path) -> None:
-    for name in ADAPTER_FILES:
-        try:
-            (folder / name).unlink()
-        except FileNotFoundError:
-            pass
-    folder.rmdir()  # fails (and keeps everything else) if anything unexpected appeared
 
 
 def _clean_stale(dest_dir: Path) -> None:

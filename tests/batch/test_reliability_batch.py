@@ -203,15 +203,18 @@ def test_temporaries_of_a_killed_run_are_cleaned_on_the_next_run(tmp_path, tiny)
     src = _crop(tmp_path / "in" / "ct.nii.gz", 10)
     out = tmp_path / "out"
     (out / "ct").mkdir(parents=True)
-    (out / ".tmp-0123456789ab-summary.json").write_text("{")
-    (out / "ct" / ".tmp-0123456789ab-labels.nii.gz").write_bytes(b"partial")
-    (out / ".tmp-ct-abcd").mkdir()
-    (out / ".tmp-ct-abcd" / "labels.nii.gz").write_bytes(b"partial")
+    (out / ".tmp-samed-0123456789ab-summary.json").write_text("{")
+    (out / "ct" / ".tmp-samed-0123456789ab-labels.nii.gz").write_bytes(b"partial")
+    (out / ".tmp-samed-ct-abcd").mkdir()
+    (out / ".tmp-samed-ct-abcd" / "labels.nii.gz").write_bytes(b"partial")
+    (out / ".tmp-notes").mkdir()  # the user's own: not a name samed writes, never removed
+    (out / ".tmp-notes" / "todo.txt").write_text("mine")
     (out / "ct" / "labels.nii.gz").write_bytes(b"left by a killed run, no case.json")
     prompts = _prompts(tmp_path / "p.json", [{"case": "ct", "label": 1, **BOX}])
     res = segment_batch([src], out, prompts=prompts, model=tiny, qc=False)
     assert res.results[0].status == "ok"
-    assert not [p for p in out.rglob(".tmp-*")]
+    assert not [p for p in out.rglob(".tmp-samed-*")]
+    assert (out / ".tmp-notes" / "todo.txt").read_text() == "mine"
     assert sorted(p.name for p in (out / "ct").iterdir()) == ["case.json", "labels.nii.gz"]
     assert nib.load(out / "ct" / "labels.nii.gz").shape == (nib.load(src).shape)
 

@@ -229,22 +229,25 @@ def _error(exc: BaseException, what: str, source: DicomwebSource) -> DicomwebErr
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         code = exc.response.status_code
         if code in (401, 403):
+            origin = f" from {source.credentials.origin}" if source.credentials.origin else ""
             return DicomwebError(
                 "auth",
-                f"{what}: the server refused the credentials (HTTP {code}"
-                f"{' Unauthorized' if code == 401 else ' Forbidden'}; auth {source.credentials.kind}"
-                f"{' from ' + source.credentials.origin if source.credentials.origin else ''})",
+                f"HTTP {code} {'Unauthorized' if code == 401 else 'Forbidden'}: the server refused "
+                f"the credentials (auth {source.credentials.kind}{origin}) for {what}",
             )
         if code == 404:
-            return DicomwebError("not-found", f"{what}: not on the server (HTTP 404)")
-        return DicomwebError("server", f"{what}: HTTP {code} {exc.response.reason or ''}".rstrip())
+            return DicomwebError("not-found", f"HTTP 404: not on the server: {what}")
+        reason = exc.response.reason or ""
+        return DicomwebError("server", f"HTTP {code} {reason}: server error for {what}")
     if isinstance(exc, requests.Timeout):
-        return DicomwebError("server", f"{what}: no answer within {source.timeout:g} s (timeout)")
+        return DicomwebError(
+            "server", f"timeout: no answer within {source.timeout:g} s from {source.url} for {what}"
+        )
     if isinstance(exc, requests.exceptions.SSLError):
-        return DicomwebError("server", f"{what}: TLS verification failed ({exc})")
+        return DicomwebError("server", f"TLS verification failed for {source.url} ({exc}): {what}")
     if isinstance(exc, requests.ConnectionError):
-        return DicomwebError("server", f"{what}: cannot reach {source.url} (server down?)")
-    return DicomwebError("server", f"{what}: {type(exc).__name__}: {exc}")
+        return DicomwebError("server", f"cannot reach {source.url} (server down?) for {what}")
+    return DicomwebError("server", f"{type(exc).__name__}: {exc} ({what})")
 
 
 def _value(item: dict[str, Any], tag: str, default: Any = "") -> Any:
@@ -326,7 +329,7 @@ def list_remote_cases(
             )
             if not found:
                 raise DicomwebError(
-                    "not-found", f"series {uid}: not on the server (QIDO-RS found nothing)"
+                    "not-found", f"not on the server (QIDO-RS found nothing): series {uid}"
                 )
             study = str(_value(found[0], "0020000D"))
             case = _series_case(client, source, study, found[0], rules, skipped)
@@ -344,7 +347,7 @@ def list_remote_cases(
             studies = client.search_for_studies(search_filters=study_keys, get_remaining=True)
             if not studies:
                 raise DicomwebError(
-                    "not-found", f"{what}: no study matches (QIDO-RS found nothing)"
+                    "not-found", f"not on the server (QIDO-RS found no study): {what}"
                 )
             units += [
                 (f"study {_value(s, '0020000D')}", str(_value(s, "0020000D")), series_keys)
@@ -359,7 +362,7 @@ def list_remote_cases(
             )
             if not found:
                 raise DicomwebError(
-                    "not-found", f"{unit}: not on the server (QIDO-RS found no series)"
+                    "not-found", f"not on the server (QIDO-RS found no series): {unit}"
                 )
             for item in found:
                 case = _series_case(client, source, study, item, rules, skipped)
@@ -405,7 +408,10 @@ def retrieve_case(
     got: list[str] = []
     try:
         client = source.client()
-        for ds in client.iter_series(rs.study_uid, rs.series_uid):
+        # transfer-syntax=*: as stored (a server without a JPEG 2000 codec cannot transcode)
+        for ds in client.iter_series(
+            rs.study_uid, rs.series_uid, media_types=(("application/dicom", "*"),)
+        ):
             sop = str(ds.get("SOPInstanceUID", "") or f"instance{len(got)}")
             pydicom.dcmwrite(
                 folder / f"{_sanitize(sop, 80) or len(got)}.dcm", ds, enforce_file_format=True

@@ -289,7 +289,7 @@ def error_row(job: Job, case: CaseInput, exc: BaseException) -> CaseResult:
         source=case.remote.describe() if case.remote is not None else str(case.path),
         status="error",
         mode=job.mode,
-        error=f"{type(exc).__name__}: {exc}",
+        error=str(exc) if isinstance(exc, DicomwebError) else f"{type(exc).__name__}: {exc}",
         error_kind=exc.kind if isinstance(exc, DicomwebError) else "case",
     )
     if not isinstance(exc, (ValueError, DicomwebError)):

@@ -19,6 +19,8 @@ import pytest
 from pydicom.uid import generate_uid
 from realdata import shared_path
 
+pytest.importorskip("dicomweb_client")
+
 from samed.batch import segment_batch
 from samed.batch.dicomweb import Credentials, DicomwebSource, read_credentials
 from samed.cli import main

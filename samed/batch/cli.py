@@ -156,7 +156,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--ray-workers",
         type=int,
         metavar="N",
-        help="Ray workers, one model each (default: one per GPU, else one per 2 CPUs)",
+        help="Ray workers, one model each (default: one per GPU, else one per CPU)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_segment)

@@ -76,6 +76,13 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("status") == "ok" else None
 
 
+def _require(module: str, option: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"{option} needs the {module} package: pip install 'samed[{extra}]'")
+
+
 # ---------------------------------------------------------------------------------- the API
 def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     items = formats.split(",") if isinstance(formats, str) else list(formats)
@@ -154,7 +161,7 @@ def segment_batch(
             is committed (a failed upload makes the case an error and leaves no result).
         ray: run the cases on a Ray cluster (:mod:`samed.batch.distributed`): ``"local"``
             (start one here), ``"auto"`` or ``"ray://host:port"``; None: in this process.
-        ray_workers: Ray actors (one model each); default: one per GPU, else per 2 CPUs.
+        ray_workers: Ray actors (one model each); default: one per GPU, else one per CPU.
 
     Returns:
         The :class:`BatchSummary` (also written to ``out_dir/summary.json`` and ``summary.csv``).
@@ -193,14 +200,20 @@ def segment_batch(
     check_output_location(out, inputs)
     skipped: list[SkippedSeries] = []
     cases = discover_cases(inputs, rules, skipped)
+    if ray is not None:
+        _require("ray", "--ray", "ray")
     if dicomweb is not None:
+        _require("dicomweb_client", "--dicomweb", "pacs")
         from .dicomweb import list_remote_cases
 
-        cases += [
-            c
-            for c in list_remote_cases(dicomweb, rules, skipped)
-            if c.case_id not in {k.case_id for k in cases}
-        ]
+        local_ids = {c.case_id.lower(): c for c in cases}
+        for c in list_remote_cases(dicomweb, rules, skipped):
+            if c.case_id.lower() in local_ids:
+                raise ValueError(
+                    f"the DICOMweb series {c.series_uid} and the input {local_ids[c.case_id.lower()].path} "
+                    f"both give case id {c.case_id!r}; give the series once"
+                )
+            cases.append(c)
     check_outputs(out, inputs, cases)
     if not 0.0 <= float(min_slice_iou) < 1.0:
         raise ValueError(f"min_slice_iou={min_slice_iou} must be in [0, 1)")

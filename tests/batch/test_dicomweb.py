@@ -214,6 +214,14 @@ def test_unknown_study_is_not_found_exit_3(pacs, data, run_kwargs, tmp_path):
     assert sorted(rows) == ["error", "ok"]  # the batch went on with the known study
     assert rows["error"].error_kind == "not-found" and "1.2.3.4.5.6.7.8.9" in rows["error"].error
     assert res.exit_code == 3
+    assert not rows["ok"].uploaded
+    # a later run with --upload stores the SEG of the case finished without it, once
+    before = len(_segs_on_server(pacs, data["btp_study"]))
+    source = _source(pacs, studies=(data["btp_study"],))
+    for _ in range(2):
+        again = segment_batch([], tmp_path / "o", dicomweb=source, upload=True, **run_kwargs())
+        assert [r.status for r in again.results] == ["skipped"] and again.results[0].uploaded
+    assert len(_segs_on_server(pacs, data["btp_study"])) == before + 1
 
 
 def test_timeout_is_a_server_error_exit_4(pacs, run_kwargs, tmp_path):

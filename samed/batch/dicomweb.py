@@ -144,7 +144,9 @@ def parse_query(items: Sequence[str] | None) -> tuple[tuple[str, str], ...]:
             raise ValueError(
                 f"--query {item!r}: {key!r} is neither one of {sorted(QUERY_KEYS)} nor a DICOM keyword"
             )
-        if key == "StudyDate" and not re.fullmatch(r"(\d{8})?-?(\d{8})?", value) or value == "-":
+        if key == "StudyDate" and (
+            not re.fullmatch(r"(\d{8})?-?(\d{8})?", value) or value in ("", "-")
+        ):
             raise ValueError(f"--query date={value!r}: use YYYYMMDD or YYYYMMDD-YYYYMMDD")
         out.append((key, value.strip()))
     return tuple(out)

@@ -22,7 +22,7 @@ from realdata import shared_path
 pytest.importorskip("dicomweb_client")
 
 from samed.batch import segment_batch
-from samed.batch.dicomweb import Credentials, DicomwebSource, read_credentials
+from samed.batch.dicomweb import Credentials, DicomwebSource
 from samed.cli import main
 from samed.io import load_label_map, read_dicom_seg
 
@@ -282,19 +282,3 @@ def test_stopped_server_is_unreachable_exit_4(server, data, run_kwargs, tmp_path
         res = segment_batch([], tmp_path / "o", dicomweb=source, **run_kwargs())
     assert res.results[0].error_kind == "server" and res.exit_code == 4
     assert "cannot reach" in res.results[0].error and "server down" in res.results[0].error
-
-
-def test_credentials_from_a_file_or_variable(tmp_path, monkeypatch):
-    f = tmp_path / "token"
-    f.write_text("Bearer abc.def\n")
-    cred = read_credentials(file=f)
-    assert cred.kind == "bearer" and cred.secret == "abc.def" and "abc" not in repr(cred)
-    monkeypatch.setenv("PACS_AUTH", "me:pw:with:colons")
-    assert read_credentials(env="PACS_AUTH").secret == "pw:with:colons"
-    monkeypatch.setenv("PACS_AUTH", "no-colon")
-    with pytest.raises(ValueError, match="neither USER:PASSWORD") as exc:
-        read_credentials(env="PACS_AUTH")
-    assert "no-colon" not in str(exc.value)
-    with pytest.raises(ValueError, match="not in the url"):
-        DicomwebSource("http://u:p@host/dicom-web", studies=("1",))
-    assert DicomwebSource("https://h/dicom-web", studies=("1",)).verify is True

@@ -12,8 +12,15 @@ from typing import Any
 
 from ..paths import WINDOWS_RESERVED, safe_name
 from ..registry import ITK_SUFFIXES, NIBABEL_SUFFIXES, strip_volume_suffix
+from .series import SeriesFilter, SkippedSeries
 
-__all__ = ["CaseInput", "IMAGE_SUFFIXES", "discover_cases", "check_output_location"]
+__all__ = [
+    "CaseInput",
+    "IMAGE_SUFFIXES",
+    "discover_cases",
+    "check_output_location",
+    "series_skip_reason",
+]
 
 #: File suffixes taken as image volumes when a folder is searched (DICOM is found by content).
 # image files a batch picks up in a folder (MedSAM .npz is an explicit input only)
@@ -33,6 +40,8 @@ class CaseInput:
         error: set when the input could not even be listed (the case then fails with it).
         files: the files the case is read from (the image file; every slice of a DICOM series),
             for the output check and the resume fingerprint (empty: ``path`` alone).
+        remote: for a series on a DICOMweb server (:mod:`samed.batch.dicomweb`), where it is;
+            ``path`` is then a placeholder until it is retrieved.
     """
 
     case_id: str
@@ -40,6 +49,7 @@ class CaseInput:
     series_uid: str | None = None
     error: str = ""
     files: tuple[Path, ...] = ()
+    remote: Any = None
 
     @property
     def is_dicom(self) -> bool:
@@ -76,15 +86,46 @@ def _dicom_case_id(info: Any) -> str:
         patient = str(ds.get("PatientID", "") or "")
     except Exception:  # noqa: BLE001 - the id then falls back to the description
         patient = ""
-    parts = [_sanitize(patient, 32), _sanitize(info.description or info.modality or "series", 32)]
-    base = "_".join(p for p in parts if p) or "series"
     # Anonymised series may carry an empty SeriesInstanceUID: then their file names (which stay
     # the same when the archive is copied or moved) tell them apart.
     key = info.series_uid or "|".join(sorted(Path(f).name for f in info.paths))
+    return _dicom_case_id_from(patient, info.description or info.modality or "series", key)
+
+
+def _dicom_case_id_from(patient: str, description: str, key: str) -> str:
+    """``<PatientID>_<SeriesDescription>_<8 hex of sha1(key)>``, sanitized (DICOMweb: the same)."""
+    parts = [_sanitize(patient, 32), _sanitize(description or "series", 32)]
+    base = "_".join(p for p in parts if p) or "series"
     return f"{base}_{_short_hash(key)}"
 
 
-def discover_cases(inputs: Sequence[str | os.PathLike]) -> list[CaseInput]:
+def _image_type(path: Path) -> list[str] | None:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ImageType"])
+    except Exception:  # noqa: BLE001 - unknown; the image-type rule is then not applied
+        return None
+    return [str(v) for v in (ds.get("ImageType") or [])]
+
+
+def series_skip_reason(info: Any, series_filter: SeriesFilter) -> str:
+    """Why a listed DICOM series (:class:`samed.io.SeriesInfo`) is not a case ("" if it is)."""
+    return series_filter.rejects(
+        modality=info.modality,
+        description=info.description,
+        n_files=info.n_files,
+        is_image=info.is_image,
+        is_localizer=info.is_localizer,
+        image_type=_image_type(info.paths[0]) if series_filter.image_type is not None else None,
+    )
+
+
+def discover_cases(
+    inputs: Sequence[str | os.PathLike],
+    series_filter: SeriesFilter | None = None,
+    skipped: list[SkippedSeries] | None = None,
+) -> list[CaseInput]:
     """Turn the command line's inputs into cases.
 
     * an image file (NIfTI, NRRD, MHA/MHD; any other file is tried as an image too): one case,
@@ -99,8 +140,14 @@ def discover_cases(inputs: Sequence[str | os.PathLike]) -> list[CaseInput]:
     passes :func:`samed.paths.safe_name`. An input that cannot be
     listed (missing path, corrupt DICOM under a folder) becomes a case that fails with that error.
 
+    DICOM series that are no image (SEG, RTSTRUCT, PR, SR, KO...), localizers, and series that
+    fail ``series_filter`` (:mod:`samed.batch.series`) are not cases; each is appended to
+    ``skipped`` with the reason.
+
     Args:
         inputs: files and folders.
+        series_filter: the ``--series-filter`` rules (None: only the fixed ones).
+        skipped: list that receives a :class:`SkippedSeries` per series left out (None: dropped).
 
     Returns:
         The cases, in input order (folders: files by path, then DICOM series).
@@ -127,10 +174,26 @@ def discover_cases(inputs: Sequence[str | os.PathLike]) -> list[CaseInput]:
         for f in sorted(q for q in p.rglob("*") if q.is_file() and _is_image_file(q)):
             found.append(CaseInput(_sanitize(_file_stem(f)) or "case", f, files=(f,)))
         try:
-            series = [s for s in list_series(p) if s.is_image]
+            listed = list_series(p)
         except VolumeReadError as exc:
             found.append(CaseInput(_sanitize(p.name) or "folder", p, error=str(exc)))
             continue
+        series = []
+        for info in listed:
+            reason = series_skip_reason(info, series_filter or SeriesFilter())
+            if not reason:
+                series.append(info)
+            elif skipped is not None:
+                skipped.append(
+                    SkippedSeries(
+                        str(info.folder),
+                        info.series_uid,
+                        info.modality,
+                        info.description,
+                        info.n_files,
+                        reason,
+                    )
+                )
         for info in series:
             files = tuple(sorted(Path(f).resolve() for f in info.paths))
             found.append(

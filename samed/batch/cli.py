@@ -11,7 +11,7 @@ from ..registry import POSTPROCESS_CHOICES, PRECISIONS
 from .run import FORMATS, segment_batch
 from .summary import ProgressEvent
 
-__all__ = ["add_parser", "run_segment"]
+__all__ = ["add_parser", "run_segment", "dicomweb_source"]
 
 
 # ---------------------------------------------------------------------------------- the CLI
@@ -29,7 +29,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "--overwrite; a bad case is reported and the batch goes on (exit code 1)."
         ),
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files and folders")
+    p.add_argument(
+        "inputs", nargs="*", metavar="INPUT", help="files and folders (optional with --dicomweb)"
+    )
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
     p.add_argument(
         "--adapter",
@@ -99,6 +101,63 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="keep slice embeddings here (a rerun with other prompts then costs only the decoder)",
     )
     p.add_argument("--no-qc", action="store_true", help="do not write qc.png montages")
+    p.add_argument(
+        "--series-filter",
+        action="append",
+        metavar="KEY=VALUE",
+        help="which DICOM series are cases, all rules required (repeatable): "
+        "description=REGEX, modality=MR|CT, min-slices=N, image-type=REGEX; non-image objects "
+        "and localizers are always skipped (the summary lists what was skipped and why)",
+    )
+    web = p.add_argument_group("DICOMweb (a PACS) as the source; see docs/PACS.md")
+    web.add_argument(
+        "--dicomweb", metavar="URL", help="DICOMweb root, e.g. http://pacs:8042/dicom-web"
+    )
+    web.add_argument(
+        "--study", action="append", metavar="UID", help="StudyInstanceUID (repeatable)"
+    )
+    web.add_argument(
+        "--series", action="append", metavar="UID", help="SeriesInstanceUID (repeatable)"
+    )
+    web.add_argument(
+        "--query",
+        action="append",
+        metavar="KEY=VALUE",
+        help="QIDO-RS filter (repeatable): modality=CT, date=YYYYMMDD[-YYYYMMDD], patient=ID, "
+        "accession=N, description=TEXT, or a DICOM keyword",
+    )
+    web.add_argument(
+        "--auth-env",
+        metavar="VAR",
+        help="environment variable holding USER:PASSWORD or 'Bearer TOKEN'",
+    )
+    web.add_argument(
+        "--auth-file", metavar="FILE", help="file holding USER:PASSWORD or 'Bearer TOKEN'"
+    )
+    web.add_argument("--ca-bundle", metavar="FILE", help="CA certificates for TLS verification")
+    web.add_argument(
+        "--insecure", action="store_true", help="do not verify the server's TLS certificate"
+    )
+    web.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="seconds per HTTP request (60)"
+    )
+    web.add_argument(
+        "--upload", action="store_true", help="store each DICOM SEG back on the server (STOW-RS)"
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the cases on a Ray cluster: auto, ray://host:port; without ADDRESS a local "
+        "cluster is started",
+    )
+    p.add_argument(
+        "--ray-workers",
+        type=int,
+        metavar="N",
+        help="Ray workers, one model each (default: one per GPU, else one per CPU)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_segment)
     return p
@@ -108,9 +167,16 @@ def run_segment(args: argparse.Namespace) -> int:
     """Run ``samed segment`` from parsed arguments; prints the summary table.
 
     Returns:
-        0 when every case succeeded or was skipped, 1 when any case failed.
+        0 when every case succeeded or was skipped, else the largest code of the failed cases
+        (:data:`samed.batch.summary.EXIT_CODES`: 1 a case failed, 3 study/series not on the
+        DICOMweb server, 4 server unreachable/timeout/incomplete/store refused, 5 credentials
+        refused). Bad options raise ValueError (``samed`` exits 2).
     """
     from ..engine import tune_cpu_allocator
+
+    source = dicomweb_source(args)
+    if not args.inputs and source is None:
+        raise ValueError("give INPUT files/folders, or a DICOMweb source (--dicomweb)")
 
     if args.device in ("cpu",) or (args.device == "auto" and not _cuda_available()):
         tune_cpu_allocator()
@@ -134,10 +200,17 @@ def run_segment(args: argparse.Namespace) -> int:
             postprocess=getattr(args, "postprocess", "adapter"),
             precision=getattr(args, "precision", "auto"),
             progress=bars,
+            series_filter=getattr(args, "series_filter", None),
+            dicomweb=source,
+            upload=bool(getattr(args, "upload", False)),
+            ray=getattr(args, "ray", None),
+            ray_workers=getattr(args, "ray_workers", None),
         )
     finally:
         bars.close()
     print(summary.table())
+    for sk in summary.skipped_series:
+        print(f"skipped series {sk.series_uid} ({sk.modality}, {sk.description!r}): {sk.reason}")
     for w in summary.warnings:
         print(f"samed segment: warning: {w}", file=sys.stderr)
     print(
@@ -146,6 +219,40 @@ def run_segment(args: argparse.Namespace) -> int:
         f"{Path(args.out) / 'summary.csv'}"
     )
     return summary.exit_code
+
+
+def dicomweb_source(args: argparse.Namespace) -> Any:
+    """The :class:`samed.batch.dicomweb.DicomwebSource` the options name, or None.
+
+    Raises:
+        ValueError: DICOMweb options without --dicomweb, or bad credentials/query options.
+    """
+    url = getattr(args, "dicomweb", None)
+    web_opts = [
+        o
+        for o in ("study", "series", "query", "auth_env", "auth_file", "ca_bundle", "upload")
+        if getattr(args, o, None)
+    ]
+    if url is None:
+        if web_opts:
+            raise ValueError(f"--{web_opts[0].replace('_', '-')} needs --dicomweb URL")
+        return None
+    from .dicomweb import DicomwebSource, parse_query, read_credentials
+
+    if args.insecure and args.ca_bundle:
+        raise ValueError("--insecure and --ca-bundle contradict each other")
+    verify: bool | str = False if args.insecure else (args.ca_bundle or True)
+    if args.insecure:
+        print("samed segment: warning: TLS verification is off (--insecure)", file=sys.stderr)
+    return DicomwebSource(
+        url,
+        studies=tuple(args.study or ()),
+        series=tuple(args.series or ()),
+        query=parse_query(args.query),
+        credentials=read_credentials(args.auth_env, args.auth_file),
+        verify=verify,
+        timeout=float(args.timeout),
+    )
 
 
 def _cuda_available() -> bool:

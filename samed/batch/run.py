@@ -1,4 +1,5 @@
-"""The batch job: one case after another, each one loaded, segmented, written, recorded."""
+"""The batch job: plan every case (finished earlier? other settings?), run the rest one after
+another here or on a Ray cluster (:mod:`samed.batch.distributed`), upload, commit, record."""
 
 from __future__ import annotations
 
@@ -6,13 +7,10 @@ import json
 import os
 import shutil
 import time
-import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from .cases import CaseInput, check_output_location, discover_cases
 from .outputs import (
@@ -25,7 +23,19 @@ from .outputs import (
     input_fingerprint,
     new_case_folder,
 )
-from .prompts import ObjectPrompt, prompts_by_case, read_prompts, resolve_prompt
+from .prompts import prompts_by_case, read_prompts
+from .segment import (  # noqa: F401 - _OomFallbackModel and _propagate: re-exported for tests
+    LABELS_FILE,
+    MARKER,
+    QC_FILE,
+    SEG_FILE,
+    Job,
+    _OomFallbackModel,
+    _propagate,
+    attempt_case,
+    case_settings,
+)
+from .series import SeriesFilter, SkippedSeries, parse_series_filter
 from .summary import (
     BatchSummary,
     CaseResult,
@@ -39,142 +49,7 @@ __all__ = ["FORMATS", "segment_batch"]
 
 #: Output formats accepted by ``--format``.
 FORMATS = ("nifti", "dicom-seg")
-_MARKER = "case.json"
-_LABELS_FILE = "labels.nii.gz"
-_SEG_FILE = "seg.dcm"
-_QC_FILE = "qc.png"
-
-
-# ---------------------------------------------------------------------------------- encoding
-class _OomFallbackModel:
-    """Wraps a :class:`samed.model.SamModel` so that ``encode`` survives CUDA out-of-memory.
-
-    A batch that raises ``torch.cuda.OutOfMemoryError`` is split in halves (recursively, down to
-    one slice); the largest batch that worked is remembered and later batches are cut to it.
-    Everything else is delegated to the wrapped model.
-    """
-
-    def __init__(self, model: Any, on_oom: Callable[[int], None] | None = None) -> None:
-        self._model = model
-        self.max_batch: int | None = None
-        self.oom_events = 0
-        self._on_oom = on_oom
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def encode(self, images: Any) -> Any:
-        """(B, 3, S, S) -> (B, C, h, w), in chunks of at most :attr:`max_batch` slices."""
-        import torch
-
-        n = int(images.shape[0])
-        size = n if self.max_batch is None else min(n, self.max_batch)
-        if size >= n:
-            try:
-                return self._model.encode(images)
-            except torch.cuda.OutOfMemoryError:
-                if n == 1:
-                    raise
-                self.oom_events += 1
-                self.max_batch = max(1, n // 2)
-                if self._on_oom is not None:
-                    self._on_oom(self.max_batch)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                return self.encode(images)
-        return torch.cat([self.encode(images[i : i + size]) for i in range(0, n, size)])
-
-
-# ---------------------------------------------------------------------------------- one case
-def _label_dtype(max_label: int) -> np.dtype:
-    return np.dtype(np.uint8) if max_label <= 255 else np.dtype(np.int16)
-
-
-def _volumes_ml(
-    labels: np.ndarray, names: dict[int, str], spacing: Sequence[float]
-) -> dict[str, float]:
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    fg = [n for v, n in names.items() if v > 0]
-    dup = sorted({n for n in fg if fg.count(n) > 1})
-    if dup:  # the summary keys volumes by name: one would be lost
-        raise ValueError(f"label names {dup} are given to more than one label value")
-    counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(names, default=0) + 1)
-    return {names[v]: round(float(counts[v]) * voxel_ml, 3) for v in sorted(names) if v > 0}
-
-
-def _propagate(
-    session: Any,
-    z: int,
-    mask: np.ndarray,
-    min_slice_iou: float,
-    report: Callable[[int], None],
-) -> np.ndarray:
-    """Propagate one object from slice z in both directions; (Z, Y, X) bool, with the engine's
-    stop rules (:meth:`samed.engine.Session.propagate_volume`) and ``min_slice_iou`` for the
-    overlap between consecutive slices. ``report(slices visited)`` after every slice."""
-    return session.propagate_volume(
-        z, mask, progress=lambda done, total: report(done), min_slice_iou=min_slice_iou
-    )
-
-
-def _segment_prompted(
-    session: Any,
-    volume: Any,
-    prompts: list[ObjectPrompt],
-    min_slice_iou: float,
-    report: Callable[[int, int], None],
-) -> tuple[np.ndarray, dict[int, str]]:
-    resolved = [resolve_prompt(p, volume.shape, volume.affine) for p in prompts]
-    names = {p.label: p.name for p in prompts}
-    labels = np.zeros(volume.shape, dtype=_label_dtype(max(names)))
-    nz = volume.shape[0]
-    total = nz * len(prompts)
-    for k, (pr, rp) in enumerate(zip(prompts, resolved, strict=True)):
-        mask = session.predict(rp.z, box=rp.box, points=rp.points, point_labels=rp.point_labels)
-        if not mask.any():
-            raise ValueError(
-                f"{pr.where}: the prompt on slice {rp.z} gave an empty mask for label {pr.label} "
-                f"({pr.name}); check the box/points"
-            )
-        obj = _propagate(
-            session, rp.z, mask, min_slice_iou, lambda d, k=k: report(k * nz + min(d, nz), total)
-        )
-        labels[obj & (labels == 0)] = pr.label
-        report((k + 1) * nz, total)
-    return labels, names
-
-
-def _segment_automatic(
-    session: Any, report: Callable[[int, int], None], postprocess: str = "adapter"
-) -> tuple[np.ndarray, dict[int, str]]:
-    import torch
-
-    from ..postprocess import apply_postprocessing
-
-    nz = session.shape[0]
-    out = np.zeros(session.shape, dtype=np.int16)
-    todo = list(range(nz))
-    while todo:
-        try:
-            for z, lab, _, _ in session.automatic_iter(todo):
-                out[z] = lab
-                todo.remove(z)
-                report(nz - len(todo), nz)
-        except torch.cuda.OutOfMemoryError:
-            # The decoder runs session.batch_size slices at once; the encoder halves itself.
-            if session.batch_size == 1:
-                raise
-            session.batch_size = max(1, session.batch_size // 2)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    out = apply_postprocessing(out, postprocess, session.model)
-    adapter = session.model.adapter
-    names = {int(k): str(v) for k, v in (adapter.labels if adapter else {}).items()}
-    num_classes = adapter.num_classes if adapter else 0
-    for c in range(1, max(num_classes, int(out.max()) + 1)):
-        names.setdefault(c, f"label_{c}")
-    names.pop(0, None)
-    return out.astype(_label_dtype(max(names, default=0)), copy=False), names
+_MARKER, _LABELS_FILE, _SEG_FILE, _QC_FILE = MARKER, LABELS_FILE, SEG_FILE, QC_FILE
 
 
 def _remove_unfinished(folder: Path) -> None:
@@ -201,94 +76,11 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("status") == "ok" else None
 
 
-@dataclass
-class _Job:
-    model: Any
-    mode: str
-    prompts: dict[str, list[ObjectPrompt]]
-    formats: tuple[str, ...]
-    intensity: object
-    batch_size: int
-    overwrite: bool
-    qc: bool
-    cache_dir: Path | None
-    min_slice_iou: float
-    postprocess: str
-    settings: dict[str, Any]
-    amp: bool | str = True
+def _require(module: str, option: str, extra: str) -> None:
+    import importlib.util
 
-
-def _case_settings(job: _Job, case: CaseInput) -> dict[str, Any]:
-    s = dict(job.settings)
-    if job.mode == "prompted":
-        s["prompts"] = [p.fingerprint() for p in job.prompts.get(case.case_id, [])]
-    return s
-
-
-def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None]) -> CaseResult:
-    from ..engine import Session
-    from ..io import load_volume, save_dicom_seg, save_nifti
-    from .qc import save_qc_png
-
-    source = str(case.path) + (f" (series {case.series_uid})" if case.series_uid else "")
-    result = CaseResult(case=case.case_id, source=source, status="error", mode=job.mode)
-    if case.error:
-        result.error = case.error
-        return result
-    emit("load")
-    volume = load_volume(case.path, series_uid=case.series_uid)
-    if job.mode == "prompted" and case.case_id not in job.prompts:
-        known = ", ".join(sorted(job.prompts)) or "none"
-        result.error = (
-            f"no prompts for case {case.case_id!r} in the prompts file (cases there: {known})"
-        )
-        return result
-    result.slices = volume.shape[0]
-    session = Session(
-        job.model,
-        volume,
-        intensity=job.intensity,
-        batch_size=job.batch_size,
-        cache_dir=job.cache_dir,
-        amp=job.amp,
-    )
-
-    def report(done: int, total: int) -> None:
-        emit("segment", done, total)
-
-    if job.mode == "prompted":
-        labels, names = _segment_prompted(
-            session, volume, job.prompts[case.case_id], job.min_slice_iou, report
-        )
-    else:
-        labels, names = _segment_automatic(session, report, job.postprocess)
-    emit("write")
-    folder.mkdir(parents=True, exist_ok=True)
-    outputs = []
-    if "nifti" in job.formats:
-        save_nifti(labels, volume, folder / _LABELS_FILE)
-        outputs.append(_LABELS_FILE)
-    if "dicom-seg" in job.formats and case.is_dicom:
-        present = {v: n for v, n in names.items() if np.any(labels == v)}
-        if present:
-            # segment colours: samed.colors.label_color, the same as in qc.png
-            save_dicom_seg(labels, volume, folder / _SEG_FILE, label_names=present)
-            outputs.append(_SEG_FILE)
-    if job.qc:
-        window = None
-        name = session.intensity_name
-        if name.startswith("ct:"):
-            from ..registry import CT_WINDOWS
-
-            preset = CT_WINDOWS[name[3:]]
-            window = (preset.low, preset.high)
-        save_qc_png(folder / _QC_FILE, volume.array, labels, affine=volume.affine, window=window)
-        outputs.append(_QC_FILE)
-    result.labels = names
-    result.volumes_ml = _volumes_ml(labels, names, volume.spacing)
-    result.outputs = outputs
-    result.status = "ok"
-    return result
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"{option} needs the {module} package: pip install 'samed[{extra}]'")
 
 
 # ---------------------------------------------------------------------------------- the API
@@ -320,6 +112,11 @@ def segment_batch(
     postprocess: str = "adapter",
     precision: str = "auto",
     progress: ProgressCallback | None = None,
+    series_filter: SeriesFilter | Sequence[str] | None = None,
+    dicomweb: Any = None,
+    upload: bool = False,
+    ray: str | None = None,
+    ray_workers: int | None = None,
 ) -> BatchSummary:
     """Segment every case found in ``inputs`` into ``out_dir`` (the Python form of ``samed segment``).
 
@@ -355,6 +152,16 @@ def segment_batch(
         precision: encoder precision on CUDA: ``"auto"`` (fp16 autocast), ``"fp32"``,
             ``"fp16"`` or ``"bf16"`` (see :mod:`samed.precision`); CPU always runs float32.
         progress: called with a :class:`ProgressEvent` as the batch advances.
+        series_filter: which DICOM series are cases (:mod:`samed.batch.series`; ``KEY=VALUE``
+            rules or a :class:`SeriesFilter`); non-image objects and localizers are always
+            skipped, and every skipped series is in ``summary.skipped_series`` with the reason.
+        dicomweb: a :class:`samed.batch.dicomweb.DicomwebSource`: its series are cases too
+            (retrieved by WADO-RS just before each is segmented).
+        upload: store each case's DICOM SEG on ``dicomweb``'s server by STOW-RS before the case
+            is committed (a failed upload makes the case an error and leaves no result).
+        ray: run the cases on a Ray cluster (:mod:`samed.batch.distributed`): ``"local"``
+            (start one here), ``"auto"`` or ``"ray://host:port"``; None: in this process.
+        ray_workers: Ray actors (one model each); default: one per GPU, else one per CPU.
 
     Returns:
         The :class:`BatchSummary` (also written to ``out_dir/summary.json`` and ``summary.csv``).
@@ -371,8 +178,6 @@ def segment_batch(
     written into ``OUT/.tmp-<case>-*`` and swapped in whole when it succeeded; a failed case
     leaves only its row (an earlier finished result stays as it was).
     """
-    import torch
-
     from ..intensity import parse_intensity
     from ..model import load_model
     from ..registry import resolve_adapter
@@ -380,9 +185,35 @@ def segment_batch(
     t_start = time.perf_counter()
     fmt = _parse_formats(formats)
     intensity = parse_intensity(window, "window")
+    rules = (
+        series_filter
+        if isinstance(series_filter, SeriesFilter)
+        else parse_series_filter(series_filter)
+    )
+    if upload and dicomweb is None:
+        raise ValueError("upload=True (--upload) needs a DICOMweb source (--dicomweb)")
+    if upload and "dicom-seg" not in fmt:
+        raise ValueError(
+            f"upload=True (--upload) stores DICOM SEGs: formats {list(fmt)} lack dicom-seg"
+        )
     out = Path(out_dir).expanduser()
     check_output_location(out, inputs)
-    cases = discover_cases(inputs)
+    skipped: list[SkippedSeries] = []
+    cases = discover_cases(inputs, rules, skipped)
+    if ray is not None:
+        _require("ray", "--ray", "ray")
+    if dicomweb is not None:
+        _require("dicomweb_client", "--dicomweb", "pacs")
+        from .dicomweb import list_remote_cases
+
+        local_ids = {c.case_id.lower(): c for c in cases}
+        for c in list_remote_cases(dicomweb, rules, skipped):
+            if c.case_id.lower() in local_ids:
+                raise ValueError(
+                    f"the DICOMweb series {c.series_uid} and the input {local_ids[c.case_id.lower()].path} "
+                    f"both give case id {c.case_id!r}; give the series once"
+                )
+            cases.append(c)
     check_outputs(out, inputs, cases)
     if not 0.0 <= float(min_slice_iou) < 1.0:
         raise ValueError(f"min_slice_iou={min_slice_iou} must be in [0, 1)")
@@ -426,7 +257,7 @@ def segment_batch(
         "postprocess": describe_postprocessing(postprocess, net) if mode == "automatic" else None,
         "precision": encoder_precision(dev, amp),
     }
-    job = _Job(
+    job = Job(
         model=_OomFallbackModel(net),
         mode=mode,
         prompts=prompts_by_case(prompt_list or []),
@@ -440,10 +271,12 @@ def segment_batch(
         postprocess=postprocess,
         settings=settings,
         amp=amp,
+        series_filter=rules,
+        dicomweb=dicomweb,
     )
     check_writable(out)
     clean_temporaries(out)
-    summary = BatchSummary(out_dir=out, results=[], mode=mode)
+    summary = BatchSummary(out_dir=out, results=[], mode=mode, skipped_series=skipped)
     ids = {c.case_id for c in cases}
     stray = sorted(set(job.prompts) - ids)
     if stray:
@@ -452,35 +285,76 @@ def segment_batch(
             f"used): {', '.join(stray[:10])}{' ...' if len(stray) > 10 else ''}; cases here: "
             f"{', '.join(sorted(ids)[:10])}"
         )
-    for i, case in enumerate(cases):
+    batch = Batch(out, job, cases, summary, progress, upload, t_start)
+    if ray is not None:
+        from .distributed import run_on_ray
 
-        def emit(
-            stage: str,
-            done: int = 0,
-            total: int = 0,
-            result: CaseResult | None = None,
-            i: int = i,
-            case: CaseInput = case,
-        ) -> None:
-            if progress is not None:
-                progress(ProgressEvent(i, len(cases), case.case_id, stage, done, total, result))
+        spec = model if isinstance(model, str) else None
+        run_on_ray(
+            batch,
+            ray,
+            ray_workers,
+            net if spec is None else None,
+            (spec, checkpoint, adapter_path, device),
+        )
+    else:
+        for i in range(len(cases)):
+            batch.run_here(i, dev.type == "cuda")
+    return summary
 
-        emit("start")
-        folder = out / case.case_id
-        wanted = _case_settings(job, case)
+
+@dataclass
+class Batch:
+    """A batch in progress: the plan of every case, the commit of finished ones, the summary.
+
+    :meth:`plan` decides, per case, whether it is finished already (skipped), an error row
+    without running (an earlier result from other settings or another input), or to run;
+    :meth:`finish` takes a run's row and its temporary folder (uploads, writes ``case.json``,
+    swaps the folder in); :meth:`record` puts a row into the summary (input order) and rewrites
+    the summary files. The local loop (:meth:`run_here`) and the Ray driver use the same three.
+    """
+
+    out: Path
+    job: Job
+    cases: list[CaseInput]
+    summary: BatchSummary
+    progress: ProgressCallback | None
+    upload: bool
+    t_start: float
+    rows: dict[int, CaseResult] = field(default_factory=dict)
+    pending: dict[int, tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]] = field(
+        default_factory=dict
+    )
+
+    def emit(
+        self, i: int, stage: str, done: int = 0, total: int = 0, result: CaseResult | None = None
+    ) -> None:
+        if self.progress is not None:
+            n = len(self.cases)
+            self.progress(ProgressEvent(i, n, self.cases[i].case_id, stage, done, total, result))
+
+    def plan(self, i: int) -> CaseResult | None:
+        """The row of case ``i`` when it needs no run (skipped, or refused), else None."""
+        case, job, mode = self.cases[i], self.job, self.job.mode
+        folder = self.out / case.case_id
+        wanted = case_settings(job, case)
         marker = _read_marker(folder)
-        t0 = time.perf_counter()
         fingerprint: dict[str, Any] = {}
         other_input = ""
         if not case.error:
             try:
-                fingerprint = input_fingerprint(case)
+                if case.remote is not None:
+                    from .dicomweb import remote_fingerprint
+
+                    fingerprint = remote_fingerprint(case)
+                else:
+                    fingerprint = input_fingerprint(case)
             except OSError as exc:
-                case = replace(case, error=f"cannot read {case.path}: {exc}")
-        if marker is not None and not overwrite and not case.error:
+                case = self.cases[i] = replace(case, error=f"cannot read {case.path}: {exc}")
+        if marker is not None and not job.overwrite and not case.error:
             other_input = fingerprint_differences(marker.get("input"), fingerprint)
-        if marker is not None and not overwrite and other_input:
-            row = CaseResult(
+        if marker is not None and not job.overwrite and other_input:
+            return CaseResult(
                 case=case.case_id,
                 source=str(case.path),
                 status="error",
@@ -488,8 +362,9 @@ def segment_batch(
                 error=f"{folder} was finished by an earlier run on another input: {other_input}; "
                 "its results are kept and not reported for this input; rerun with --overwrite "
                 "to replace them, or give the inputs distinct case ids (file names)",
+                error_kind="case",
             )
-        elif marker is not None and not overwrite:
+        if marker is not None and not job.overwrite:
             if marker.get("settings") == wanted:
                 row = CaseResult(
                     case=case.case_id,
@@ -501,56 +376,108 @@ def segment_batch(
                     volumes_ml=dict(marker.get("volumes_ml", {})),
                     labels={int(k): v for k, v in marker.get("labels", {}).items()},
                     outputs=list(marker.get("outputs", [])),
+                    uploaded=str(marker.get("uploaded", "")),
                 )
-            else:
-                diff = sorted(
-                    k
-                    for k in set(wanted) | set(marker.get("settings", {}))
-                    if wanted.get(k) != marker.get("settings", {}).get(k)
-                )
-                row = CaseResult(
-                    case=case.case_id,
-                    source=str(case.path),
-                    status="error",
-                    mode=mode,
-                    error=f"{folder} was finished by an earlier run with other settings "
-                    f"(differing: {', '.join(diff)}); rerun with --overwrite to replace it",
-                )
-        else:
-            tmp = new_case_folder(out, case.case_id)
+                if self.upload and not row.uploaded and _SEG_FILE in row.outputs:
+                    row = self._upload_finished(row, folder, marker)
+                return row
+            diff = sorted(
+                k
+                for k in set(wanted) | set(marker.get("settings", {}))
+                if wanted.get(k) != marker.get("settings", {}).get(k)
+            )
+            return CaseResult(
+                case=case.case_id,
+                source=str(case.path),
+                status="error",
+                mode=mode,
+                error=f"{folder} was finished by an earlier run with other settings "
+                f"(differing: {', '.join(diff)}); rerun with --overwrite to replace it",
+                error_kind="case",
+            )
+        self.pending[i] = (wanted, fingerprint, marker)
+        return None
+
+    def _upload_finished(self, row: CaseResult, folder: Path, marker: dict[str, Any]) -> CaseResult:
+        """--upload of a case an earlier run finished without uploading it."""
+        from .dicomweb import DicomwebError, upload_seg
+
+        try:
+            row.uploaded = upload_seg(self.job.dicomweb, folder / _SEG_FILE)
+        except DicomwebError as exc:
+            row.status, row.error, row.error_kind = (
+                "error",
+                f"upload of the finished {folder / _SEG_FILE} failed: {exc}",
+                exc.kind,
+            )
+            return row
+        write_json(folder / _MARKER, {**marker, "uploaded": row.uploaded})
+        return row
+
+    def finish(self, i: int, row: CaseResult, tmp: Path, raised: bool) -> CaseResult:
+        """Upload and commit a run's ``tmp`` folder when ``row`` is ok; clean up otherwise."""
+        case = self.cases[i]
+        wanted, fingerprint, marker = self.pending.pop(i)
+        folder = self.out / case.case_id
+        if row.status == "ok" and self.upload and _SEG_FILE in row.outputs:
+            from .dicomweb import DicomwebError, upload_seg
+
             try:
-                row = _run_case(job, case, tmp, emit)
-                row.seconds = round(time.perf_counter() - t0, 3)
-                if row.status == "ok":
-                    write_json(
-                        tmp / _MARKER, {**row.to_json(), "settings": wanted, "input": fingerprint}
-                    )
-                    commit_case_folder(tmp, folder)
-                elif marker is None:
-                    _remove_unfinished(folder)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:  # noqa: BLE001 - one bad case never stops the batch
-                row = CaseResult(
-                    case=case.case_id,
-                    source=str(case.path),
+                row.uploaded = upload_seg(self.job.dicomweb, tmp / _SEG_FILE)
+            except DicomwebError as exc:
+                row = replace(
+                    row,
                     status="error",
-                    mode=mode,
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=f"segmented, but the upload failed: {exc}; nothing was committed (a "
+                    "rerun redoes the case)",
+                    error_kind=exc.kind,
                 )
-                if not isinstance(exc, ValueError):
-                    row.error += "\n" + "".join(traceback.format_exception(exc)[-3:]).strip()
-                if marker is None:
-                    _remove_unfinished(folder)
-                else:
-                    row.error += f"\n(the earlier finished result in {folder} is kept unchanged)"
+        if row.status == "ok":
+            write_json(tmp / _MARKER, {**row.to_json(), "settings": wanted, "input": fingerprint})
+            commit_case_folder(tmp, folder)
+        elif marker is None:
+            _remove_unfinished(folder)
+        elif raised:
+            row.error += f"\n(the earlier finished result in {folder} is kept unchanged)"
+        return row
+
+    def record(self, i: int, row: CaseResult | SkippedSeries) -> None:
+        """Put case ``i``'s row (or, for a retrieved series the rules skip, its skipped entry)
+        into the summary and rewrite the summary files."""
+        if isinstance(row, SkippedSeries):
+            self.summary.skipped_series.append(row)
+        else:
+            self.rows[i] = row
+        self.summary.results = [self.rows[k] for k in sorted(self.rows)]
+        self.summary.seconds = time.perf_counter() - self.t_start
+        write_summary(self.out, self.summary)
+        self.emit(i, "end", result=row if isinstance(row, CaseResult) else None)
+
+    def run_here(self, i: int, cuda: bool = False) -> None:
+        """Plan, run (in this process), finish and record case ``i``."""
+        import torch
+
+        self.emit(i, "start")
+        t0 = time.perf_counter()
+        row = self.plan(i)
+        if row is None:
+            case = self.cases[i]
+            tmp = new_case_folder(self.out, case.case_id)
+            try:
+
+                def emit(stage: str, done: int = 0, total: int = 0) -> None:
+                    self.emit(i, stage, done, total)
+
+                got, raised = attempt_case(self.job, case, tmp, emit)
+                if isinstance(got, SkippedSeries):
+                    self.pending.pop(i, None)
+                    self.record(i, got)
+                    return
+                got.seconds = round(time.perf_counter() - t0, 3)
+                row = self.finish(i, got, tmp, raised)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)  # gone after a commit; else a failed try
-                if dev.type == "cuda":
+                if cuda:
                     torch.cuda.empty_cache()
             row.seconds = round(time.perf_counter() - t0, 3)
-        summary.results.append(row)
-        summary.seconds = time.perf_counter() - t_start
-        write_summary(out, summary)
-        emit("end", result=row)
-    return summary
+        self.record(i, row)

@@ -10,9 +10,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CaseResult", "BatchSummary", "ProgressEvent", "ProgressCallback", "write_summary"]
+__all__ = [
+    "CaseResult",
+    "BatchSummary",
+    "ProgressEvent",
+    "ProgressCallback",
+    "write_summary",
+    "EXIT_CODES",
+]
 
 _STATUSES = ("ok", "skipped", "error")
+#: Exit code of ``samed segment`` per kind of case error; the run exits with the largest among
+#: its failed cases (0 when none failed; 2 is a bad command line, before any case runs).
+EXIT_CODES = {"case": 1, "not-found": 3, "server": 4, "auth": 5}
 
 
 @dataclass
@@ -30,6 +40,9 @@ class CaseResult:
         labels: label value -> name.
         outputs: files written in the case folder (names relative to it).
         error: the error message (``""`` unless status is ``"error"``).
+        error_kind: what failed, a key of :data:`EXIT_CODES` (``"case"``: reading or segmenting;
+            ``"not-found"``, ``"server"``, ``"auth"``: the DICOMweb server); ``""`` unless error.
+        uploaded: SOPInstanceUID of the DICOM SEG stored on the DICOMweb server (``--upload``).
     """
 
     case: str
@@ -42,6 +55,8 @@ class CaseResult:
     labels: dict[int, str] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     error: str = ""
+    error_kind: str = ""
+    uploaded: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -60,6 +75,9 @@ class BatchSummary:
         seconds: wall time of the whole run.
         warnings: things the user should know that are no case's error (e.g. prompts for case
             ids that are not among the inputs).
+        skipped_series: the DICOM series that were not cases, with the reason
+            (:class:`samed.batch.series.SkippedSeries`: non-image objects, localizers,
+            ``--series-filter``).
     """
 
     out_dir: Path
@@ -67,6 +85,7 @@ class BatchSummary:
     mode: str
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    skipped_series: list[Any] = field(default_factory=list)
 
     def count(self, status: str) -> int:
         """Number of rows with ``status`` (one of ``ok``, ``skipped``, ``error``)."""
@@ -76,8 +95,14 @@ class BatchSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 when no case failed, 1 otherwise."""
-        return 1 if self.count("error") else 0
+        """0 when no case failed, else the largest :data:`EXIT_CODES` value of the failed cases
+        (1: a case could not be read or segmented; 3: a study/series not on the DICOMweb
+        server; 4: the server unreachable, timed out, gave an incomplete series or refused a
+        store; 5: the server refused the credentials)."""
+        codes = [
+            EXIT_CODES.get(r.error_kind or "case", 1) for r in self.results if r.status == "error"
+        ]
+        return max(codes, default=0)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,6 +111,7 @@ class BatchSummary:
             "seconds": round(self.seconds, 3),
             "counts": {s: self.count(s) for s in _STATUSES},
             "warnings": list(self.warnings),
+            "skipped_series": [s.to_json() for s in self.skipped_series],
             "cases": [r.to_json() for r in self.results],
         }
 

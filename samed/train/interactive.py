@@ -24,7 +24,7 @@ S x S input frame:
 The best step on the held-back validation slices (mean Dice over a box start with 4 px slack and
 3 deterministic clicks) is exported with :func:`samed.lora.save_adapter` (weights stored float16).
 
-Command line: ``samed finetune-interactive --config configs/click-adapter.yaml --out runs/NAME``
+Command line: ``samed finetune-interactive --config configs/interactive/click-adapter.yaml --out runs/NAME``
 (or ``python -m samed.train.interactive``).
 """
 
@@ -51,7 +51,7 @@ DECODER_FULL = (
 
 @dataclass(frozen=True)
 class InteractiveConfig:
-    """The click-adapter training config (``configs/click-adapter.yaml``; every key optional).
+    """The click-adapter training config (``configs/interactive/click-adapter.yaml``; every key optional).
 
     Attributes:
         name: adapter name (folder name of the export).
@@ -406,6 +406,30 @@ def train_interactive(
     log(f"step 0 (base) val curve {best['curve']} auc {best['auc']}")
     history = [{"step": 0, **best}]
     t0, step, losses = time.time(), 0, []
+
+    def export(steps_run: int) -> dict[str, Any]:
+        """Write the model's current weights as the adapter (done at every new best step, so a
+        run killed later still leaves its best adapter) and metrics.json."""
+        metrics = {
+            "best_step": best_step,
+            "steps_run": steps_run,
+            "seconds": round(time.time() - t0, 1),
+            "validation_base": base_val,
+            "validation_best": best,
+            "history": history,
+            "trainable_parameters": trainable_parameters(model),
+            "train_samples": len(train_pairs),
+            "val_samples": len(val_pairs),
+            "config": asdict(cfg),
+            "machine": f"{platform.processor() or platform.machine()}, torch threads {cfg.threads}",
+        }
+        meta = _metadata(cfg, cache, metrics)
+        folder = save_adapter(model, out / cfg.name, metadata=meta, overwrite=True)
+        _store_float16(folder)
+        metrics["adapter"] = str(folder)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str) + "\n")
+        return metrics
+
     while step < cfg.iterations and (time.time() - t0) / 60 < cfg.max_minutes:
         model.train()
         for g in opt.param_groups:
@@ -433,31 +457,12 @@ def train_interactive(
                 best_state = {
                     k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad
                 }
+                export(step)
     with torch.no_grad():
         own = dict(model.named_parameters())
         for k, v in best_state.items():
             own[k].copy_(v)
-    seconds = time.time() - t0
-    metrics = {
-        "best_step": best_step,
-        "steps_run": step,
-        "seconds": round(seconds, 1),
-        "validation_base": base_val,
-        "validation_best": best,
-        "history": history,
-        "trainable_parameters": trainable_parameters(model),
-        "train_samples": len(train_pairs),
-        "val_samples": len(val_pairs),
-        "config": asdict(cfg),
-        "machine": f"{platform.processor() or platform.machine()}, torch threads {cfg.threads}",
-    }
-    folder = save_adapter(
-        model, out / cfg.name, metadata=_metadata(cfg, cache, metrics), overwrite=True
-    )
-    _store_float16(folder)
-    metrics["adapter"] = str(folder)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str) + "\n")
-    return metrics
+    return export(step)
 
 
 def _store_float16(folder: Path) -> None:
@@ -500,7 +505,7 @@ def _metadata(cfg: InteractiveConfig, cache, metrics: dict[str, Any]) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m samed.train.interactive --config configs/click-adapter.yaml --out runs/X``."""
+    """``python -m samed.train.interactive --config configs/interactive/click-adapter.yaml --out runs/X``."""
     from .interactive_cli import build, run
 
     return run(build().parse_args(argv))

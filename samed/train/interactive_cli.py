@@ -11,7 +11,9 @@ __all__ = ["add_parser", "build", "run"]
 
 
 def _options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML config (configs/click-adapter.yaml)")
+    p.add_argument(
+        "--config", default=None, help="YAML config (configs/interactive/click-adapter.yaml)"
+    )
     p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
     p.add_argument(
         "--set",

@@ -212,3 +212,17 @@ def test_training_cases_never_include_the_benchmarks_held_out_cases(shared_data)
     assert not {c.case.split("_frame")[0] for c in cases if c.dataset == "acdc"} & val
     assert {"chaos_t2_01", "hippocampus_001", "btcv_0034"}.isdisjoint(names)
     assert {c.dataset for c in cases if c.role == "val"} >= {"acdc", "btcv"}
+
+
+def test_the_shipped_click_adapter_config_loads():
+    from pathlib import Path
+
+    from samed.train.interactive import load_interactive_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "interactive" / "click-adapter.yaml"
+    cfg = load_interactive_config(path)
+    assert cfg.name == "click-aware-litemedsam" and cfg.box_slack == (0.0, 8.0)
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_interactive_config(path, iteratoins=3)
+    with pytest.raises(ValueError, match="rounds"):
+        load_interactive_config(path, rounds=[3, 1])

@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="acdc,chaos,hippocampus,deeplesion,brats,pyradiomics")
     ap.add_argument("--limit", type=int, default=0, help="at most this many structures (0: all)")
+    ap.add_argument("--cases", default="", help="only these case ids (comma-separated; shards)")
     ap.add_argument("--clicks", type=int, default=5)
     ap.add_argument("--box-slack", type=float, default=0.0, help="px added to the tight GT box")
     ap.add_argument("--z-margin", type=int, default=3, help="slices kept beyond the structures")
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     model = optimize_for_inference(model)
     rows: list[dict] = []
     cases = _cases(set(args.datasets.split(",")))
+    if args.cases:
+        cases = [c for c in cases if c["case"] in set(args.cases.split(","))]
     for case in cases:
         if args.limit and len(rows) >= args.limit:
             break

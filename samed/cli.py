@@ -26,6 +26,7 @@ _COMMANDS = {
     "segment": "samed.batch.cli",
     "convert": "samed.io.cli",
     "finetune": "samed.train.cli",
+    "finetune-interactive": "samed.train.interactive_cli",
     "evaluate": "samed.evaluate.cli",
     "demo": "samed.demo",
 }
@@ -93,6 +94,7 @@ def _adapters(args: argparse.Namespace) -> int:
                         "path": str(a.path),
                         "labels": a.labels,
                         "description": a.description,
+                        "interactive_default": a.interactive_default,
                     }
                     | ({"unusable": a.problem} if a.problem else {})
                     for a in adapters
@@ -110,7 +112,8 @@ def _adapters(args: argparse.Namespace) -> int:
             print(f"{a.name:<28}UNUSABLE: {a.problem} ({a.path})")
             continue
         labels = ", ".join(f"{k}:{v}" for k, v in sorted(a.labels.items()) if k != 0)
-        print(f"{a.name:<28}{a.mode:<11}{a.base_model:<12}{labels}")
+        tag = "  [interactive default]" if a.interactive_default else ""
+        print(f"{a.name:<28}{a.mode:<11}{a.base_model:<12}{labels}{tag}")
         if a.description:
             print(f"{'':<28}{a.description}")
     return 0

@@ -1,4 +1,5 @@
-"""LoRA adapters on the image encoder's attention (SAMed-style), saved as safetensors + JSON.
+"""LoRA adapters on the image encoder's attention (SAMed-style), saved as safetensors + JSON
+(or on the mask decoder only, encoder untouched: :mod:`samed.lora_decoder`).
 
 An adapter is a folder::
 
@@ -39,6 +40,7 @@ from .lora_config import (
     LoraSettings,
     remove_adapter_folder,
 )
+from .lora_decoder import DECODER_FIELDS, apply_decoder_lora, decoder_full_parameters
 from .model.adapter import AdapterState
 from .model.sam import SamModel
 from .paths import swap_in_folder
@@ -210,9 +212,9 @@ def apply_lora(model: SamModel, config: LoraConfig | None = None) -> SamModel:
     targets = [
         name
         for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and re.fullmatch(config.target_modules, name)
+        if isinstance(mod, nn.Linear) and re.fullmatch(config.target_modules or "(?!)", name)
     ]
-    if not targets:
+    if not targets and (config.target_modules or not config.decoder_r):  # "": decoder-only
         raise ValueError(
             f"target_modules={config.target_modules!r} matches no Linear layer of {model.kind}"
         )
@@ -228,6 +230,15 @@ def apply_lora(model: SamModel, config: LoraConfig | None = None) -> SamModel:
         prm.requires_grad_(config.train_decoder)
     for prm in model.prompt_encoder.parameters():
         prm.requires_grad_(config.train_prompt_encoder)
+    if config.decoder_r:  # LoRA on the decoder's Linear layers (samed.lora_decoder)
+        apply_decoder_lora(
+            model.mask_decoder,
+            config.decoder_r,
+            config.decoder_alpha,
+            config.decoder_target_modules,
+        )
+    for prm in decoder_full_parameters(model.mask_decoder, config.decoder_full_parameters).values():
+        prm.requires_grad_(True)
     model.adapter = AdapterState(name="unsaved", config=config, targets=tuple(targets))
     return model
 
@@ -303,6 +314,8 @@ def _adapter_state(model: SamModel) -> dict[str, torch.Tensor]:
         state.update(
             {f"prompt_encoder.{k}": v for k, v in model.prompt_encoder.state_dict().items()}
         )
+    full = decoder_full_parameters(model.mask_decoder, config.decoder_full_parameters)
+    state.update({f"mask_decoder.{k}": v for k, v in full.items()})
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
@@ -378,6 +391,8 @@ def save_adapter(
         "train_prompt_encoder": config.train_prompt_encoder,
         "labels": {str(k): v for k, v in sorted(labels.items())},
     }
+    if config.decoder_r or config.decoder_full_parameters:  # decoder-side adapter fields
+        cfg.update({k: getattr(config, k) for k in DECODER_FIELDS})
     meta = dict(metadata or {})
     meta.setdefault("labels", cfg["labels"])
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -526,6 +541,10 @@ def load_adapter(
             num_classes=int(cfg.get("num_classes", 0)),
             train_decoder=bool(cfg.get("train_decoder", True)),
             train_prompt_encoder=bool(cfg.get("train_prompt_encoder", False)),
+            decoder_r=int(cfg.get("decoder_r", 0)),
+            decoder_alpha=float(cfg.get("decoder_alpha", 0.0)),
+            decoder_target_modules=str(cfg.get("decoder_target_modules", "")),
+            decoder_full_parameters=str(cfg.get("decoder_full_parameters", "")),
         )
     except ValueError as exc:
         raise AdapterError(f"{folder / ADAPTER_CONFIG}: {exc}") from exc

@@ -95,11 +95,24 @@ class LoraConfig(LoraSettings):
             (no prompt, one output per class, SAMed-style).
         num_classes: number of output classes incl. background (automatic mode only, >= 2).
         train_prompt_encoder: train the prompt encoder in full (saved with the adapter).
+        decoder_r: rank of LoRA on the mask decoder's Linear layers (0: none; see
+            :mod:`samed.lora_decoder`). With ``target_modules=""`` the image encoder is left as
+            is (the base model's embeddings and their cache stay valid).
+        decoder_alpha: scaling numerator of the decoder LoRA (update ``decoder_alpha /
+            decoder_r * B @ A``).
+        decoder_target_modules: regular expression (``re.fullmatch``) over the decoder's Linear
+            paths relative to the decoder, e.g. ``transformer\\..*_proj``.
+        decoder_full_parameters: regular expression over decoder parameter paths trained and
+            saved in full besides the LoRA (e.g. ``iou_token\\..*|mask_tokens\\..*``; "" none).
     """
 
     mode: str = "prompted"
     num_classes: int = 0
     train_prompt_encoder: bool = False
+    decoder_r: int = 0
+    decoder_alpha: float = 0.0
+    decoder_target_modules: str = ""
+    decoder_full_parameters: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,6 +122,29 @@ class LoraConfig(LoraSettings):
             raise ValueError(
                 f"automatic mode needs num_classes >= 2 (background included); got {self.num_classes}"
             )
+        if (
+            not isinstance(self.decoder_r, int)
+            or isinstance(self.decoder_r, bool)
+            or self.decoder_r < 0
+        ):
+            raise ValueError(
+                f"decoder_r={self.decoder_r!r} must be an integer >= 0 (0: no decoder LoRA)"
+            )
+        if self.decoder_r and not self.decoder_target_modules:
+            raise ValueError("decoder_r > 0 needs decoder_target_modules (a regular expression)")
+        for name in ("decoder_target_modules", "decoder_full_parameters"):
+            try:
+                re.compile(getattr(self, name))
+            except (re.error, TypeError) as exc:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} must be a regular expression ({exc})"
+                ) from None
+        if self.decoder_r and self.decoder_alpha <= 0:
+            object.__setattr__(self, "decoder_alpha", float(self.decoder_r))
+
+    @property
+    def decoder_scaling(self) -> float:
+        return float(self.decoder_alpha) / self.decoder_r if self.decoder_r else 0.0
 
     @property
     def scaling(self) -> float:

@@ -29,6 +29,7 @@ __all__ = [
     "AdapterInfo",
     "adapter_search_paths",
     "find_adapters",
+    "interactive_adapter",
     "resolve_adapter",
 ]
 
@@ -234,6 +235,8 @@ class AdapterInfo:
         description: one line from metadata.json.
         problem: why the folder cannot be used ("" for a usable adapter); unusable folders are
             listed only by ``find_adapters(include_unusable=True)``.
+        interactive_default: metadata.json marks it as the default for interactive work
+            (box + corrective clicks; see :func:`interactive_adapter`).
     """
 
     name: str
@@ -243,6 +246,7 @@ class AdapterInfo:
     labels: dict[int, str] = field(default_factory=dict)
     description: str = ""
     problem: str = ""
+    interactive_default: bool = False
 
     @property
     def usable(self) -> bool:
@@ -315,6 +319,7 @@ def _read_adapter_info(folder: Path) -> AdapterInfo | None:
         labels=labels,
         description=str(meta.get("description", "")),
         problem=problem,
+        interactive_default=meta.get("interactive_default") is True and mode == "prompted",
     )
 
 
@@ -336,6 +341,13 @@ def find_adapters(include_unusable: bool = False) -> list[AdapterInfo]:
                 if info is not None:
                     found[sub.name] = info
     return [a for a in found.values() if include_unusable or a.usable]
+
+
+def interactive_adapter() -> AdapterInfo | None:
+    """The usable adapter marked ``"interactive_default": true`` in its metadata.json (the first
+    in :func:`adapter_search_paths` order), or None: the adapter the napari widget and
+    :func:`samed.annotation.interactive_model` use for box + click annotation by default."""
+    return next((a for a in find_adapters() if a.interactive_default), None)
 
 
 def resolve_adapter(name_or_path: str | os.PathLike) -> Path:

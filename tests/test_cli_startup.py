@@ -58,6 +58,7 @@ def _run(*argv: str) -> tuple[dict, str, str]:
         ["segment", "--help"],
         ["convert", "--help"],
         ["finetune", "--help"],
+        ["finetune-interactive", "--help"],
         ["evaluate", "--help"],
         ["demo", "--help"],
         ["adapters"],

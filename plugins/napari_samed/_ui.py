@@ -70,6 +70,9 @@ def build_ui(parent: QWidget) -> SimpleNamespace:
     adapters = {a.name: a for a in find_adapters()}
     for a in adapters.values():
         ui.adapter_combo.addItem(f"{a.name} [{a.mode}]", a.name)
+    default = next((a.name for a in adapters.values() if a.interactive_default), None)
+    if default is not None:  # the click-aware adapter for box + click work (issue #17)
+        ui.adapter_combo.setCurrentIndex(ui.adapter_combo.findData(default))
     form.addRow("Model", ui.model_combo)
     form.addRow("Checkpoint", ui.checkpoint_edit)
     form.addRow("Adapter", ui.adapter_combo)

@@ -120,6 +120,8 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
         self._after_model: list[Callable[[], Any]] = []
         activate()  # samed as napari's reader for medical formats (also on plugin activation)
         self.ui = build_ui(self)
+        if self.ui.adapter_combo.currentData():  # the preselected interactive default (#17)
+            self.session.update(adapter=self.ui.adapter_combo.currentData())
         self._connect()
         self._refresh_choices()
         self._bind_keys()

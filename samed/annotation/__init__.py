@@ -6,12 +6,15 @@
   :class:`LabelEdit` sparse differences (exact undo);
 * :mod:`samed.annotation.annotator`: :class:`Annotator`, the current object's
   :class:`SlicePrompts` and masks, propagation, accept, and one history of
-  :class:`HistoryStep` objects.
+  :class:`HistoryStep` objects;
+* :mod:`samed.annotation.defaults`: :func:`interactive_model`, the model for box + click work
+  (the click-aware adapter marked as the interactive default, else the base model).
 
 Nothing here imports torch, napari or Qt.
 """
 
 from .annotator import Annotator, HistoryStep, SlicePrompts
+from .defaults import interactive_adapter_name, interactive_model
 from .editor import LabelEdit, LabelEditor
 from .history import History, Undoable
 
@@ -23,4 +26,6 @@ __all__ = [
     "HistoryStep",
     "History",
     "Undoable",
+    "interactive_adapter_name",
+    "interactive_model",
 ]

@@ -118,13 +118,17 @@ class Session(InteractiveMixin):
     # ------------------------------------------------------------------ embeddings
     @property
     def cache_key(self) -> str:
-        """Hash of (volume content, intensity mapping, model checkpoint, adapter, precision)."""
+        """Hash of (volume content, intensity mapping, model checkpoint, adapter, precision).
+
+        An adapter that leaves the image encoder as is (no encoder LoRA targets, e.g. the
+        click-aware decoder adapter) keeps the base model's key: its embeddings are the same."""
+        adapter = self.model.adapter
         parts = [
             self._content_hash,
             self.intensity_name,
             self.model.kind,
             self.model.checkpoint_sha256,
-            self.model.adapter_digest,
+            self.model.adapter_digest if adapter is not None and adapter.targets else "",
         ]
         # always part of the key: before fp16 became the CUDA default, bf16 embeddings were
         # cached under keys without it, which must never be read back as another precision

@@ -120,6 +120,12 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
         self._after_model: list[Callable[[], Any]] = []
         activate()  # samed as napari's reader for medical formats (also on plugin activation)
         self.ui = build_ui(self)
+        # the Train adapter and uncertainty panels live in their own modules
+        from ._train_panel import attach_train_panel
+        from ._uncertainty_panel import attach_uncertainty_panel
+
+        self.uncertainty_panel = attach_uncertainty_panel(self)
+        self.train_panel = attach_train_panel(self)
         self._connect()
         self._refresh_choices()
         self._bind_keys()

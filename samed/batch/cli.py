@@ -98,6 +98,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="DIR",
         help="keep slice embeddings here (a rerun with other prompts then costs only the decoder)",
     )
+    p.add_argument(
+        "--uncertainty",
+        nargs="?",
+        const="entropy",
+        default=None,
+        choices=("entropy", "margin", "flip"),
+        help="automatic mode: also write uncertainty.nii.gz per case (on the source grid) and an "
+        "'uncertainty' column in summary.csv to sort by (default method: entropy, free; flip "
+        "doubles the encoder cost)",
+    )
     p.add_argument("--no-qc", action="store_true", help="do not write qc.png montages")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_segment)
@@ -134,6 +144,7 @@ def run_segment(args: argparse.Namespace) -> int:
             postprocess=getattr(args, "postprocess", "adapter"),
             precision=getattr(args, "precision", "auto"),
             progress=bars,
+            uncertainty=getattr(args, "uncertainty", None),
         )
     finally:
         bars.close()

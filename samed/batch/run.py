@@ -41,6 +41,7 @@ __all__ = ["FORMATS", "segment_batch"]
 FORMATS = ("nifti", "dicom-seg")
 _MARKER = "case.json"
 _LABELS_FILE = "labels.nii.gz"
+_UNCERTAINTY_FILE = "uncertainty.nii.gz"
 _SEG_FILE = "seg.dcm"
 _QC_FILE = "qc.png"
 
@@ -168,6 +169,11 @@ def _segment_automatic(
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     out = apply_postprocessing(out, postprocess, session.model)
+    return _automatic_names(session, out)
+
+
+def _automatic_names(session: Any, out: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    """The label map in its output dtype and the adapter's label names."""
     adapter = session.model.adapter
     names = {int(k): str(v) for k, v in (adapter.labels if adapter else {}).items()}
     num_classes = adapter.num_classes if adapter else 0
@@ -216,6 +222,7 @@ class _Job:
     postprocess: str
     settings: dict[str, Any]
     amp: bool | str = True
+    uncertainty: str | None = None
 
 
 def _case_settings(job: _Job, case: CaseInput) -> dict[str, Any]:
@@ -260,6 +267,14 @@ def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None
         labels, names = _segment_prompted(
             session, volume, job.prompts[case.case_id], job.min_slice_iou, report
         )
+    elif job.uncertainty:
+        from ..uncertainty import automatic_uncertainty
+
+        unc = automatic_uncertainty(
+            session, job.uncertainty, postprocess=job.postprocess, progress=report
+        )
+        labels, names = _automatic_names(session, unc.labels)
+        result.uncertainty = round(unc.score, 6)
     else:
         labels, names = _segment_automatic(session, report, job.postprocess)
     emit("write")
@@ -268,6 +283,9 @@ def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None
     if "nifti" in job.formats:
         save_nifti(labels, volume, folder / _LABELS_FILE)
         outputs.append(_LABELS_FILE)
+    if job.uncertainty and job.mode == "automatic":
+        save_nifti(unc.uncertainty, volume, folder / _UNCERTAINTY_FILE)  # the source grid
+        outputs.append(_UNCERTAINTY_FILE)
     if "dicom-seg" in job.formats and case.is_dicom:
         present = {v: n for v, n in names.items() if np.any(labels == v)}
         if present:
@@ -320,6 +338,7 @@ def segment_batch(
     postprocess: str = "adapter",
     precision: str = "auto",
     progress: ProgressCallback | None = None,
+    uncertainty: str | None = None,
 ) -> BatchSummary:
     """Segment every case found in ``inputs`` into ``out_dir`` (the Python form of ``samed segment``).
 
@@ -355,6 +374,9 @@ def segment_batch(
         precision: encoder precision on CUDA: ``"auto"`` (fp16 autocast), ``"fp32"``,
             ``"fp16"`` or ``"bf16"`` (see :mod:`samed.precision`); CPU always runs float32.
         progress: called with a :class:`ProgressEvent` as the batch advances.
+        uncertainty: automatic mode: a :data:`samed.uncertainty.METHODS` name to also write
+            ``uncertainty.nii.gz`` per case (source grid) and the case score in the summary's
+            ``uncertainty`` column; None (default) skips it.
 
     Returns:
         The :class:`BatchSummary` (also written to ``out_dir/summary.json`` and ``summary.csv``).
@@ -426,6 +448,14 @@ def segment_batch(
         "postprocess": describe_postprocessing(postprocess, net) if mode == "automatic" else None,
         "precision": encoder_precision(dev, amp),
     }
+    if uncertainty is not None:
+        from ..uncertainty import METHODS
+
+        if uncertainty not in METHODS:
+            raise ValueError(f"uncertainty={uncertainty!r} must be one of {METHODS}")
+        if mode != "automatic":
+            raise ValueError("--uncertainty needs an automatic adapter (automatic mode)")
+        settings["uncertainty"] = uncertainty
     job = _Job(
         model=_OomFallbackModel(net),
         mode=mode,
@@ -440,6 +470,7 @@ def segment_batch(
         postprocess=postprocess,
         settings=settings,
         amp=amp,
+        uncertainty=uncertainty,
     )
     check_writable(out)
     clean_temporaries(out)
@@ -501,6 +532,7 @@ def segment_batch(
                     volumes_ml=dict(marker.get("volumes_ml", {})),
                     labels={int(k): v for k, v in marker.get("labels", {}).items()},
                     outputs=list(marker.get("outputs", [])),
+                    uncertainty=marker.get("uncertainty"),
                 )
             else:
                 diff = sorted(

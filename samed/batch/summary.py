@@ -30,6 +30,8 @@ class CaseResult:
         labels: label value -> name.
         outputs: files written in the case folder (names relative to it).
         error: the error message (``""`` unless status is ``"error"``).
+        uncertainty: automatic mode with ``--uncertainty``: the case's uncertainty score
+            (:func:`samed.uncertainty.case_score`; higher = review first), else None.
     """
 
     case: str
@@ -42,6 +44,7 @@ class CaseResult:
     labels: dict[int, str] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     error: str = ""
+    uncertainty: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -150,13 +153,14 @@ def write_summary(out_dir: Path, summary: BatchSummary) -> None:
     writer.writerow(
         ["case", "source", "status", "seconds", "mode", "slices"]
         + [f"volume_ml_{n}" for n in names]
-        + ["outputs", "error"]
+        + ["outputs", "error", "uncertainty"]
     )
     for r in summary.results:
         writer.writerow(
             [r.case, r.source, r.status, f"{r.seconds:.2f}", r.mode, r.slices]
             + [r.volumes_ml.get(n, "") for n in names]
             + [";".join(r.outputs), r.error]
+            + ["" if r.uncertainty is None else f"{r.uncertainty:.6f}"]
         )
     with atomic_write(out_dir / "summary.csv") as tmp:
         tmp.write_text(buf.getvalue())

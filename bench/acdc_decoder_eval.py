@@ -27,44 +27,48 @@ DATA = Path(os.environ.get("SAMED_SHARED_DATA", REPO.parent / "shared" / "data")
 
 
 def val_embeddings(
-    split: str = "val", limit: int | None = None, cache: str | Path | None = None
+    split: str = "val",
+    limit: int | None = None,
+    cache: str | Path | None = None,
+    cache_only: bool = False,
 ) -> list[dict[str, Any]]:
     """[{case, vol, gt, emb (Z, 256, 64, 64) fp16, geo}] of ACDC ``split`` with the base
-    LiteMedSAM encoder; ``cache``: a torch file of the embeddings, reused when present."""
+    LiteMedSAM encoder; ``cache``: a torch file of the embeddings, extended after every volume
+    and reused; ``cache_only``: only the volumes already cached."""
     import torch
-
-    if cache is not None and Path(cache).is_file():
-        saved = torch.load(cache, weights_only=False)
-        out = []
-        from samed.engine.preprocess import slice_geometry
-        from samed.io import load_label_map, load_volume
-
-        for case_id, image, label, emb in saved[: limit or None]:
-            vol = load_volume(image)
-            gt = np.asarray(load_label_map(label, reference=vol).array).astype(np.int64)
-            out.append({"case": case_id, "vol": vol, "gt": gt, "emb": emb,
-                        "geo": slice_geometry(vol.shape[1:], 256)})
-        return out
 
     from samed.datasets import load_dataset
     from samed.engine import Session
+    from samed.engine.preprocess import slice_geometry
     from samed.io import load_label_map, load_volume
     from samed.model import load_model
 
-    base = load_model("litemedsam")
+    saved: list = []
+    if cache is not None and Path(cache).is_file():
+        saved = torch.load(cache, weights_only=False)
+    done = {row[0] for row in saved}
     ds = load_dataset(DATA / "acdc")
-    out = []
-    for case in ds.split(split)[: limit or None]:
+    todo = [] if cache_only else ds.split(split)[: limit or None]
+    base = load_model("litemedsam") if any(c.case_id not in done for c in todo) else None
+    for case in todo:
+        if case.case_id in done:
+            continue
         vol = load_volume(case.image)
-        gt = np.asarray(load_label_map(case.label, reference=vol).array).astype(np.int64)
         sess = Session(base, vol, intensity="auto")
         sess.embed()
         emb = torch.cat([sess.embedding(z) for z in range(sess.shape[0])]).half()
-        out.append({"case": case.case_id, "vol": vol, "gt": gt, "emb": emb,
-                    "geo": sess.geometry, "files": (str(case.image), str(case.label))})
+        saved.append((case.case_id, str(case.image), str(case.label), emb))
+        if cache is not None:  # after every volume: a partial cache is usable
+            tmp = Path(str(cache) + ".tmp")
+            torch.save(saved, tmp)
+            tmp.replace(cache)
         print(f"  embedded {case.case_id}", flush=True)
-    if cache is not None:
-        torch.save([(c["case"], *c["files"], c["emb"]) for c in out], cache)
+    out = []
+    for case_id, image, label, emb in saved[: limit or None]:
+        vol = load_volume(image)
+        gt = np.asarray(load_label_map(label, reference=vol).array).astype(np.int64)
+        out.append({"case": case_id, "vol": vol, "gt": gt, "emb": emb,
+                    "geo": slice_geometry(vol.shape[1:], 256)})
     return out
 
 
@@ -129,7 +133,8 @@ def check_against_session(adapter: str | Path, case: dict[str, Any]) -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("adapters", nargs="*")
-    ap.add_argument("--cache", default=None, help="embeddings file (written once, then reused)")
+    ap.add_argument("--cache", default=None, help="embeddings file (extended, then reused)")
+    ap.add_argument("--cache-only", action="store_true", help="score on the cached volumes only")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -137,7 +142,7 @@ def main() -> int:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    cases = val_embeddings(limit=args.limit, cache=args.cache)
+    cases = val_embeddings(limit=args.limit, cache=args.cache, cache_only=args.cache_only)
     print(f"embedded {len(cases)} val volumes in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     for a in args.adapters:

@@ -42,6 +42,9 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_panel.json"))
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--cache-copies", type=int, default=None,
+                    help="train.cache_copies (default: the recipe's)")
+    ap.add_argument("--eval-cache", default=None, help="val embeddings file (acdc_decoder_eval)")
     args = ap.parse_args()
     import napari
     from qtpy.QtWidgets import QApplication
@@ -63,6 +66,8 @@ def main() -> int:
     panel = widget.train_panel
     marks = tuple(m for m in SNAPSHOTS if m <= args.minutes + 5)
     panel.train_options = {"snapshot_minutes": marks}
+    if args.cache_copies:
+        panel.train_options["overrides"] = {"train.cache_copies": args.cache_copies}
     panel.refresh_layers()
     panel.set_checked(labels_names)
     panel.name_edit.setText(args.name)
@@ -114,7 +119,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "bench"))
     from acdc_decoder_eval import check_against_session, score_adapter, val_embeddings
 
-    val = val_embeddings(limit=args.eval_limit)
+    val = val_embeddings(limit=args.eval_limit, cache=args.eval_cache)
     curve = []
     for snap in res["snapshots"]:
         r = score_adapter(snap["path"], val)

@@ -55,7 +55,9 @@ def _embed(model: Any, images: list[np.ndarray], batch: int = 4) -> torch.Tensor
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch):
-            x = prepare_slices(np.stack(images[i : i + batch]), model.image_size)
+            # one by one: slices of different volumes differ in shape
+            x = torch.cat([prepare_slices(im[None], model.image_size)
+                           for im in images[i : i + batch]])
             out.append(model.encode(x.to(model.device)).to(torch.float16).cpu())
     return torch.cat(out)
 

@@ -46,8 +46,10 @@ __all__ = [
 ]
 
 METHODS = ("entropy", "margin", "flip")
-#: chosen from bench/bench_uncertainty.py (see docs/BENCHMARKS.md)
-DEFAULT_METHOD = "entropy"
+#: chosen from bench/bench_uncertainty.py (docs/BENCHMARKS.md "Uncertainty"; ACDC val, 8 volumes,
+#: voxel "is wrong" AUROC over every voxel: flip 0.957, entropy 0.879, margin 0.827; cost 1.9-2.1x
+#: against 1.0x for entropy): flip ranks errors best; entropy is the free alternative
+DEFAULT_METHOD = "flip"
 
 
 def _check_probs(probs: np.ndarray, what: str = "probs") -> np.ndarray:

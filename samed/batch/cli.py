@@ -101,12 +101,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--uncertainty",
         nargs="?",
-        const="entropy",
+        const="flip",
         default=None,
         choices=("entropy", "margin", "flip"),
         help="automatic mode: also write uncertainty.nii.gz per case (on the source grid) and an "
-        "'uncertainty' column in summary.csv to sort by (default method: entropy, free; flip "
-        "doubles the encoder cost)",
+        "'uncertainty' column in summary.csv to sort by (default method: flip, which ranks "
+        "errors best and doubles the encoder cost; entropy is free)",
     )
     p.add_argument("--no-qc", action="store_true", help="do not write qc.png montages")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -24,6 +24,7 @@ __all__ = [
     "VOLUME_SUFFIXES",
     "READABLE_SUFFIXES",
     "strip_volume_suffix",
+    "user_adapter_dir",
     "CT_WINDOWS",
     "WindowPreset",
     "AdapterInfo",
@@ -253,16 +254,30 @@ class AdapterInfo:
         return not self.problem
 
 
+def user_adapter_dir() -> Path:
+    """Where adapters trained by the user land (``samed finetune --from-annotations``, the
+    napari *Train adapter* panel): ``$SAMED_ADAPTER_DIR``, else
+    ``$XDG_DATA_HOME/samed/adapters`` (default ``~/.local/share/samed/adapters``). Not created
+    here; :func:`adapter_search_paths` lists it."""
+    env = os.environ.get("SAMED_ADAPTER_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base).expanduser() / "samed" / "adapters"
+
+
 def adapter_search_paths() -> list[Path]:
     """Folders searched for adapters, in priority order.
 
-    ``$SAMED_ADAPTERS`` (os.pathsep-separated), then ``./adapters``, then the ``adapters/`` folder
-    of the source checkout this package was imported from (the shipped adapters).
+    ``$SAMED_ADAPTERS`` (os.pathsep-separated), then the user adapter folder
+    (:func:`user_adapter_dir`), then ``./adapters``, then the ``adapters/`` folder of the source
+    checkout this package was imported from (the shipped adapters).
     """
     paths: list[Path] = []
     env = os.environ.get("SAMED_ADAPTERS")
     if env:
         paths.extend(Path(p) for p in env.split(os.pathsep) if p)
+    paths.append(user_adapter_dir())
     paths.append(Path.cwd() / "adapters")
     paths.append(Path(__file__).resolve().parent.parent / "adapters")
     seen: set[Path] = set()

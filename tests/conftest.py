@@ -108,3 +108,14 @@ def make_tiny_volume() -> Callable[..., Volume]:
 def tiny_volume(make_tiny_volume: Callable[..., Volume]) -> Volume:
     """A 3 x 60 x 80 synthetic volume (noise plus a bright block), no modality, identity affine."""
     return make_tiny_volume()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_adapters(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Every test sees an empty user adapter folder (``$SAMED_ADAPTER_DIR``,
+    :func:`samed.registry.user_adapter_dir`), never the real ``~/.local/share/samed/adapters``."""
+    d = tmp_path_factory.mktemp("user-adapters")
+    monkeypatch.setenv("SAMED_ADAPTER_DIR", str(d))
+    return d

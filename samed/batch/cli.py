@@ -100,6 +100,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="DIR",
         help="keep slice embeddings here (a rerun with other prompts then costs only the decoder)",
     )
+    p.add_argument(
+        "--uncertainty",
+        nargs="?",
+        const="flip",
+        default=None,
+        choices=("entropy", "margin", "flip"),
+        help="automatic mode: also write uncertainty.nii.gz per case (on the source grid) and an "
+        "'uncertainty' column in summary.csv to sort by (default method: flip, which ranks "
+        "errors best and doubles the encoder cost; entropy is free)",
+    )
     p.add_argument("--no-qc", action="store_true", help="do not write qc.png montages")
     p.add_argument(
         "--series-filter",
@@ -205,6 +215,7 @@ def run_segment(args: argparse.Namespace) -> int:
             upload=bool(getattr(args, "upload", False)),
             ray=getattr(args, "ray", None),
             ray_workers=getattr(args, "ray_workers", None),
+            uncertainty=getattr(args, "uncertainty", None),
         )
     finally:
         bars.close()

@@ -117,6 +117,7 @@ def segment_batch(
     upload: bool = False,
     ray: str | None = None,
     ray_workers: int | None = None,
+    uncertainty: str | None = None,
 ) -> BatchSummary:
     """Segment every case found in ``inputs`` into ``out_dir`` (the Python form of ``samed segment``).
 
@@ -162,6 +163,9 @@ def segment_batch(
         ray: run the cases on a Ray cluster (:mod:`samed.batch.distributed`): ``"local"``
             (start one here), ``"auto"`` or ``"ray://host:port"``; None: in this process.
         ray_workers: Ray actors (one model each); default: one per GPU, else one per CPU.
+        uncertainty: automatic mode: a :data:`samed.uncertainty.METHODS` name to also write
+            ``uncertainty.nii.gz`` per case (source grid) and the case score in the summary's
+            ``uncertainty`` column; None (default) skips it.
 
     Returns:
         The :class:`BatchSummary` (also written to ``out_dir/summary.json`` and ``summary.csv``).
@@ -257,6 +261,14 @@ def segment_batch(
         "postprocess": describe_postprocessing(postprocess, net) if mode == "automatic" else None,
         "precision": encoder_precision(dev, amp),
     }
+    if uncertainty is not None:
+        from ..uncertainty import METHODS
+
+        if uncertainty not in METHODS:
+            raise ValueError(f"uncertainty={uncertainty!r} must be one of {METHODS}")
+        if mode != "automatic":
+            raise ValueError("--uncertainty needs an automatic adapter (automatic mode)")
+        settings["uncertainty"] = uncertainty
     job = Job(
         model=_OomFallbackModel(net),
         mode=mode,
@@ -273,6 +285,7 @@ def segment_batch(
         amp=amp,
         series_filter=rules,
         dicomweb=dicomweb,
+        uncertainty=uncertainty,
     )
     check_writable(out)
     clean_temporaries(out)
@@ -377,6 +390,7 @@ class Batch:
                     labels={int(k): v for k, v in marker.get("labels", {}).items()},
                     outputs=list(marker.get("outputs", [])),
                     uploaded=str(marker.get("uploaded", "")),
+                    uncertainty=marker.get("uncertainty"),
                 )
                 if self.upload and not row.uploaded and _SEG_FILE in row.outputs:
                     row = self._upload_finished(row, folder, marker)

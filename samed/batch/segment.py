@@ -25,6 +25,7 @@ __all__ = ["MARKER", "LABELS_FILE", "SEG_FILE", "QC_FILE", "Job", "case_settings
 MARKER = "case.json"
 LABELS_FILE = "labels.nii.gz"
 SEG_FILE = "seg.dcm"
+UNCERTAINTY_FILE = "uncertainty.nii.gz"
 QC_FILE = "qc.png"
 
 
@@ -151,6 +152,11 @@ def _segment_automatic(
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     out = apply_postprocessing(out, postprocess, session.model)
+    return _automatic_names(session, out)
+
+
+def _automatic_names(session: Any, out: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    """The label map in its output dtype and the adapter's label names."""
     adapter = session.model.adapter
     names = {int(k): str(v) for k, v in (adapter.labels if adapter else {}).items()}
     num_classes = adapter.num_classes if adapter else 0
@@ -176,6 +182,7 @@ class Job:
     settings: dict[str, Any]
     amp: bool | str = True
     series_filter: Any = None
+    uncertainty: str | None = None
     dicomweb: Any = None
 
     def without_model(self) -> Job:
@@ -249,6 +256,14 @@ def _run_local(job: Job, case: CaseInput, folder: Path, emit: Callable[..., None
         labels, names = _segment_prompted(
             session, volume, job.prompts[case.case_id], job.min_slice_iou, report
         )
+    elif job.uncertainty:
+        from ..uncertainty import automatic_uncertainty
+
+        unc = automatic_uncertainty(
+            session, job.uncertainty, postprocess=job.postprocess, progress=report
+        )
+        labels, names = _automatic_names(session, unc.labels)
+        result.uncertainty = round(unc.score, 6)
     else:
         labels, names = _segment_automatic(session, report, job.postprocess)
     emit("write")
@@ -257,6 +272,9 @@ def _run_local(job: Job, case: CaseInput, folder: Path, emit: Callable[..., None
     if "nifti" in job.formats:
         save_nifti(labels, volume, folder / LABELS_FILE)
         outputs.append(LABELS_FILE)
+    if job.uncertainty and job.mode == "automatic":
+        save_nifti(unc.uncertainty, volume, folder / UNCERTAINTY_FILE)  # the source grid
+        outputs.append(UNCERTAINTY_FILE)
     if "dicom-seg" in job.formats and case.is_dicom:
         present = {v: n for v, n in names.items() if np.any(labels == v)}
         if present:

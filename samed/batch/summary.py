@@ -43,6 +43,8 @@ class CaseResult:
         error_kind: what failed, a key of :data:`EXIT_CODES` (``"case"``: reading or segmenting;
             ``"not-found"``, ``"server"``, ``"auth"``: the DICOMweb server); ``""`` unless error.
         uploaded: SOPInstanceUID of the DICOM SEG stored on the DICOMweb server (``--upload``).
+        uncertainty: automatic mode with ``--uncertainty``: the case's uncertainty score
+            (:func:`samed.uncertainty.case_score`; higher = review first), else None.
     """
 
     case: str
@@ -57,6 +59,7 @@ class CaseResult:
     error: str = ""
     error_kind: str = ""
     uploaded: str = ""
+    uncertainty: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -176,13 +179,14 @@ def write_summary(out_dir: Path, summary: BatchSummary) -> None:
     writer.writerow(
         ["case", "source", "status", "seconds", "mode", "slices"]
         + [f"volume_ml_{n}" for n in names]
-        + ["outputs", "error"]
+        + ["outputs", "error", "uncertainty"]
     )
     for r in summary.results:
         writer.writerow(
             [r.case, r.source, r.status, f"{r.seconds:.2f}", r.mode, r.slices]
             + [r.volumes_ml.get(n, "") for n in names]
             + [";".join(r.outputs), r.error]
+            + ["" if r.uncertainty is None else f"{r.uncertainty:.6f}"]
         )
     with atomic_write(out_dir / "summary.csv") as tmp:
         tmp.write_text(buf.getvalue())

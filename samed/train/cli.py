@@ -33,7 +33,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Train LoRA + decoder on labeled data as configs/NAME.yaml says; writes "
         "checkpoint.pt, metrics.json, curve.png and the best adapter to --out.",
     )
-    p.add_argument("--config", required=True, help="YAML fine-tuning config (configs/*.yaml)")
+    p.add_argument(
+        "--config", default=None, help="YAML fine-tuning config (configs/*.yaml); required "
+        "unless --from-annotations"
+    )
     p.add_argument("--out", default=None, help="output folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument(
@@ -52,12 +55,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="DIR",
         help="also copy the best adapter to DIR/<name> (e.g. adapters)",
     )
+    from .cli_annotations import add_annotation_arguments
+
+    add_annotation_arguments(p)
     p.set_defaults(func=run_finetune)
     return p
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     """``samed finetune``: returns 0 on success, 2 on a configuration or data error."""
+    if getattr(args, "from_annotations", None):
+        from .cli_annotations import run_from_annotations
+
+        return run_from_annotations(args)
+    if not args.config:
+        print("samed finetune: give --config YAML or --from-annotations DIR", file=sys.stderr)
+        return 2
     from .loop import finetune  # torch: imported only to run the command
 
     try:

@@ -1,0 +1,382 @@
+"""The fast CPU recipe for a handful of annotated volumes: the mask decoder trained on cached
+embeddings (``samed finetune --from-annotations``, the napari *Train adapter* panel).
+
+Recipe ``decoder`` (chosen by measurement, docs/TRAINING.md "Training from annotations"): the
+image encoder stays frozen, so every training slice's embedding (``train.cache_copies`` copies:
+copy 0 as annotated, the others augmented) and every held-back validation slice's embedding are
+computed once; a step then costs only the mask decoder (~0.2 s at batch 1 on a laptop CPU, 4x
+less than LoRA on the last encoder stage). The adapter carries a zero-initialised, frozen LoRA on
+one encoder block (a samed adapter always has one), so it changes only the decoder (and the
+automatic head). Learning rate: warm-up, then cosine over ``train.max_minutes`` (or over
+``train.iterations`` without a time limit). Validation (every ``validation.interval`` steps) is
+3D Dice per held-back volume from the cached embeddings — the inference path minus the
+encoder, which the adapter does not change; the best adapter is kept, and a stop (the
+``should_stop`` callback, the panel's Stop button) keeps it.
+
+Python::
+
+    from samed.train.quick import train_quick
+    res = train_quick(cfg, "runs/mine", callback=print, should_stop=lambda: False)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..evaluate.metrics import dice
+from .config import FinetuneConfig
+from .data import Sample, SliceSet, collate, load_cases, prepare_targets, sample_rng
+from .loop import loss_fn
+from .model import _attach_lora, build_base_model
+from .report import adapter_metadata
+
+__all__ = ["train_quick", "QUICK_LORA_TARGET", "RECIPE"]
+
+RECIPE = "decoder"
+#: the one encoder block that carries the (zero, frozen) LoRA of a decoder-only adapter
+QUICK_LORA_TARGET = r"image_encoder\.layers\.3\.blocks\.0\.attn\.qkv"
+
+Event = dict[str, Any]
+
+
+def _embed(model: Any, images: list[np.ndarray], batch: int = 4) -> torch.Tensor:
+    """(N, 256, 64, 64) float16 embeddings of (H, W) slices in model intensity units."""
+    from ..engine.preprocess import prepare_slices
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            # one by one: slices of different volumes differ in shape
+            x = torch.cat([prepare_slices(im[None], model.image_size)
+                           for im in images[i : i + batch]])
+            out.append(model.encode(x.to(model.device)).to(torch.float16).cpu())
+    return torch.cat(out)
+
+
+def train_quick(
+    cfg: FinetuneConfig,
+    out: str | Path,
+    *,
+    callback: Callable[[Event], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    snapshot_minutes: tuple[float, ...] = (),
+    device: str | None = None,
+    command: str = "",
+    log: Callable[[str], None] = print,
+    extra_metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train a decoder-only adapter on cached embeddings; the best one lands in ``out/adapter``.
+
+    Args:
+        cfg: the run (``data`` usually ``format: pairs`` with ``split`` train / val; ``lora``
+            is replaced by the frozen :data:`QUICK_LORA_TARGET`; ``train.cache_stages`` is
+            ignored: the whole encoder is cached).
+        out: run folder (created): ``adapter/``, ``metrics.json``, ``finetune.yaml``,
+            ``snapshots/min_<M>/`` (the best adapter so far at each of ``snapshot_minutes``).
+        callback: receives events: ``{"event": "cache", "done", "total"}``,
+            ``{"event": "step", "step", "loss", "minutes", "fraction"}``,
+            ``{"event": "val", "step", "mean_dice", "per_class", "best", "minutes"}``,
+            ``{"event": "done", ...result}``.
+        should_stop: polled every step (and during caching); True stops and keeps the best.
+        snapshot_minutes: wall-clock minutes (from the start of caching) at which to copy the
+            best adapter so far (for Dice-against-time curves).
+        device: overrides ``cfg.train.device``.
+        command: recorded in the metadata.
+        log: progress lines.
+        extra_metadata: merged into metadata.json (e.g. ``{"annotations": [...]}``).
+
+    Returns:
+        ``{"out", "adapter" (None if stopped before any step), "steps", "best_step",
+        "best_mean_dice", "stopped", "seconds", "cache_seconds", "validation", "snapshots"}``.
+
+    Raises:
+        ValueError: unreadable data, no foreground.
+    """
+    import dataclasses
+
+    from ..lora import save_adapter
+    from ..model import resolve_device
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    emit = callback or (lambda ev: None)
+    stop = should_stop or (lambda: False)
+    cfg = dataclasses.replace(
+        cfg,
+        lora=dataclasses.replace(cfg.lora, target_modules=QUICK_LORA_TARGET, train_decoder=True),
+        train=dataclasses.replace(cfg.train, cache_stages=0),
+    )
+    dev = resolve_device(device or cfg.train.device)
+    t_start = time.perf_counter()
+
+    cpu0 = time.process_time()
+
+    def minutes() -> float:
+        return (time.perf_counter() - t_start) / 60.0
+
+    def cpu_minutes() -> float:  # this process's CPU time: comparable across machine loads
+        return (time.process_time() - cpu0) / 60.0
+
+    train_cases, labels, summary = load_cases(cfg.data, "train")
+    has_val = cfg.data.val_split and any(
+        c.get("split", "train") == cfg.data.val_split for c in cfg.data.cases
+    ) if cfg.data.format == "pairs" else bool(cfg.data.val_split)
+    val_cases = load_cases(cfg.data, cfg.data.val_split)[0] if has_val else []
+    num_classes = max(labels) + 1
+    torch.manual_seed(cfg.train.seed)
+    model = build_base_model(cfg, dev)
+    _attach_lora(model, cfg, num_classes)
+    model.to(dev)
+    model.adapter.labels = dict(labels)
+    for n, p in model.named_parameters():
+        if ".lora_A." in n or ".lora_B." in n:
+            p.requires_grad_(False)  # B = 0: the encoder stays the base encoder
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    log(
+        f"{RECIPE} recipe on {dev}: {summary['num_volumes']} volumes ({summary['num_slices']} "
+        f"slices), {len(val_cases)} held back; {sum(p.numel() for p in params):,} trainable "
+        f"parameters; classes {labels}"
+    )
+    slices = SliceSet(
+        train_cases, cfg.mode, cfg.augment, cfg.prompt, model.image_size,
+        model.low_res_size, cfg.data.empty_slice_fraction,
+    )
+    # ---- cache: training copies, then validation slices
+    copies = cfg.train.cache_copies
+    todo: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+    for i, (image, label) in enumerate(slices.slices):
+        for c in range(copies):
+            if c == 0:
+                im, lab = image, label
+            else:
+                im, lab = slices.augment(image, label, sample_rng(cfg.train.seed, 10**9 + c, i))
+            todo.append((i, c, im, lab))
+    n_val = sum(v.image.shape[0] for v in val_cases)
+    total = len(todo) + n_val
+    feats: dict[tuple[int, int], torch.Tensor] = {}
+    labs: dict[tuple[int, int], np.ndarray] = {}
+    val_emb: list[torch.Tensor] = []
+    done = 0
+    chunk = 4
+    stopped = False
+    for k in range(0, len(todo), chunk):
+        part = todo[k : k + chunk]
+        emb = _embed(model, [t[2] for t in part])
+        for (i, c, _, lab), e in zip(part, emb, strict=True):
+            feats[(i, c)], labs[(i, c)] = e, lab
+        done += len(part)
+        emit({"event": "cache", "done": done, "total": total, "minutes": minutes()})
+        if done % max(chunk, (total // 10) // chunk * chunk) == 0:
+            log(f"cached {done}/{total} embeddings ({minutes():.1f} min)")
+        if stop():
+            stopped = True
+            break
+    for v in val_cases:
+        if stopped:
+            break
+        val_emb.append(_embed(model, list(v.image)))
+        done += v.image.shape[0]
+        emit({"event": "cache", "done": done, "total": total, "minutes": minutes()})
+        stopped = stop()
+    cache_s = time.perf_counter() - t_start
+    log(f"cached {len(feats)} training + {n_val} validation embeddings in {cache_s:.1f} s")
+
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=cfg.optim.lr,
+    )
+    mm = cfg.train.max_minutes
+    state: dict[str, Any] = {"best": -1.0, "best_step": -1, "bad": 0, "val": [], "loss": []}
+    snaps = sorted(float(m) for m in snapshot_minutes)
+    snap_done: list[dict[str, Any]] = []
+    fg = {k: v for k, v in labels.items() if k != 0}
+
+    def validate_cached() -> dict[str, Any]:
+        from ..engine.preprocess import slice_geometry
+        from ..model.sam import upscale_logits
+
+        model.eval()
+        rows = []
+        with torch.inference_mode():
+            for v, emb in zip(val_cases, val_emb, strict=True):
+                geo = slice_geometry(v.image.shape[1:], model.image_size)
+                pred = np.zeros(v.label.shape, np.int16)
+                for z0 in range(0, emb.shape[0], 8):
+                    e = emb[z0 : z0 + 8].float().to(dev)
+                    lg, _ = model.decode(e, multimask_output=True)
+                    full = upscale_logits(lg, geo.resized_hw, geo.original_hw, geo.image_size)
+                    pred[z0 : z0 + 8] = full.argmax(1).cpu().numpy()
+                scores = {fg[k]: dice(pred == k, v.label == k) for k in fg}
+                rows.append({"case": v.case_id, "dice": scores})
+        per_class = {n: float(np.nanmean([r["dice"][n] for r in rows])) for n in fg.values()}
+        means = [float(np.nanmean(list(r["dice"].values()))) for r in rows]
+        model.mask_decoder.train()
+        return {"per_case": rows, "per_class": per_class, "mean_dice": float(np.nanmean(means))}
+
+    def validate_prompted() -> dict[str, Any]:
+        from .loop import validate
+
+        res = validate(model, val_cases, labels, "prompted",
+                       box_margin=cfg.validation.box_margin, batch_size=4)
+        model.mask_decoder.train()
+        return res
+
+    def export(step: int, val: dict[str, Any] | None) -> None:
+        meta = adapter_metadata(
+            cfg, labels, summary, val, step, command, str(dev), time.perf_counter() - t_start,
+            model,
+        )
+        meta["training"]["iterations_run"] = step
+        meta["training"]["recipe"] = (
+            f"{RECIPE}: frozen encoder, {copies} cached embeddings per slice (copy 0 as "
+            "annotated), mask decoder trained (samed.train.quick)"
+        )
+        meta.update(extra_metadata or {})
+        save_adapter(model, out / "adapter", labels=labels, metadata=meta, overwrite=True)
+
+    def snapshot(mark: float) -> None:
+        dst = out / "snapshots" / f"min_{mark:g}"
+        if dst.exists():
+            shutil.rmtree(dst)
+        if (out / "adapter").is_dir():
+            shutil.copytree(out / "adapter", dst)
+            snap_done.append({"minutes": mark, "cpu_minutes": round(cpu_minutes(), 3),
+                              "path": str(dst), "best_step": state["best_step"],
+                              "val_mean_dice": state["best"]})
+
+    step = 0
+    model.mask_decoder.train()
+    t_train = time.perf_counter()
+    s = slices
+    while not stopped and step < cfg.train.iterations:
+        frac = (
+            (time.perf_counter() - t_train) / (60 * mm) if mm else step / cfg.train.iterations
+        )
+        if mm and frac >= 1.0:
+            break
+        warm = min(1.0, (step + 1) / cfg.optim.warmup) if cfg.optim.warmup else 1.0
+        lr = cfg.optim.lr * warm * (
+            1.0 if cfg.optim.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * frac))
+        )
+        for g in opt.param_groups:
+            g["lr"] = lr
+        samples, embs = [], []
+        for b in range(cfg.train.batch_size):
+            rng = sample_rng(cfg.train.seed, step, b)
+            if cfg.mode == "automatic":
+                pool = s.empty if (s.empty and rng.random() < s.empty_fraction) else s.foreground
+                i, cls = pool[int(rng.integers(len(pool)))], 0
+            else:
+                i, cls = s.pairs[int(rng.integers(len(s.pairs)))]
+            c = int(rng.integers(copies))
+            lab = labs[(i, c)]
+            if cfg.mode == "prompted" and not (lab == cls).any():
+                c, lab = 0, labs[(i, 0)]
+            if cfg.mode == "automatic":
+                samples.append(Sample(torch.empty(0), prepare_targets(lab[None], s.image_size,
+                                                                      s.low_res)[0]))
+            else:
+                mask = lab == cls
+                tgt = prepare_targets(mask[None].astype(np.int64), s.image_size, s.low_res)[0]
+                box, pts = s._prompt(mask, rng)
+                samples.append(Sample(torch.empty(0), tgt, box, pts))
+            embs.append(feats[(i, c)])
+        batch = collate(samples, cfg.mode)
+        emb = torch.stack(embs).float().to(dev)
+        if cfg.mode == "automatic":
+            logits, _ = model.decode(emb, multimask_output=True)
+        else:
+            pts = batch.get("points")
+            pts = (pts[0].to(dev), pts[1].to(dev)) if pts is not None else None
+            logits, _ = model.decode(emb, boxes=batch["boxes"].to(dev), points=pts)
+        loss = loss_fn(logits, batch["targets"].to(dev), cfg.mode, cfg.loss.dice_weight,
+                       cfg.loss.ce_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        opt.step()
+        step += 1
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"loss became {lv} at step {step}; lower optim.lr")
+        state["loss"].append([step, round(lv, 5), round(minutes(), 3)])
+        emit({"event": "step", "step": step, "loss": lv, "minutes": minutes(),
+              "cpu_minutes": cpu_minutes(),
+              "fraction": min(1.0, frac), "lr": lr})
+        if step % cfg.train.log_interval == 0:
+            log(f"step {step} loss={lv:.4f} lr={lr:.2e} {minutes():.1f} min")
+        iv = cfg.validation.interval
+        if val_cases and iv and step % iv == 0:
+            res = validate_cached() if cfg.mode == "automatic" else validate_prompted()
+            improved = res["mean_dice"] > state["best"]
+            state["val"].append({"step": step, "minutes": round(minutes(), 3),
+                                 "cpu_minutes": round(cpu_minutes(), 3),
+                                 "mean_dice": res["mean_dice"], "per_class": res["per_class"]})
+            if improved:
+                state.update(best=res["mean_dice"], best_step=step, bad=0, best_val=res)
+                export(step, res)
+            else:
+                state["bad"] += 1
+            log(f"val step {step}: mean_dice={res['mean_dice']:.4f}{' *' if improved else ''}")
+            emit({"event": "val", "step": step, "mean_dice": res["mean_dice"],
+                  "per_class": res["per_class"], "best": state["best"], "minutes": minutes()})
+            p = cfg.validation.patience
+            if p and state["bad"] >= p:
+                log(f"early stop at step {step}")
+                break
+        elif not val_cases and step % max(1, cfg.train.checkpoint_interval) == 0:
+            export(step, None)
+            state["best_step"] = step
+        while snaps and minutes() >= snaps[0]:
+            snapshot(snaps.pop(0))
+        if stop():
+            stopped = True
+    if step and (not val_cases or state["best_step"] < 0):
+        export(step, None)  # no validation (or none ran): the last weights
+        state["best_step"] = step
+    for mark in snaps:  # the run ended before these marks: the final best stands for them
+        snapshot(mark)
+    seconds = time.perf_counter() - t_start
+    result = {
+        "out": str(out),
+        "adapter": str(out / "adapter") if (out / "adapter").is_dir() else None,
+        "recipe": RECIPE,
+        "steps": step,
+        "best_step": state["best_step"],
+        "best_mean_dice": state["best"] if val_cases else None,
+        "stopped": stopped,
+        "seconds": round(seconds, 1),
+        "cache_seconds": round(cache_s, 1),
+        "cpu_seconds": round(time.process_time() - cpu0, 1),
+        "validation": state["val"],
+        "snapshots": snap_done,
+    }
+    import yaml
+
+    (out / "finetune.yaml").write_text(
+        f"# samed.train.quick recipe {RECIPE!r} (frozen encoder, cached embeddings, decoder "
+        "trained); lora.target_modules carries a zero, frozen LoRA\n"
+        + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    )
+    (out / "metrics.json").write_text(
+        json.dumps({**result, "loss": state["loss"], "config": cfg.to_dict(),
+                    "command": command}, indent=2) + "\n"
+    )
+    log(f"done: {step} steps in {seconds / 60:.1f} min, best val {state['best']:.4f} at step "
+        f"{state['best_step']}{' (stopped)' if stopped else ''}")
+    emit({"event": "done", **result})
+    return result

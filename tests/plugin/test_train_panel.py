@@ -1,0 +1,129 @@
+"""The Train adapter and uncertainty panels of the widget, opened through the Plugins menu entry
+(``add_plugin_dock_widget``), driven by their buttons, with a tiny random model and tiny
+synthetic volumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+pytestmark = pytest.mark.gui
+
+TINY = {
+    "model.kind": "tiny",
+    "train.max_minutes": None,
+    "train.iterations": 4,
+    "train.batch_size": 1,
+    "train.cache_copies": 1,
+    "train.device": "cpu",
+    "validation.interval": 2,
+}
+
+
+@pytest.fixture
+def panel_widget(make_napari_viewer, qtbot, monkeypatch, make_tiny_volume):
+    monkeypatch.setenv("SAMED_CACHE_DIR", "none")
+    viewer = make_napari_viewer(show=True)
+    _dock, widget = viewer.window.add_plugin_dock_widget("samed", "samed segmentation")
+    for i in range(4):
+        vol = make_tiny_volume(seed=i)
+        viewer.add_image(vol.array, name=f"vol{i}")
+        lab = np.zeros(vol.array.shape, np.int32)
+        lab[:, 20:40, 30:60] = 1
+        viewer.add_labels(lab, name=f"vol{i} labels")
+    yield viewer, widget
+    widget.train_panel.stop()
+    widget.train_panel.wait(120)
+
+
+def _train(panel, qtbot, name: str, options: dict) -> None:
+    panel.train_options = {"overrides": options}
+    panel.set_checked([f"vol{i} labels" for i in range(4)])
+    panel.name_edit.setText(name)
+    panel.train_btn.click()
+    assert panel.running and not panel.train_btn.isEnabled()
+
+
+def test_train_from_layers_lists_the_adapter(panel_widget, qtbot):
+    from samed.registry import find_adapters, user_adapter_dir
+
+    viewer, widget = panel_widget
+    panel = widget.train_panel
+    assert [panel.layers_list.item(i).text() for i in range(4)] == [
+        f"vol{i} labels" for i in range(4)
+    ]
+    _train(panel, qtbot, "from-layers", TINY)
+    qtbot.waitUntil(lambda: panel.result is not None or bool(panel.error), timeout=300_000)
+    assert not panel.error
+    res = panel.result
+    assert res["steps"] == 4 and Path(res["installed"]) == user_adapter_dir() / "from-layers"
+    combo = widget.ui.adapter_combo
+    assert "from-layers" in [combo.itemData(i) for i in range(combo.count())]
+    assert "from-layers" in {a.name for a in find_adapters()}
+    kinds = [e["event"] for e in panel.events]
+    assert "cache" in kinds and "step" in kinds and "val" in kinds
+    assert "installed" in panel.status.text()
+    meta = json.loads((Path(res["installed"]) / "metadata.json").read_text())
+    assert [i["name"] for i in meta["annotations"]["images"]] == [
+        f"vol{i} labels" for i in range(4)
+    ]
+
+
+def test_bad_name_is_refused_before_training(panel_widget):
+    _viewer, widget = panel_widget
+    panel = widget.train_panel
+    panel.set_checked(["vol0 labels"])
+    panel.name_edit.setText("../escape")
+    assert panel.start() is False and not panel.running
+    assert "adapter name" in panel.status.text()
+
+
+def test_stop_keeps_a_loadable_adapter(panel_widget, qtbot, make_tiny_volume):
+    from samed.engine import Session
+    from samed.lora import load_adapter
+    from samed.model import build_tiny_model
+
+    _viewer, widget = panel_widget
+    panel = widget.train_panel
+    _train(panel, qtbot, "stopped", {**TINY, "train.iterations": 100000})
+    qtbot.waitUntil(lambda: any(e["event"] == "val" for e in panel.events), timeout=300_000)
+    panel.stop_btn.click()
+    qtbot.waitUntil(lambda: panel.result is not None or bool(panel.error), timeout=300_000)
+    res = panel.result
+    assert res["stopped"] and res["best_step"] >= 2 and res["steps"] < 100000
+    model = build_tiny_model("tinyvit", seed=0)
+    load_adapter(model, res["installed"])
+    out = Session(model, make_tiny_volume()).automatic(postprocess="none")
+    assert out.shape == (3, 60, 80)
+
+
+def test_uncertainty_panel_shows_map_and_ranked_slices(make_napari_viewer, qtbot, make_tiny_model,
+                                                      make_tiny_volume):
+    from napari_samed._session import PluginSession
+    from napari_samed._uncertainty_panel import layer_name
+    from napari_samed._widget import SamedWidget
+
+    from samed.lora import LoraConfig, apply_lora
+
+    model = make_tiny_model()
+    apply_lora(model, LoraConfig(mode="automatic", num_classes=3))
+    viewer = make_napari_viewer(show=True)
+    session = PluginSession(model_factory=lambda settings: model, cache_dir=None)
+    widget = SamedWidget(viewer, session=session)
+    viewer.window.add_dock_widget(widget)
+    vol = make_tiny_volume(z=4)
+    viewer.add_image(vol.array, name="vol")
+    panel = widget.uncertainty_panel
+    assert panel.start()
+    assert panel.wait(120) and not panel.error
+    layer = viewer.layers[layer_name("vol")]
+    assert layer.data.shape == vol.array.shape
+    assert panel.slices_list.count() >= 1
+    z = int(panel.slices_list.item(0).data(256))
+    panel._go(panel.slices_list.item(0))
+    assert viewer.dims.current_step[0] == z

@@ -464,6 +464,26 @@ def _read_metadata(folder: Path) -> tuple[dict[str, Any], Any]:
     return dict(spec), intensity
 
 
+def _read_spacing(folder: Path) -> tuple[float, float] | None:
+    """metadata.json's ``preprocessing.spacing`` as (row, column) mm, or None."""
+    path = folder / ADAPTER_METADATA
+    meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    pre = meta.get("preprocessing") if isinstance(meta, dict) else None
+    value = pre.get("spacing") if isinstance(pre, dict) else None
+    if value is None:
+        return None
+    try:
+        sp = [float(v) for v in (value if isinstance(value, list) else [value])] * 2
+    except (TypeError, ValueError):
+        sp = []
+    if len(sp) not in (2, 4) or not all(math.isfinite(v) and v > 0 for v in sp):
+        raise AdapterError(
+            f"{path}: 'preprocessing.spacing' must be one or two positive numbers (mm); "
+            f"got {value!r}"
+        )
+    return (sp[0], sp[1]) if len(sp) == 4 else (sp[0], sp[0])
+
+
 def load_adapter(
     model: SamModel, folder: str | os.PathLike, *, merge: bool = False, check_base: bool = True
 ) -> SamModel:
@@ -570,6 +590,7 @@ def load_adapter(
         labels=labels,
         postprocessing=post,
         intensity=intensity,
+        spacing=_read_spacing(folder),
     )
     if merge:
         merge_adapter(model)

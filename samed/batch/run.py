@@ -253,6 +253,8 @@ def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None
         amp=job.amp,
     )
 
+    result.preprocessing = dict(session.preprocessing)
+
     def report(done: int, total: int) -> None:
         emit("segment", done, total)
 

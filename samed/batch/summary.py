@@ -30,6 +30,8 @@ class CaseResult:
         labels: label value -> name.
         outputs: files written in the case folder (names relative to it).
         error: the error message (``""`` unless status is ``"error"``).
+        preprocessing: what reached the model (:attr:`samed.engine.Session.preprocessing`:
+            intensity applied and why, modality, pixel spacing, resampling).
     """
 
     case: str
@@ -42,6 +44,7 @@ class CaseResult:
     labels: dict[int, str] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     error: str = ""
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -284,6 +284,8 @@ def _run_case(job: _Job, case: CaseInput, folder: Path, emit: Callable[..., None
 
             preset = CT_WINDOWS[name[3:]]
             window = (preset.low, preset.high)
+        elif name.startswith("window:"):  # e.g. an adapter's recorded window:-125:275
+            window = tuple(float(v) for v in name.split(":")[1:3])
         save_qc_png(folder / _QC_FILE, volume.array, labels, affine=volume.affine, window=window)
         outputs.append(_QC_FILE)
     result.labels = names

@@ -7,10 +7,11 @@ grammar, parsed here by :func:`parse_intensity` into an :class:`IntensitySpec`:
 =============================================  ===============================================
 form                                           meaning
 =============================================  ===============================================
-``"auto"``                                     decided per volume (:meth:`IntensitySpec.resolve`):
-                                               CT (modality CT or values below -500 HU) -> the
-                                               abdomen window; data already in [0, 1] ->
-                                               unchanged; otherwise percentiles 0.5 / 99.5
+``"auto"``                                     decided per volume (:func:`decide_intensity`):
+                                               CT (modality CT, or HU-like values: below -500,
+                                               or a window-clipped HU floor) -> the abdomen
+                                               window; data already in [0, 1] -> unchanged;
+                                               otherwise percentiles 0.5 / 99.5
 ``"minmax"`` or None                           unchanged (the model min-max normalises each
                                                slice itself)
 ``"percentile"``                               percentiles 0.5 / 99.5 -> 0 / 1 (MR)
@@ -44,6 +45,8 @@ __all__ = [
     "percentile_scale",
     "resolve_window",
     "INTENSITY_FORMS",
+    "decide_intensity",
+    "looks_like_ct",
 ]
 
 #: the allowed forms, as error messages list them
@@ -115,17 +118,10 @@ class IntensitySpec:
 
     def resolve(self, array: np.ndarray, modality: str = "") -> IntensitySpec:
         """The concrete spec for a volume: ``auto`` decided on ``array`` (any shape) and the
-        DICOM ``modality``, every other kind returned unchanged."""
+        DICOM ``modality`` (:func:`decide_intensity`), every other kind returned unchanged."""
         if self.kind != "auto":
             return self
-        values = np.asarray(array)
-        lo = float(np.nanmin(values)) if values.size else 0.0
-        hi = float(np.nanmax(values)) if values.size else 0.0
-        if modality.upper() == "CT" or lo < -500:
-            return _preset("abdomen")
-        if lo >= 0.0 and hi <= 1.0:
-            return IntensitySpec("minmax")
-        return IntensitySpec("percentile", *_DEFAULT_PERCENTILES)
+        return decide_intensity(array, modality)[0]
 
     def apply(self, array: np.ndarray) -> np.ndarray:
         """Map ``array`` (any shape, typically (Z, Y, X)) to float32: [0, 1] for windows and
@@ -141,6 +137,88 @@ class IntensitySpec:
         if self.kind == "percentile":
             return percentile_scale(array, float(self.low), float(self.high))  # type: ignore[arg-type]
         raise ValueError("intensity 'auto' depends on the volume: call spec.resolve(array) first")
+
+
+#: DICOM modalities that are not CT (their values are not Hounsfield units)
+_NON_CT = ("MR", "MRI", "PT", "NM", "US", "XA", "CR", "DX", "MG", "OT")
+
+
+def looks_like_ct(array: np.ndarray) -> tuple[bool, str]:
+    """Whether a volume's values look like CT Hounsfield units, and why.
+
+    CT in HU: air reaches about -1000 (values below -500), or, for window-clipped CT (e.g.
+    BTCV's [-125, 275]), a negative floor between -1100 and -50 that many voxels sit on (air and
+    fat clipped to the window's bottom), a top of at least 150 and most of the remaining voxels
+    in the fat / soft-tissue range [-200, 200] HU. MR never has such a floor: raw MR signal
+    starts at 0 (CHAOS T2 int16 0..1300), z-scored MR at a few units below 0, rescaled MR in
+    [0, 1] (ACDC).
+
+    Args:
+        array: image of any shape (typically (Z, Y, X)).
+
+    Returns:
+        (is CT, a one-line reason naming the numbers it used).
+    """
+    values = np.asarray(array)
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values.ravel()
+    if finite.size == 0:
+        return False, "no finite voxel"
+    if finite.size > 2_000_000:  # a strided sample is enough for the statistics
+        finite = finite[:: finite.size // 2_000_000 + 1]
+    lo, hi = float(finite.min()), float(finite.max())
+    if lo < -500.0:
+        return True, f"values reach {lo:g} (< -500: air in Hounsfield units)"
+    span = hi - lo
+    if not (-1100.0 <= lo <= -50.0 and hi >= 150.0 and span >= 200.0):
+        return False, f"value range [{lo:g}, {hi:g}] has no Hounsfield-like negative floor"
+    at_floor = float(np.mean(finite <= lo + 0.01 * span))
+    inside = finite[finite > lo + 0.01 * span]
+    soft = float(np.mean((inside >= -200.0) & (inside <= 200.0))) if inside.size else 0.0
+    if at_floor >= 0.05 and soft >= 0.5:
+        return True, (
+            f"window-clipped CT: floor {lo:g} holds {100 * at_floor:.0f}% of the voxels and "
+            f"{100 * soft:.0f}% of the rest lie in [-200, 200] HU (max {hi:g})"
+        )
+    return False, (
+        f"value range [{lo:g}, {hi:g}]: floor holds {100 * at_floor:.0f}% of the voxels, "
+        f"{100 * soft:.0f}% of the rest in [-200, 200]: not Hounsfield-like"
+    )
+
+
+def decide_intensity(array: np.ndarray, modality: str = "") -> tuple[IntensitySpec, str]:
+    """What ``intensity="auto"`` applies to a volume, and why.
+
+    Order: the DICOM ``modality`` when known (CT -> the abdomen window; MR and the other
+    non-CT modalities -> percentiles 0.5 / 99.5, or unchanged for data already in [0, 1]),
+    else the value distribution (:func:`looks_like_ct`; values in [0, 1] -> unchanged; else
+    percentiles). An adapter's recorded preprocessing is applied before this is ever asked
+    (:meth:`samed.engine.Session`).
+
+    Returns:
+        (the concrete spec, a one-line reason for ``case.json``).
+    """
+    mod = str(modality or "").strip().upper()
+    values = np.asarray(array)
+    if mod == "CT":
+        return _preset("abdomen"), "DICOM modality CT: abdomen window"
+    unit = False
+    if values.size:
+        lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+        unit = lo >= 0.0 and hi <= 1.0
+    if mod in _NON_CT:
+        if unit:
+            return IntensitySpec("minmax"), f"modality {mod}, values already in [0, 1]: unchanged"
+        return IntensitySpec("percentile", *_DEFAULT_PERCENTILES), (
+            f"modality {mod}: percentiles 0.5 / 99.5"
+        )
+    if unit:
+        return IntensitySpec("minmax"), "modality unknown, values in [0, 1]: unchanged"
+    ct, why = looks_like_ct(values)
+    if ct:
+        return _preset("abdomen"), f"modality unknown, CT by its values ({why}): abdomen window"
+    return IntensitySpec("percentile", *_DEFAULT_PERCENTILES), (
+        f"modality unknown, not CT by its values ({why}): percentiles 0.5 / 99.5"
+    )
 
 
 def _preset(name: str) -> IntensitySpec:

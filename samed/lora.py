@@ -38,6 +38,7 @@ from .lora_config import (
     AdapterError,
     LoraConfig,
     LoraSettings,
+    read_spacing,
     remove_adapter_folder,
 )
 from .lora_decoder import DECODER_FIELDS, apply_decoder_lora, decoder_full_parameters
@@ -589,6 +590,7 @@ def load_adapter(
         labels=labels,
         postprocessing=post,
         intensity=intensity,
+        spacing=read_spacing(folder),
     )
     if merge:
         merge_adapter(model)

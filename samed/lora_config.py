@@ -5,6 +5,8 @@ reading a config or an adapter's JSON (``samed finetune --help``, ``samed info``
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_METADATA",
     "AdapterError",
+    "read_spacing",
     "LoraSettings",
     "LoraConfig",
     "config_as_dict",
@@ -164,3 +167,23 @@ def remove_adapter_folder(folder: Path) -> None:
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_METADATA):
         (folder / name).unlink(missing_ok=True)
     folder.rmdir()
+
+
+def read_spacing(folder: Path) -> tuple[float, float] | None:
+    """An adapter folder's metadata.json's ``preprocessing.spacing`` as (row, column) mm, or None."""
+    path = folder / ADAPTER_METADATA
+    meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    pre = meta.get("preprocessing") if isinstance(meta, dict) else None
+    value = pre.get("spacing") if isinstance(pre, dict) else None
+    if value is None:
+        return None
+    try:
+        sp = [float(v) for v in (value if isinstance(value, list) else [value])] * 2
+    except (TypeError, ValueError):
+        sp = []
+    if len(sp) not in (2, 4) or not all(math.isfinite(v) and v > 0 for v in sp):
+        raise AdapterError(
+            f"{path}: 'preprocessing.spacing' must be one or two positive numbers (mm); "
+            f"got {value!r}"
+        )
+    return (sp[0], sp[1]) if len(sp) == 4 else (sp[0], sp[0])

@@ -115,8 +115,11 @@ class PluginSession:
         return True
 
     # ------------------------------------------------------------------ engines and annotators
-    def engine(self, image: np.ndarray, modality: str = "") -> Any:
+    def engine(self, image: np.ndarray, modality: str = "", spacing: Any = None) -> Any:
         """The :class:`samed.engine.Session` for an image array under the current settings.
+
+        ``spacing``: the in-plane (row, column) pixel spacing in mm when known, so that an
+        automatic adapter with a recorded training spacing resamples to it.
 
         Sessions are keyed by the array's identity, the model and the intensity mapping; the
         embeddings live in the session (and in :attr:`cache_dir` when set).
@@ -135,6 +138,7 @@ class PluginSession:
             np.asarray(image),
             intensity=self.settings.intensity,
             modality=modality,
+            spacing=spacing,
             batch_size=batch,
             cache_dir=self.cache_dir,
         )

@@ -350,7 +350,11 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
         if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
             labels.data = np.ascontiguousarray(np.asarray(arr))
         ref = reference_volume(image.metadata)
-        engine = self.session.engine(image.data, getattr(ref, "modality", "") or "")
+        from samed.engine.preprocess import inplane_spacing
+
+        affine = getattr(ref, "affine", None)
+        spacing = None if affine is None else inplane_spacing(affine)
+        engine = self.session.engine(image.data, getattr(ref, "modality", "") or "", spacing)
         ann = self.session.annotator(engine, labels.data)
         missing = any(name not in self.viewer.layers for name in _OWN)
         if ann is not self._annotator or missing:

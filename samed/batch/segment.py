@@ -248,6 +248,7 @@ def _run_local(job: Job, case: CaseInput, folder: Path, emit: Callable[..., None
         cache_dir=job.cache_dir,
         amp=job.amp,
     )
+    result.preprocessing = dict(session.preprocessing)
 
     def report(done: int, total: int) -> None:
         emit("segment", done, total)
@@ -289,6 +290,8 @@ def _run_local(job: Job, case: CaseInput, folder: Path, emit: Callable[..., None
 
             preset = CT_WINDOWS[name[3:]]
             window = (preset.low, preset.high)
+        elif name.startswith("window:"):  # e.g. an adapter's recorded window:-125:275
+            window = tuple(float(v) for v in name.split(":")[1:3])
         save_qc_png(folder / QC_FILE, volume.array, labels, affine=volume.affine, window=window)
         outputs.append(QC_FILE)
     result.labels = names

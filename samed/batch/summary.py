@@ -45,6 +45,8 @@ class CaseResult:
         uploaded: SOPInstanceUID of the DICOM SEG stored on the DICOMweb server (``--upload``).
         uncertainty: automatic mode with ``--uncertainty``: the case's uncertainty score
             (:func:`samed.uncertainty.case_score`; higher = review first), else None.
+        preprocessing: what reached the model (:attr:`samed.engine.Session.preprocessing`:
+            intensity applied and why, modality, pixel spacing, resampling).
     """
 
     case: str
@@ -60,6 +62,7 @@ class CaseResult:
     error_kind: str = ""
     uploaded: str = ""
     uncertainty: float | None = None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

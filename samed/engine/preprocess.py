@@ -25,6 +25,13 @@ __all__ = [
     "points_to_model",
     "resolve_intensity",
     "mask_bbox",
+    "CanvasGrid",
+    "canvas_grid",
+    "to_canvas",
+    "from_canvas",
+    "inplane_spacing",
+    "body_center",
+    "choose_intensity",
 ]
 
 
@@ -161,3 +168,205 @@ def resolve_intensity(
         return getattr(spec, "__name__", "custom"), spec  # type: ignore[return-value]
     resolved = parse_intensity(spec).resolve(array, modality)
     return resolved.name, resolved.apply
+
+
+# --------------------------------------------------------------------------- in-plane spacing
+@dataclass(frozen=True)
+class CanvasGrid:
+    """How a (H, W) slice with pixel spacing ``spacing`` maps onto a square canvas of ``canvas``
+    pixels at the adapter's training spacing ``target`` (and back).
+
+    The slice is resampled (bilinear) to ``resampled_hw`` = round(H * sy / ty), round(W * sx / tx),
+    then the canvas is the window ``[offset_y, offset_y + canvas) x [offset_x, offset_x + canvas)``
+    of the resampled slice (negative offsets pad with zeros, larger extents crop).
+
+    Attributes:
+        source_hw: (H, W) of the slice.
+        spacing: (sy, sx) source pixel spacing in mm (rows, columns).
+        target: (ty, tx) training spacing in mm.
+        resampled_hw: (h, w) after resampling.
+        offset: (oy, ox) of the canvas in resampled pixels.
+        canvas: side of the square canvas (the model's input size, so no further resize).
+    """
+
+    source_hw: tuple[int, int]
+    spacing: tuple[float, float]
+    target: tuple[float, float]
+    resampled_hw: tuple[int, int]
+    offset: tuple[int, int]
+    canvas: int
+
+    @property
+    def identity_resample(self) -> bool:
+        """True when resampling leaves the slice as it is (already at the target spacing)."""
+        return self.resampled_hw == self.source_hw
+
+
+def _pair(value: object, what: str) -> tuple[float, float]:
+    try:
+        vals = [float(v) for v in np.atleast_1d(np.asarray(value, dtype=np.float64))]
+    except (TypeError, ValueError):
+        vals = []
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or not all(np.isfinite(v) and v > 0 for v in vals):
+        raise ValueError(f"{what} {value!r} must be one or two positive finite numbers (mm)")
+    return vals[0], vals[1]
+
+
+def canvas_grid(
+    hw: tuple[int, int],
+    spacing: object,
+    target: object,
+    canvas: int,
+    center: tuple[float, float] | None = None,
+) -> CanvasGrid:
+    """The :class:`CanvasGrid` of a (H, W) slice.
+
+    Args:
+        hw: (H, W) slice shape.
+        spacing: source (sy, sx) pixel spacing in mm (or one number).
+        target: training (ty, tx) spacing in mm (or one number).
+        canvas: canvas side in pixels (the model input size S).
+        center: (y, x) in SOURCE pixels to centre the canvas on when the resampled slice is
+            larger than the canvas (e.g. the body's centre); None = the slice centre. A slice
+            that fits is always centred.
+
+    Raises:
+        ValueError: non-positive spacings, shape or canvas.
+    """
+    h, w = int(hw[0]), int(hw[1])
+    if h < 1 or w < 1 or canvas < 1:
+        raise ValueError(f"slice shape {hw} and canvas {canvas} must be positive")
+    sp, tg = _pair(spacing, "spacing"), _pair(target, "target spacing")
+    same = [abs(s - t) <= 1e-3 * t for s, t in zip(sp, tg, strict=True)]
+    rh = h if same[0] else max(1, int(round(h * sp[0] / tg[0])))
+    rw = w if same[1] else max(1, int(round(w * sp[1] / tg[1])))
+    offs = []
+    for n, src, c in ((rh, h, 0), (rw, w, 1)):
+        if n <= canvas:
+            offs.append(-((canvas - n) // 2))
+        else:
+            mid = n / 2.0 if center is None else (float(center[c]) + 0.5) * n / src
+            offs.append(int(np.clip(round(mid - canvas / 2.0), 0, n - canvas)))
+    return CanvasGrid((h, w), sp, tg, (rh, rw), (offs[0], offs[1]), int(canvas))
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest-exact")
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def to_canvas(
+    slices: np.ndarray | torch.Tensor, grid: CanvasGrid, mode: str = "bilinear"
+) -> torch.Tensor:
+    """Resample (B, H, W) slices onto the canvas: (B, S, S) float32 (``mode="nearest"`` for
+    label maps; outside the slice the canvas is 0)."""
+    x = torch.as_tensor(np.asarray(slices) if not torch.is_tensor(slices) else slices)
+    if x.ndim != 3 or tuple(x.shape[1:]) != grid.source_hw:
+        raise ValueError(
+            f"slices must be (B, {grid.source_hw[0]}, {grid.source_hw[1]}); got {tuple(x.shape)}"
+        )
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"mode={mode!r} must be 'bilinear' or 'nearest'")
+    x = _resize(x.float()[:, None], grid.resampled_hw, mode)[:, 0]
+    s, (oy, ox), (rh, rw) = grid.canvas, grid.offset, grid.resampled_hw
+    out = x.new_zeros((x.shape[0], s, s))
+    ys, ye = max(oy, 0), min(oy + s, rh)
+    xs, xe = max(ox, 0), min(ox + s, rw)
+    out[:, ys - oy : ye - oy, xs - ox : xe - ox] = x[:, ys:ye, xs:xe]
+    return out
+
+
+def from_canvas(
+    maps: torch.Tensor, grid: CanvasGrid, fill: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Map (B, K, S, S) class scores (logits or probabilities) on the canvas back to the source
+    grid: (B, K, H, W), bilinear (the exact inverse geometry of :func:`to_canvas`; argmax it).
+
+    Args:
+        maps: per-class scores on the canvas.
+        grid: the slice's :class:`CanvasGrid`.
+        fill: (K,) scores for resampled pixels the canvas cropped away (default: class 0 wins).
+    """
+    b, k, s, _ = maps.shape
+    if s != grid.canvas:
+        raise ValueError(f"maps side {s} differs from the canvas {grid.canvas}")
+    (oy, ox), (rh, rw) = grid.offset, grid.resampled_hw
+    if fill is None:
+        fill = torch.full((k,), -1e4, dtype=maps.dtype, device=maps.device)
+        fill[0] = 1e4
+    full = fill.to(maps)[None, :, None, None].expand(b, k, rh, rw).clone()
+    ys, ye = max(oy, 0), min(oy + s, rh)
+    xs, xe = max(ox, 0), min(ox + s, rw)
+    full[:, :, ys:ye, xs:xe] = maps[:, :, ys - oy : ye - oy, xs - ox : xe - ox]
+    return _resize(full, grid.source_hw, "bilinear")
+
+
+def inplane_spacing(affine: np.ndarray) -> tuple[float, float]:
+    """(sy, sx) in mm of the rows and columns of a (Z, Y, X) array whose 4x4 ``affine`` maps
+    voxel (x, y, z) to world millimetres (:class:`samed.io.Volume`)."""
+    a = np.asarray(affine, dtype=np.float64)
+    return float(np.linalg.norm(a[:3, 1])), float(np.linalg.norm(a[:3, 0]))
+
+
+def body_center(image: np.ndarray, threshold: float = 0.05) -> tuple[float, float] | None:
+    """(y, x) source-pixel centre of the bounding box of voxels above ``threshold`` (a [0, 1]
+    intensity-mapped (Z, Y, X) volume: the body against air), or None when nothing is."""
+    proj = np.asarray(image).max(axis=0) > threshold
+    ys, xs = np.nonzero(proj)
+    if ys.size == 0:
+        return None
+    return (float(ys.min() + ys.max()) / 2.0, float(xs.min() + xs.max()) / 2.0)
+
+
+def choose_intensity(
+    intensity: object, model: object, array: np.ndarray, modality: str
+) -> tuple[object, dict]:
+    """The intensity spec a :class:`samed.engine.Session` applies, and the record of why.
+
+    ``"auto"``: the model's adapter's recorded ``preprocessing.intensity`` when it has one that
+    is not itself ``auto`` (it always wins), else :func:`samed.intensity.decide_intensity` on
+    the (Z, Y, X) ``array`` and the DICOM ``modality``. Any other spec is used as given.
+
+    Returns:
+        (the spec to apply, a JSON-able record: ``intensity_source`` (``adapter``, ``auto`` or
+        ``argument``), ``intensity`` (its setting), ``reason``, ``modality``).
+
+    Raises:
+        ValueError: a spec outside the grammar, or an adapter recording one.
+    """
+    from ..intensity import decide_intensity
+
+    if callable(intensity):
+        return intensity, {"intensity_source": "argument (a function)"}
+    spec = parse_intensity(intensity)
+    if spec.kind != "auto":
+        return spec, {"intensity_source": "argument", "intensity": spec.setting()}
+    adapter = model.adapter
+    recorded = getattr(adapter, "intensity", None) if adapter is not None else None
+    if recorded is not None:
+        try:
+            rec = parse_intensity(recorded)
+        except ValueError as exc:
+            raise ValueError(
+                f"adapter {adapter.name!r} records preprocessing.intensity {recorded!r}: {exc}"
+            ) from exc
+        if rec.kind != "auto":
+            reason = f"the adapter {adapter.name!r} was trained with it (its metadata.json)"
+            return rec, {
+                "intensity_source": "adapter",
+                "intensity": rec.setting(),
+                "reason": reason,
+            }
+    chosen, reason = decide_intensity(array, modality)
+    return chosen, {
+        "intensity_source": "auto",
+        "intensity": chosen.setting(),
+        "modality": modality or "",
+        "reason": reason,
+    }

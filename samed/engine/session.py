@@ -19,10 +19,14 @@ import torch
 from ..model.fast_decoder import ImageState, decoder_fingerprint
 from ..model.sam import SamModel, upscale_logits
 from ..precision import check_amp, encoder_precision
+from .canvas import canvas_automatic_iter, resampling_record, session_canvas
 from .interactive import InteractiveMixin
 from .interactive import mask_digest as _mask_digest
 from .preprocess import (
+    _pair,
     box_to_model,
+    choose_intensity,
+    inplane_spacing,
     mask_bbox,
     points_to_model,
     prepare_slices,
@@ -66,6 +70,14 @@ class Session(InteractiveMixin):
         amp: mixed precision for the encoder on CUDA (ignored on CPU, where bf16 is slow):
             True (fp16 autocast, :data:`samed.precision.DEFAULT_AMP`), False (float32),
             ``"fp16"`` or ``"bf16"`` autocast. The decoder always runs in float32.
+        spacing: in-plane (row, column) pixel spacing in mm (taken from ``volume.affine`` when
+            present); with an adapter that records a training spacing, :meth:`automatic`
+            resamples to it (:mod:`samed.engine.canvas`). None: unknown.
+
+    ``intensity="auto"`` applies the adapter's recorded ``preprocessing.intensity`` when there
+    is one (it always wins over the automatic decision), else
+    :func:`samed.intensity.decide_intensity` (DICOM modality, then the values);
+    :attr:`preprocessing` records what was applied and why.
     """
 
     def __init__(
@@ -78,8 +90,11 @@ class Session(InteractiveMixin):
         batch_size: int = 4,
         cache_dir: str | os.PathLike | None = None,
         amp: bool | str = True,
+        spacing: object = None,
     ) -> None:
         array = getattr(volume, "array", volume)
+        if spacing is None and getattr(volume, "affine", None) is not None:
+            spacing = inplane_spacing(volume.affine)  # type: ignore[attr-defined]
         modality = modality or str(getattr(volume, "modality", "") or "")
         array = np.asarray(array)
         if array.ndim == 2:
@@ -96,7 +111,12 @@ class Session(InteractiveMixin):
         self.modality = modality
         self.batch_size = int(batch_size)
         self.amp = check_amp(amp)
+        intensity, self.preprocessing = choose_intensity(intensity, model, array, modality)
+        self.spacing = None if spacing is None else _pair(spacing, "spacing")
+        self.preprocessing["spacing_mm"] = None if self.spacing is None else list(self.spacing)
+        self.preprocessing.update(resampling_record(model, self.spacing))
         self.intensity_name, fn = resolve_intensity(intensity, array, modality)
+        self.preprocessing["intensity_name"] = self.intensity_name
         image = np.asarray(fn(array), dtype=np.float32)
         if not np.all(np.isfinite(image)):
             image = np.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
@@ -104,6 +124,8 @@ class Session(InteractiveMixin):
         self.shape = tuple(int(s) for s in image.shape)
         self.geometry = slice_geometry(self.shape[1:], model.image_size)
         self._cache: dict[int, torch.Tensor] = {}
+        self._canvas = None  # the CanvasGrid of samed.engine.canvas, once asked for
+        self._canvas_cache: dict[int, torch.Tensor] = {}  # canvas embeddings (automatic)
         self._cache_key = ""
         # prompt-independent decoder tensors of the last few clicked slices (~10 MB each)
         self._states: OrderedDict[int, ImageState] = OrderedDict()
@@ -139,6 +161,8 @@ class Session(InteractiveMixin):
         key = self.cache_key
         if key != self._cache_key:
             self._cache.clear()
+            self._canvas_cache.clear()
+            self._canvas = None
             self._states.clear()
             self._logits.clear()
             self._cache_key = key
@@ -527,6 +551,11 @@ class Session(InteractiveMixin):
                 + ("none" if adapter is None else f"a {adapter.mode} adapter")
             )
         zs = [self._check_z(z) for z in (range(self.shape[0]) if slices is None else slices)]
+        self._check_cache()
+        grid = session_canvas(self)
+        if grid is not None:  # the adapter's training spacing: resample, predict, map back
+            yield from canvas_automatic_iter(self, zs, grid)
+            return
         geo = self.geometry
         done = 0
         for i in range(0, len(zs), self.batch_size):

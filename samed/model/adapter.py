@@ -32,7 +32,11 @@ class AdapterState:
         postprocessing: the ``"postprocessing"`` recommendation of metadata.json (e.g.
             ``{"largest_component": [1, 2]}``; ``{}`` for none), see :mod:`samed.postprocess`.
         intensity: the intensity mapping recorded under metadata.json's ``preprocessing``
-            (informational: the engine's ``intensity`` argument decides; None when absent).
+            (None when absent). :class:`samed.engine.Session` applies it in place of
+            ``intensity="auto"``'s own decision.
+        spacing: the in-plane (row, column) training spacing in mm recorded under
+            ``preprocessing.spacing`` (None: trained on native grids). ``Session.automatic``
+            resamples each slice to it and maps the result back to the source grid.
         merged: whether the LoRA update is folded into the base weights
             (:func:`samed.lora.merge_adapter`).
     """
@@ -45,6 +49,7 @@ class AdapterState:
     labels: dict[int, str] = field(default_factory=dict)
     postprocessing: dict[str, Any] = field(default_factory=dict)
     intensity: Any = None
+    spacing: tuple[float, float] | None = None
     merged: bool = False
 
     @property

@@ -107,6 +107,12 @@ class DataSection:
             (automatic mode; teaches the head to output background).
         licence: licence / provenance line written into the adapter metadata.
         label_source: ``expert`` or ``model`` (labels made by an algorithm), recorded.
+        spacing: in-plane training spacing in mm (one number, or [row, column]): every slice is
+            resampled to it and centred / cropped on a model-size canvas
+            (:func:`samed.engine.preprocess.canvas_grid`), and ``Session.automatic`` does the
+            same at inference (recorded in the adapter's metadata). None: native grids.
+        slice_step: train on every ``slice_step``-th slice with foreground (and every
+            ``4 * slice_step``-th slice without) of each training volume; 1 = all slices.
     """
 
     root: str = ""
@@ -120,8 +126,18 @@ class DataSection:
     empty_slice_fraction: float = 0.05
     licence: str = ""
     label_source: str = "expert"
+    spacing: Any = None
+    slice_step: int = 1
 
     def __post_init__(self) -> None:
+        if self.spacing is not None:
+            from ..engine.preprocess import _pair
+
+            try:
+                object.__setattr__(self, "spacing", _pair(self.spacing, "data.spacing"))
+            except ValueError:
+                _fail("data", "spacing", self.spacing, "one or two positive numbers (mm) or null")
+        _int_min("data", "slice_step", self.slice_step, 1)
         if not isinstance(self.root, str):
             _fail("data", "root", self.root, "a folder path string")
         if self.format not in DATA_FORMATS:

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine.preprocess import prepare_slices, resolve_intensity, slice_geometry
+from ..engine.preprocess import (
+    body_center,
+    canvas_grid,
+    inplane_spacing,
+    prepare_slices,
+    resolve_intensity,
+    slice_geometry,
+    to_canvas,
+)
 from .config import AugmentSection, DataSection, PromptSection
 
 __all__ = [
@@ -50,8 +58,11 @@ class VolumeCase:
     source: str
 
 
-def _read_pair(image_path: Path, label_path: Path) -> tuple[np.ndarray, str, np.ndarray]:
-    """(Z, Y, X) image, its modality and the (Z, Y, X) label map through samed.io (NIfTI, NRRD,
+def _read_pair(
+    image_path: Path, label_path: Path
+) -> tuple[np.ndarray, str, np.ndarray, tuple[float, float]]:
+    """(Z, Y, X) image, its modality, the (Z, Y, X) label map and the in-plane (row, column)
+    spacing in mm through samed.io (NIfTI, NRRD,
     MHA, npz, DICOM, SEG). The label map must lie on the image's grid: same shape and affine
     (:func:`samed.io.volume.check_same_grid`, the rule ``samed evaluate`` applies), so a label
     with a flipped axis is refused instead of trained on."""
@@ -63,6 +74,7 @@ def _read_pair(image_path: Path, label_path: Path) -> tuple[np.ndarray, str, np.
         np.asarray(vol.array, dtype=np.float32),
         str(vol.modality or ""),
         np.asarray(labels.array),
+        inplane_spacing(vol.affine),
     )
 
 
@@ -101,14 +113,44 @@ def _remap(label: np.ndarray, mapping: dict[int, dict[str, Any]] | None) -> np.n
     return out
 
 
+def to_training_canvas(
+    image: np.ndarray,
+    label: np.ndarray,
+    spacing: tuple[float, float],
+    target: tuple[float, float],
+    canvas: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample an intensity-mapped (Z, Y, X) volume (bilinear) and its label map (nearest) to
+    the ``target`` in-plane spacing (mm) on a ``canvas`` x ``canvas`` grid centred on the body,
+    exactly as :meth:`samed.engine.Session.automatic` does at inference.
+
+    Returns:
+        (image (Z, canvas, canvas) float32, label (Z, canvas, canvas) int64).
+    """
+    grid = canvas_grid(image.shape[1:], spacing, target, canvas, body_center(image))
+    img = to_canvas(image, grid).numpy()
+    lab = to_canvas(label.astype(np.float32), grid, mode="nearest").numpy()
+    return img.astype(np.float32), np.rint(lab).astype(np.int64)
+
+
+def thin_slices(case: VolumeCase, step: int) -> VolumeCase:
+    """Every ``step``-th slice with foreground and every ``4 * step``-th without (training)."""
+    if step <= 1:
+        return case
+    fg = case.label.reshape(case.label.shape[0], -1).any(1)
+    keep = [z for z in range(len(fg)) if (fg[z] and z % step == 0) or z % (4 * step) == 0]
+    return VolumeCase(case.case_id, case.image[keep], case.label[keep], case.source)
+
+
 def load_cases(
-    data: DataSection, split: str | None
+    data: DataSection, split: str | None, canvas_size: int = 256
 ) -> tuple[list[VolumeCase], dict[int, str], dict[str, Any]]:
     """Read the volumes of one split.
 
     Args:
         data: the config's data section.
         split: split name (``all`` or None: every case).
+        canvas_size: the model input side (used when ``data.spacing`` is set).
 
     Returns:
         (cases, labels {class id: name} incl. 0 background, summary for the metadata).
@@ -159,14 +201,17 @@ def load_cases(
     cases = []
     modality_seen = data.modality
     for cid, img_path, lab_path, zr in entries:
-        image, modality, label = _read_pair(img_path, lab_path)
+        image, modality, label, spacing = _read_pair(img_path, lab_path)
         check_label_values(label, lab_path, declared, where)
         if zr is not None:
             image, label = image[zr[0] : zr[1]], label[zr[0] : zr[1]]
         modality_seen = data.modality or modality
         _, fn = resolve_intensity(data.intensity, image, modality_seen)
         image = np.nan_to_num(np.asarray(fn(image), dtype=np.float32))
-        cases.append(VolumeCase(cid, image, _remap(label, data.labels), str(img_path)))
+        label = _remap(label, data.labels)
+        if data.spacing is not None:
+            image, label = to_training_canvas(image, label, spacing, data.spacing, canvas_size)
+        cases.append(VolumeCase(cid, image, label, str(img_path)))
     if data.labels is None and cases:
         present = sorted({int(v) for c in cases for v in np.unique(c.label)} | {0})
         if not declared_by_dataset and present != list(range(len(present))):
@@ -186,6 +231,7 @@ def load_cases(
         "num_slices": int(sum(c.image.shape[0] for c in cases)),
         "modality": modality_seen,
         "intensity": data.intensity if isinstance(data.intensity, str) else list(data.intensity),
+        "spacing": None if data.spacing is None else list(data.spacing),
     }
     return cases, labels, summary
 

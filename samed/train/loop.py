@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..evaluate.metrics import dice
 from .config import FinetuneConfig
-from .data import SliceSet, VolumeCase, collate, load_cases, sample_rng
+from .data import SliceSet, VolumeCase, collate, load_cases, sample_rng, thin_slices
 from .model import (
     _attach_lora,
     _encoder_prefix,
@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+FEATURE_CACHE = "feature_cache.pt"
 
 
 # ---------------------------------------------------------------------------------- loss
@@ -192,12 +193,30 @@ class _CachedBatches:
         cfg: FinetuneConfig,
         device: torch.device,
         log: Callable[[str], None],
+        store: Path | None = None,
     ) -> None:
         self.slices, self.cfg, self.mode = slices, cfg, cfg.mode
         k, copies = cfg.train.cache_stages, cfg.train.cache_copies
         self.feats: list[list[torch.Tensor]] = []
         self.labels: list[list[np.ndarray]] = []
         t0 = time.perf_counter()
+        # the features depend on the data, augmentation, seed and cache settings only: a run
+        # restarted in the same folder (resume, or new optimiser settings) reads them back
+        key = json.dumps(
+            [
+                cfg.to_dict()["data"],
+                cfg.to_dict()["augment"],
+                [cfg.train.seed, k, copies, model.checkpoint_sha256, len(slices)],
+            ],
+            sort_keys=True,
+        )
+        if store is not None and store.is_file():
+            saved = torch.load(store, map_location="cpu", weights_only=True)
+            if saved.get("key") == key:
+                self.feats = [list(f.unbind(0)) for f in saved["feats"]]
+                self.labels = [[np.asarray(x) for x in lab.unbind(0)] for lab in saved["labels"]]
+                log(f"read cached features of {len(self.feats)} slices from {store}")
+                return
         with torch.inference_mode():
             for i, (image, label) in enumerate(slices.slices):
                 fs, ls = [], []
@@ -209,7 +228,8 @@ class _CachedBatches:
                             image, label, sample_rng(cfg.train.seed, 10**9 + c, i)
                         )
                     x = _prepare(im, model.image_size).to(device)
-                    fs.append(_encoder_prefix(model, x, k)[0].cpu())
+                    f = _encoder_prefix(model, x, k)[0].cpu()
+                    fs.append(f.half() if k >= len(model.image_encoder.layers) else f)
                     ls.append(lab)
                 self.feats.append(fs)
                 self.labels.append(ls)
@@ -217,6 +237,15 @@ class _CachedBatches:
             f"cached stages 0..{k - 1} for {len(slices)} slices x {copies} copies "
             f"in {time.perf_counter() - t0:.1f} s"
         )
+        if store is not None:
+            _atomic_torch_save(
+                {
+                    "key": key,
+                    "feats": [torch.stack(f) for f in self.feats],
+                    "labels": [torch.as_tensor(np.stack(lab)) for lab in self.labels],
+                },
+                store,
+            )
 
     def batch(self, step: int) -> dict[str, Any]:
         s = self.slices
@@ -244,7 +273,7 @@ class _CachedBatches:
                 samples.append(Sample(torch.empty(0), tgt, box, pts))
             out_f.append(self.feats[i][c])
         batch = collate(samples, self.mode)
-        batch["features"] = torch.stack(out_f)
+        batch["features"] = torch.stack(out_f).float()
         return batch
 
 
@@ -303,10 +332,17 @@ def finetune(
         from ..engine import tune_cpu_allocator
 
         tune_cpu_allocator()
-    train_cases, labels, summary = load_cases(cfg.data, cfg.data.train_split)
+    from ..registry import MODEL_KINDS
+
+    size = MODEL_KINDS[cfg.model.kind].image_size if cfg.model.kind in MODEL_KINDS else 256
+    train_cases, labels, summary = load_cases(cfg.data, cfg.data.train_split, size)
+    if cfg.data.slice_step > 1:
+        train_cases = [thin_slices(c, cfg.data.slice_step) for c in train_cases]
+        summary["num_slices"] = int(sum(c.image.shape[0] for c in train_cases))
+        summary["slice_step"] = cfg.data.slice_step
     val_cases: list[VolumeCase] = []
     if cfg.data.val_split:
-        val_cases, _, _ = load_cases(cfg.data, cfg.data.val_split)
+        val_cases, _, _ = load_cases(cfg.data, cfg.data.val_split, size)
     num_classes = max(labels) + 1
     log(
         f"train: {summary['num_volumes']} volumes, {summary['num_slices']} slices "
@@ -377,7 +413,7 @@ def finetune(
     cached = None
     k = cfg.train.cache_stages
     if k:
-        cached = _CachedBatches(model, slices, cfg, dev, log)
+        cached = _CachedBatches(model, slices, cfg, dev, log, out / FEATURE_CACHE)
         batches: Any = (cached.batch(s) for s in range(state["step"], cfg.train.iterations))
     else:
         src = _BatchSource(slices, cfg.train.seed, cfg.train.batch_size, cfg.mode)

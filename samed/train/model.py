@@ -22,8 +22,13 @@ def build_base_model(cfg: FinetuneConfig, device: torch.device) -> Any:
 
     if cfg.model.kind == "tiny":
         return build_tiny_model("tinyvit", seed=cfg.train.seed, device=str(device))
-    # not optimised: inference fusion (Conv-BN folding) would freeze what training updates
-    return load_model(cfg.model.kind, cfg.model.checkpoint, device=str(device), optimize=False)
+    # not optimised: inference fusion (Conv-BN folding) would freeze what training updates;
+    # decoder-only training (every encoder stage cached) caches the inference path's embeddings
+    from ..registry import MODEL_KINDS
+
+    spec = MODEL_KINDS.get(cfg.model.kind)
+    frozen = spec is not None and cfg.train.cache_stages >= len(spec.encoder_depths) > 1
+    return load_model(cfg.model.kind, cfg.model.checkpoint, device=str(device), optimize=frozen)
 
 
 def _attach_lora(model: Any, cfg: FinetuneConfig, num_classes: int) -> None:
@@ -39,6 +44,16 @@ def _attach_lora(model: Any, cfg: FinetuneConfig, num_classes: int) -> None:
     if k:
         if model.spec.family != "tinyvit":
             raise ValueError("train.cache_stages needs a TinyViT encoder (litemedsam or tiny)")
+        if k >= len(model.image_encoder.layers):
+            # decoder only: the whole encoder (neck included) is cached, so its LoRA layers
+            # never see a gradient; they are frozen at their zero initialisation (B = 0)
+            from ..lora import LoRAQKV
+
+            for m in model.modules():
+                if isinstance(m, LoRAQKV):
+                    for prm in [*m.lora_A.parameters(), *m.lora_B.parameters()]:
+                        prm.requires_grad_(False)
+            return
         early = [t for t in model.adapter.targets if _stage_of(t) is not None and _stage_of(t) < k]
         if early:
             raise ValueError(
@@ -57,8 +72,11 @@ def _stage_of(name: str) -> int | None:
 
 
 def _encoder_prefix(model: Any, images: torch.Tensor, k: int) -> torch.Tensor:
-    """Frozen TinyViT stages: patch embedding + ``layers[:k]`` of (B, 3, S, S) inputs."""
+    """Frozen TinyViT stages: patch embedding + ``layers[:k]`` of (B, 3, S, S) inputs; with
+    ``k >= len(layers)`` the whole encoder and neck: (B, 256, 64, 64) embeddings."""
     enc = model.image_encoder
+    if k >= len(enc.layers):
+        return model.encode(images)
     x = enc.patch_embed(images)
     for layer in enc.layers[:k]:
         x = layer(x)
@@ -68,6 +86,8 @@ def _encoder_prefix(model: Any, images: torch.Tensor, k: int) -> torch.Tensor:
 def _encoder_suffix(model: Any, feats: torch.Tensor, k: int) -> torch.Tensor:
     """The remaining TinyViT stages + neck: cached features -> (B, 256, 64, 64) embeddings."""
     enc = model.image_encoder
+    if k >= len(enc.layers):
+        return feats.float()
     x = feats
     for layer in enc.layers[k:]:
         x = layer(x)

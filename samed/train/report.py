@@ -47,13 +47,23 @@ def adapter_metadata(
         "preprocessing": {
             "intensity": summary.get("intensity"),
             "modality": summary.get("modality"),
+            "spacing": None if cfg.data.spacing is None else list(cfg.data.spacing),
             "slice": (
                 f"resize longest side to {model.image_size} (bilinear, antialiased), per-slice "
                 f"min-max to [0, 1], zero-pad bottom/right, 3 channels "
                 "(samed.engine.preprocess.prepare_slices)"
             ),
         },
-        "spacing": "2D, in-plane; trained on the dataset's native grids (no resampling)",
+        "spacing": (
+            "2D, in-plane; trained on the dataset's native grids (no resampling)"
+            if cfg.data.spacing is None
+            else (
+                f"2D, in-plane: every slice resampled to {cfg.data.spacing[0]:g} x "
+                f"{cfg.data.spacing[1]:g} mm on a {model.image_size}-pixel canvas centred on "
+                "the body; Session.automatic does the same and maps class scores back to the "
+                "source grid (bilinear, then argmax)"
+            )
+        ),
         "training_data": {
             **summary,
             "labels_source": cfg.data.label_source,

@@ -1,0 +1,107 @@
+"""Automatic segmentation at the adapter's training spacing, mapped back to the source grid.
+
+An automatic adapter whose metadata records ``preprocessing.spacing`` (in-plane mm) was trained
+on slices resampled to that spacing on a model-size canvas centred on the body
+(:func:`samed.engine.preprocess.canvas_grid`). :meth:`samed.engine.Session.automatic` then does
+the same with each slice of a volume whose spacing it knows: resample (bilinear) onto the
+canvas, encode, decode the class logits, resample the logits back to the source slice grid
+(bilinear, the exact inverse geometry) and take the argmax there. The output has the source
+shape, so it lies on the source affine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..precision import encoder_precision
+from .preprocess import CanvasGrid, body_center, canvas_grid, from_canvas, prepare_slices, to_canvas
+
+if TYPE_CHECKING:
+    from .session import Session
+
+__all__ = ["session_canvas", "canvas_automatic_iter", "resampling_record"]
+
+
+def resampling_record(model: object, spacing: tuple[float, float] | None) -> dict:
+    """What automatic segmentation does with the in-plane resolution (for ``case.json``):
+    ``training_spacing_mm`` (the adapter's, or None) and ``resampling`` (a sentence)."""
+    adapter = getattr(model, "adapter", None)
+    target = getattr(adapter, "spacing", None) if adapter is not None else None
+    if target is None:
+        how = "none: the adapter records no training spacing (native grid)"
+    elif spacing is None:
+        how = "none: the volume's pixel spacing is unknown (native grid)"
+    else:
+        how = (
+            f"automatic: slices resampled from {spacing[0]:g} x {spacing[1]:g} mm to the "
+            f"adapter's {target[0]:g} x {target[1]:g} mm on a "
+            f"{getattr(model, 'image_size', '?')}-pixel canvas centred on the body; class "
+            "scores mapped back to the source grid (bilinear), then argmax"
+        )
+    return {"training_spacing_mm": None if target is None else list(target), "resampling": how}
+
+
+def session_canvas(session: Session) -> CanvasGrid | None:
+    """The canvas of a session's volume, or None when the plain path applies (the adapter
+    records no training spacing, or the session does not know the volume's spacing)."""
+    adapter = session.model.adapter
+    target = getattr(adapter, "spacing", None) if adapter is not None else None
+    if target is None or session.spacing is None:
+        return None
+    if session._canvas is None:
+        session._canvas = canvas_grid(
+            session.shape[1:],
+            session.spacing,
+            target,
+            session.model.image_size,
+            body_center(session.image),
+        )
+    return session._canvas
+
+
+@torch.inference_mode()
+def canvas_automatic_iter(
+    session: Session, zs: list[int], grid: CanvasGrid
+) -> Iterator[tuple[int, np.ndarray, int, int]]:
+    """Per-slice class maps through the canvas (see the module docstring).
+
+    Yields:
+        (z, labels (Y, X) int16 on the source grid, done, total).
+    """
+    model = session.model
+    size = model.image_size
+    done = 0
+    for i in range(0, len(zs), session.batch_size):
+        batch = zs[i : i + session.batch_size]
+        missing = [z for z in batch if z not in session._canvas_cache]
+        if missing:
+            canvas = to_canvas(session.image[missing], grid)
+            x = prepare_slices(canvas, size).to(model.device)
+            prec = encoder_precision(model.device, session.amp)
+            ctx = (
+                contextlib.nullcontext()
+                if prec == "fp32"
+                else torch.autocast(
+                    "cuda", dtype=torch.bfloat16 if prec == "bf16" else torch.float16
+                )
+            )
+            with ctx:
+                emb = model.encode(x).float().cpu()
+            for z, e in zip(missing, emb, strict=True):
+                session._canvas_cache[z] = e.clone()
+        emb = torch.stack([session._canvas_cache[z] for z in batch]).to(model.device)
+        logits, _ = model.decode(emb, multimask_output=True)
+        logits = logits.float()
+        if logits.shape[-1] != size:
+            logits = torch.nn.functional.interpolate(
+                logits, size=(size, size), mode="bilinear", align_corners=False
+            )
+        labels = from_canvas(logits.cpu(), grid).argmax(1).to(torch.int16).numpy()
+        for z, lab in zip(batch, labels, strict=True):
+            done += 1
+            yield z, lab, done, len(zs)

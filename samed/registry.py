@@ -18,6 +18,8 @@ __all__ = [
     "ModelSpec",
     "POSTPROCESS_CHOICES",
     "PRECISIONS",
+    "BACKENDS",
+    "CPU_PRECISIONS",
     "NIFTI_SUFFIXES",
     "NIBABEL_SUFFIXES",
     "ITK_SUFFIXES",
@@ -161,7 +163,21 @@ POSTPROCESS_CHOICES = ("adapter", "none", "largest_component")
 
 #: ``--precision`` values of the CLIs and the ``Session(amp=...)`` each stands for
 #: (see :mod:`samed.precision`).
-PRECISIONS: dict[str, bool | str] = {"auto": True, "fp32": False, "fp16": "fp16", "bf16": "bf16"}
+#: On the CPU the same value picks the encoder precision of :mod:`samed.engine.backends`
+#: (``auto`` measured, ``fp32``, ``bf16``, ``int8``); ``int8`` on CUDA runs the default fp16.
+PRECISIONS: dict[str, bool | str] = {
+    "auto": True,
+    "fp32": False,
+    "fp16": "fp16",
+    "bf16": "bf16",
+    "int8": True,
+}
+
+#: ``--backend`` values of the CLIs / ``load_model(backend=...)``: how the image encoder runs on
+#: the CPU (:mod:`samed.engine.backends`); CUDA always runs torch.
+BACKENDS = ("auto", "torch", "openvino")
+#: ``precision=`` values of ``load_model`` on the CPU.
+CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 #: Volume files read by name (lower-case suffixes; a DICOM file is known by its content, not
 #: its name): NIfTI, FreeSurfer MGH (both through nibabel), ITK's NRRD / MetaImage, MedSAM npz.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,11 @@ class Settings:
         intensity: engine intensity spec (``"auto"``, a CT window preset name, ``"percentile"``,
             ``"minmax"``).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        backend: CPU encoder backend (``samed.registry.BACKENDS``: ``"auto"`` measures once per
+            machine and model, then loads the fastest candidate that matches torch fp32),
+            default ``$SAMED_BACKEND`` or ``"auto"``.
+        precision: CPU encoder precision (``samed.registry.CPU_PRECISIONS``), default
+            ``$SAMED_PRECISION`` or ``"auto"``.
     """
 
     model_kind: str = "litemedsam"
@@ -45,10 +50,19 @@ class Settings:
     adapter: str = ""
     intensity: str = "auto"
     device: str = "auto"
+    backend: str = field(default_factory=lambda: os.environ.get("SAMED_BACKEND", "auto"))
+    precision: str = field(default_factory=lambda: os.environ.get("SAMED_PRECISION", "auto"))
 
     @property
-    def model_key(self) -> tuple[str, str, str, str]:
-        return (self.model_kind, self.checkpoint, self.adapter, self.device)
+    def model_key(self) -> tuple[str, ...]:
+        return (
+            self.model_kind,
+            self.checkpoint,
+            self.adapter,
+            self.device,
+            self.backend,
+            self.precision,
+        )
 
 
 class PluginSession:
@@ -179,4 +193,6 @@ def _build_model(settings: Settings) -> Any:
         settings.checkpoint or None,
         adapter=settings.adapter or None,
         device=settings.device,
+        backend=settings.backend,
+        precision=settings.precision,
     )

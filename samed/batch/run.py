@@ -218,6 +218,16 @@ class _Job:
     amp: bool | str = True
 
 
+def _encoder_setting(model: Any) -> dict[str, str]:
+    """How the encoder ran, for case.json (beside ``settings``, whose ``precision`` is the label
+    that decides a resume): backend, precision, name, how it was chosen and why."""
+    be = getattr(model, "encoder_backend", None)
+    if be is not None:
+        return be.describe()
+    dev = str(getattr(model, "device", "cpu"))
+    return {"backend": "torch", "device": dev, "chosen_by": "default"}
+
+
 def _case_settings(job: _Job, case: CaseInput) -> dict[str, Any]:
     s = dict(job.settings)
     if job.mode == "prompted":
@@ -320,6 +330,7 @@ def segment_batch(
     postprocess: str = "adapter",
     precision: str = "auto",
     progress: ProgressCallback | None = None,
+    backend: str = "torch",
 ) -> BatchSummary:
     """Segment every case found in ``inputs`` into ``out_dir`` (the Python form of ``samed segment``).
 
@@ -353,7 +364,12 @@ def segment_batch(
             intensity and encoder precision), so that a rerun with other prompts costs only the
             decoder; None: none.
         precision: encoder precision on CUDA: ``"auto"`` (fp16 autocast), ``"fp32"``,
-            ``"fp16"`` or ``"bf16"`` (see :mod:`samed.precision`); CPU always runs float32.
+            ``"fp16"`` or ``"bf16"`` (see :mod:`samed.precision`). On the CPU, with ``backend``,
+            the encoder backend's precision (:mod:`samed.engine.backends`): ``"auto"``
+            (measured), ``"fp32"``, ``"bf16"``, ``"int8"``.
+        backend: CPU encoder backend, ``"torch"`` (default here; ``samed segment`` passes
+            ``"auto"``), ``"openvino"`` or ``"auto"``; ignored for a built ``model``. The
+            encoder actually used is recorded as ``precision`` and ``encoder`` in case.json.
         progress: called with a :class:`ProgressEvent` as the batch advances.
 
     Returns:
@@ -392,13 +408,22 @@ def segment_batch(
         raise ValueError(f"postprocess={postprocess!r} must be one of {POSTPROCESS_CHOICES}")
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    from ..precision import amp_from_precision, encoder_precision
+    from ..engine.backends import encoder_label
+    from ..precision import amp_from_precision
 
     amp = amp_from_precision(precision)
     prompt_list = read_prompts(prompts) if prompts is not None else None
     adapter_path = resolve_adapter(adapter) if adapter is not None else None
     if isinstance(model, str):
-        net = load_model(model, checkpoint, adapter=adapter_path, device=device)
+        net = load_model(
+            model,
+            checkpoint,
+            adapter=adapter_path,
+            device=device,
+            backend=backend,
+            # the library default (torch, precision auto) is today's torch fp32 on the CPU
+            precision="fp32" if (backend, precision) == ("torch", "auto") else precision,
+        )
     else:  # a built model is used as it is: not moved, not optimised
         net = load_model(model, adapter=adapter_path, optimize=False)
     automatic = net.adapter is not None and net.adapter.mode == "automatic"
@@ -424,7 +449,7 @@ def segment_batch(
         "formats": list(fmt),
         "min_slice_iou": float(min_slice_iou) if mode == "prompted" else None,
         "postprocess": describe_postprocessing(postprocess, net) if mode == "automatic" else None,
-        "precision": encoder_precision(dev, amp),
+        "precision": encoder_label(net, amp),
     }
     job = _Job(
         model=_OomFallbackModel(net),
@@ -523,7 +548,13 @@ def segment_batch(
                 row.seconds = round(time.perf_counter() - t0, 3)
                 if row.status == "ok":
                     write_json(
-                        tmp / _MARKER, {**row.to_json(), "settings": wanted, "input": fingerprint}
+                        tmp / _MARKER,
+                        {
+                            **row.to_json(),
+                            "settings": wanted,
+                            "input": fingerprint,
+                            "encoder": _encoder_setting(job.model),
+                        },
                     )
                     commit_case_folder(tmp, folder)
                 elif marker is None:

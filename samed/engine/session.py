@@ -19,6 +19,7 @@ import torch
 from ..model.fast_decoder import ImageState, decoder_fingerprint
 from ..model.sam import SamModel, upscale_logits
 from ..precision import check_amp, encoder_precision
+from .backends import encoder_label
 from .interactive import InteractiveMixin
 from .interactive import mask_digest as _mask_digest
 from .preprocess import (
@@ -63,9 +64,11 @@ class Session(InteractiveMixin):
         modality: ``"CT"``, ``"MR"`` or ``""`` (taken from ``volume.modality`` when present).
         batch_size: slices per encoder batch.
         cache_dir: folder for the on-disk embedding cache, or None (memory only).
-        amp: mixed precision for the encoder on CUDA (ignored on CPU, where bf16 is slow):
-            True (fp16 autocast, :data:`samed.precision.DEFAULT_AMP`), False (float32),
-            ``"fp16"`` or ``"bf16"`` autocast. The decoder always runs in float32.
+        amp: mixed precision for the encoder on CUDA: True (fp16 autocast,
+            :data:`samed.precision.DEFAULT_AMP`), False (float32), ``"fp16"`` or ``"bf16"``
+            autocast. Ignored on the CPU, where the model's encoder backend decides
+            (``load_model(backend=..., precision=...)``, :mod:`samed.engine.backends`; reported
+            by :attr:`encoder`). The decoder always runs in float32.
     """
 
     def __init__(
@@ -128,8 +131,17 @@ class Session(InteractiveMixin):
         ]
         # always part of the key: before fp16 became the CUDA default, bf16 embeddings were
         # cached under keys without it, which must never be read back as another precision
-        parts.append("precision=" + encoder_precision(self.model.device, self.amp))
+        # on the CPU the encoder backend's label ("fp32" for torch fp32, as before; e.g.
+        # "openvino-int8" otherwise), so that embeddings of different backends never collide
+        parts.append("precision=" + encoder_label(self.model, self.amp))
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+    @property
+    def encoder(self) -> str:
+        """What the embeddings are computed with: ``"fp32"`` / ``"fp16"`` / ``"bf16"`` on CUDA;
+        on the CPU ``"fp32"`` (torch) or the backend's name (e.g. ``"openvino-bf16"``), see
+        :func:`samed.engine.backends.encoder_label`."""
+        return encoder_label(self.model, self.amp)
 
     def _check_cache(self) -> None:
         key = self.cache_key

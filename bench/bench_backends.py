@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,8 +30,13 @@ def candidate_child(name: str, n: int) -> None:
     with torch.inference_mode():
         model.encode(xb[:1])
         model.encode(xb)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"name": model.encoder_backend.name, "peak_rss_mb": rss}))
+    # VmHWM, not ru_maxrss: Linux carries the parent's maxrss over fork + exec into the child
+    hwm = [
+        ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM")
+    ]
+    rss = int(hwm[0].split()[1]) / 1024 if hwm else None
+    be = model.encoder_backend
+    print(json.dumps({"name": be.name if be is not None else "torch-fp32", "peak_rss_mb": rss}))
 
 
 def candidates(n: int, reps: int) -> dict:
@@ -137,7 +141,7 @@ def candidates(n: int, reps: int) -> dict:
         except (ValueError, IndexError, KeyError):
             out[k]["peak_rss_mb"] = None
     t = time.perf_counter()
-    auto = measure(base, list(backends), cache=backend_cache_dir())
+    auto = measure(base, list(backends), cache=backend_cache_dir(), built=backends)
     return {
         "candidates": out,
         "auto_measurement": auto,

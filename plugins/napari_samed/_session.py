@@ -27,6 +27,12 @@ def default_cache_dir() -> Path | None:
     return Path.home() / ".cache" / "samed" / "embeddings"
 
 
+def _default_backend() -> str:
+    from samed.registry import default_backend
+
+    return default_backend()
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the model and the embeddings depend on.
@@ -40,9 +46,9 @@ class Settings:
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         backend: CPU encoder backend (``samed.registry.BACKENDS``: ``"auto"`` measures once per
             machine and model, then loads the fastest candidate that matches torch fp32),
-            default ``$SAMED_BACKEND`` or ``"auto"``.
-        precision: CPU encoder precision (``samed.registry.CPU_PRECISIONS``), default
-            ``$SAMED_PRECISION`` or ``"auto"``.
+            default ``$SAMED_BACKEND`` or ``"torch"``.
+        precision: CPU encoder precision (``samed.registry.CPU_PRECISIONS``; ``"auto"`` with
+            the torch backend is fp32), default ``$SAMED_PRECISION`` or ``"auto"``.
     """
 
     model_kind: str = "litemedsam"
@@ -50,7 +56,7 @@ class Settings:
     adapter: str = ""
     intensity: str = "auto"
     device: str = "auto"
-    backend: str = field(default_factory=lambda: os.environ.get("SAMED_BACKEND", "auto"))
+    backend: str = field(default_factory=lambda: _default_backend())
     precision: str = field(default_factory=lambda: os.environ.get("SAMED_PRECISION", "auto"))
 
     @property
@@ -188,11 +194,14 @@ def _build_model(settings: Settings) -> Any:
         )
     if not spec.bundled and not settings.checkpoint:
         raise ValueError(f"{settings.model_kind} needs a checkpoint file ({spec.description})")
+    from samed.registry import cpu_request
+
+    backend, precision = cpu_request(settings.backend, settings.precision)
     return load_model(
         settings.model_kind,
         settings.checkpoint or None,
         adapter=settings.adapter or None,
         device=settings.device,
-        backend=settings.backend,
-        precision=settings.precision,
+        backend=backend,
+        precision=precision,
     )

@@ -367,8 +367,9 @@ def segment_batch(
             ``"fp16"`` or ``"bf16"`` (see :mod:`samed.precision`). On the CPU, with ``backend``,
             the encoder backend's precision (:mod:`samed.engine.backends`): ``"auto"``
             (measured), ``"fp32"``, ``"bf16"``, ``"int8"``.
-        backend: CPU encoder backend, ``"torch"`` (default here; ``samed segment`` passes
-            ``"auto"``), ``"openvino"`` or ``"auto"``; ignored for a built ``model``. The
+        backend: CPU encoder backend, ``"torch"`` (default; with ``precision="auto"`` that is
+            torch fp32), ``"openvino"`` or ``"auto"`` (measured, :mod:`samed.engine.backends`);
+            ignored for a built ``model``. The
             encoder actually used is recorded as ``precision`` and ``encoder`` in case.json.
         progress: called with a :class:`ProgressEvent` as the batch advances.
 
@@ -391,7 +392,7 @@ def segment_batch(
 
     from ..intensity import parse_intensity
     from ..model import load_model
-    from ..registry import resolve_adapter
+    from ..registry import cpu_request, resolve_adapter
 
     t_start = time.perf_counter()
     fmt = _parse_formats(formats)
@@ -415,14 +416,14 @@ def segment_batch(
     prompt_list = read_prompts(prompts) if prompts is not None else None
     adapter_path = resolve_adapter(adapter) if adapter is not None else None
     if isinstance(model, str):
+        backend_, precision_ = cpu_request(backend, precision)
         net = load_model(
             model,
             checkpoint,
             adapter=adapter_path,
             device=device,
-            backend=backend,
-            # the library default (torch, precision auto) is today's torch fp32 on the CPU
-            precision="fp32" if (backend, precision) == ("torch", "auto") else precision,
+            backend=backend_,
+            precision=precision_,
         )
     else:  # a built model is used as it is: not moved, not optimised
         net = load_model(model, adapter=adapter_path, optimize=False)

@@ -188,12 +188,18 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @torch.inference_mode()
 def measure(
-    model: SamModel, candidates: list[str], *, cache: Path | None = None
+    model: SamModel,
+    candidates: list[str],
+    *,
+    cache: Path | None = None,
+    built: dict[str, EncoderBackend] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Speed and accuracy of each candidate against torch fp32 on this machine.
 
     The timed passes go round-robin over the candidates (one pass each per round, after a
     warm-up pass each), so that a change of load on a shared machine hits all of them alike.
+
+    ``built`` maps candidate names to backends already built for ``model`` (reused as they are).
 
     Returns:
         ``{name: {"s_per_slice": s, "speedup": x vs torch fp32, "mean_dice", "min_dice",
@@ -220,7 +226,9 @@ def measure(
             continue
         t = time.perf_counter()
         try:
-            be = build_candidate(model, name, calibration=calib, cache=cache)
+            be = (built or {}).get(name) or build_candidate(
+                model, name, calibration=calib, cache=cache
+            )
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot build is not chosen
             res[name] = {"error": f"{type(exc).__name__}: {exc}", "ok": False}
             continue

@@ -202,3 +202,28 @@ def test_adapter_change_after_build_falls_back_to_torch(make_tiny_model, no_cach
     x = torch.rand(1, 3, 256, 256)
     with torch.inference_mode():
         assert torch.allclose(model.encode(x), ref.encode(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("cmd", ["segment", "evaluate", "demo"])
+def test_cli_backend_and_precision_options(cmd, monkeypatch):
+    from samed.cli import build_parser
+
+    extra = {"segment": ["in.nii.gz", "--out", "o"], "evaluate": ["--data", "d"], "demo": []}
+    args = build_parser().parse_args([cmd, *extra[cmd]])
+    assert (args.backend, args.precision) == ("torch", "auto")  # today's path unless asked
+    args = build_parser().parse_args(
+        [cmd, *extra[cmd], "--backend", "openvino", "--precision", "int8"]
+    )
+    assert (args.backend, args.precision) == ("openvino", "int8")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([cmd, *extra[cmd], "--backend", "onnx"])
+    monkeypatch.setenv("SAMED_BACKEND", "auto")  # a machine-wide default
+    assert build_parser().parse_args([cmd, *extra[cmd]]).backend == "auto"
+
+
+def test_cpu_request_keeps_torch_auto_at_fp32():
+    from samed.registry import cpu_request
+
+    assert cpu_request("torch", "auto") == ("torch", "fp32")
+    assert cpu_request("auto", "auto") == ("auto", "auto")
+    assert cpu_request("openvino", "int8") == ("openvino", "int8")

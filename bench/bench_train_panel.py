@@ -42,8 +42,9 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_panel.json"))
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--eval-limit", type=int, default=None)
-    ap.add_argument("--cache-copies", type=int, default=None,
-                    help="train.cache_copies (default: the recipe's)")
+    ap.add_argument(
+        "--cache-copies", type=int, default=None, help="train.cache_copies (default: the recipe's)"
+    )
     ap.add_argument("--eval-cache", default=None, help="val embeddings file (acdc_decoder_eval)")
     args = ap.parse_args()
     import napari
@@ -98,8 +99,10 @@ def main() -> int:
     res = panel.result
     combo = widget.ui.adapter_combo
     in_menu = args.name in [combo.itemData(i) for i in range(combo.count())]
-    print(f"trained {res['steps']} steps in {wall / 60:.1f} min (cache {res['cache_seconds']} s);"
-          f" best held-back Dice {res['best_mean_dice']}; in adapter menu: {in_menu}")
+    print(
+        f"trained {res['steps']} steps in {wall / 60:.1f} min (cache {res['cache_seconds']} s);"
+        f" best held-back Dice {res['best_mean_dice']}; in adapter menu: {in_menu}"
+    )
     out = {
         "split": args.split,
         "minutes_limit": args.minutes,
@@ -123,19 +126,32 @@ def main() -> int:
     curve = []
     for snap in res["snapshots"]:
         r = score_adapter(snap["path"], val)
-        curve.append({"minutes": snap["minutes"], "best_step": snap["best_step"],
-                      "val_dice_raw": r["mean_dice_raw"],
-                      "val_dice_largest_component": r["mean_dice_largest_component"]})
-        print(f"  {snap['minutes']:>5g} min (best step {snap['best_step']}): ACDC val Dice "
-              f"{r['mean_dice_raw']:.4f} raw, {r['mean_dice_largest_component']:.4f} largest "
-              "component", flush=True)
+        curve.append(
+            {
+                "minutes": snap["minutes"],
+                "best_step": snap["best_step"],
+                "val_dice_raw": r["mean_dice_raw"],
+                "val_dice_largest_component": r["mean_dice_largest_component"],
+            }
+        )
+        print(
+            f"  {snap['minutes']:>5g} min (best step {snap['best_step']}): ACDC val Dice "
+            f"{r['mean_dice_raw']:.4f} raw, {r['mean_dice_largest_component']:.4f} largest "
+            "component",
+            flush=True,
+        )
     final = score_adapter(res["installed"], val)
-    out["acdc_val"] = {"final": final, "curve": curve,
-                       "session_check": check_against_session(res["installed"], val[0])}
+    out["acdc_val"] = {
+        "final": final,
+        "curve": curve,
+        "session_check": check_against_session(res["installed"], val[0]),
+    }
     out["uptime_eval_end"] = _uptime()
     Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
-    print(f"final adapter: ACDC val Dice {final['mean_dice_raw']:.4f} raw, "
-          f"{final['mean_dice_largest_component']:.4f} largest component; wrote {args.out}")
+    print(
+        f"final adapter: ACDC val Dice {final['mean_dice_raw']:.4f} raw, "
+        f"{final['mean_dice_largest_component']:.4f} largest component; wrote {args.out}"
+    )
     return 0
 
 

@@ -77,10 +77,12 @@ def main() -> int:
         t0 = time.perf_counter()
         pred = Session(model, vol, intensity="auto").automatic()
         ta = time.perf_counter() - t0
-        r_ent = automatic_uncertainty(Session(model, vol, intensity="auto"), "entropy",
-                                      keep_maps=True)
-        r_flip = automatic_uncertainty(Session(model, vol, intensity="auto"), "flip",
-                                       keep_maps=True)
+        r_ent = automatic_uncertainty(
+            Session(model, vol, intensity="auto"), "entropy", keep_maps=True
+        )
+        r_flip = automatic_uncertainty(
+            Session(model, vol, intensity="auto"), "flip", keep_maps=True
+        )
         if not np.array_equal(r_ent.labels, pred):
             raise SystemExit(f"{case.case_id}: uncertainty labels differ from Session.automatic")
         t_auto, t_ent, t_flip = t_auto + ta, t_ent + r_ent.seconds, t_flip + r_flip.seconds
@@ -112,8 +114,12 @@ def main() -> int:
     wrong_v = np.concatenate(wrong_all)
     band_v = np.concatenate(band_all)
     dices = [r["mean_dice"] for r in rows]
-    cost = {"entropy": t_ent / t_auto, "margin": t_ent / t_auto,
-            "flip": t_flip / t_auto, "flip_entropy": t_flip / t_auto}
+    cost = {
+        "entropy": t_ent / t_auto,
+        "margin": t_ent / t_auto,
+        "flip": t_flip / t_auto,
+        "flip_entropy": t_flip / t_auto,
+    }
     table = {}
     for m in MAPS:
         s = np.concatenate(scores[m])
@@ -126,18 +132,26 @@ def main() -> int:
         }
     # does the case score put the worst cases first? the 5 lowest-Dice cases' ranks by score
     worst = sorted(range(len(rows)), key=lambda j: dices[j])[:5]
-    print(f"\nACDC {args.split}, adapter {args.adapter}, {len(rows)} volumes, "
-          f"{int(wrong_v.sum())} wrong of {wrong_v.size} voxels "
-          f"({int(wrong_v[band_v].sum())} wrong of {int(band_v.sum())} in the {args.band}px band)")
-    print("| map | AUROC all voxels | AUROC fg band | Spearman(case score, Dice) | cost x automatic |")
+    print(
+        f"\nACDC {args.split}, adapter {args.adapter}, {len(rows)} volumes, "
+        f"{int(wrong_v.sum())} wrong of {wrong_v.size} voxels "
+        f"({int(wrong_v[band_v].sum())} wrong of {int(band_v.sum())} in the {args.band}px band)"
+    )
+    print(
+        "| map | AUROC all voxels | AUROC fg band | Spearman(case score, Dice) | cost x automatic |"
+    )
     print("|---|---|---|---|---|")
     for m, t in table.items():
-        print(f"| {m} | {t['auroc_volume']:.4f} | {t['auroc_band']:.4f} | "
-              f"{t['spearman_case_score_vs_dice']:+.3f} | {t['cost_vs_automatic']:.2f} |")
+        print(
+            f"| {m} | {t['auroc_volume']:.4f} | {t['auroc_band']:.4f} | "
+            f"{t['spearman_case_score_vs_dice']:+.3f} | {t['cost_vs_automatic']:.2f} |"
+        )
     for m in MAPS:
         order = sorted(range(len(rows)), key=lambda j: -rows[j]["case_score"][m])
-        print(f"  {m}: ranks (1 = most uncertain) of the 5 worst-Dice cases: "
-              f"{[order.index(j) + 1 for j in worst]}")
+        print(
+            f"  {m}: ranks (1 = most uncertain) of the 5 worst-Dice cases: "
+            f"{[order.index(j) + 1 for j in worst]}"
+        )
     res = {
         "split": args.split,
         "adapter": args.adapter,

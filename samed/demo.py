@@ -78,7 +78,12 @@ def run_demo(args: Any) -> int:
     t1_path, mask_path = sample_mni152(out / "input")
     vol = load_volume(t1_path)
     gt = load_label_map(mask_path, reference=vol).array > 0
-    model = load_model(device=args.device)
+    from .registry import cpu_request
+
+    backend, precision = cpu_request(
+        getattr(args, "backend", "torch"), getattr(args, "precision", "auto")
+    )
+    model = load_model(device=args.device, backend=backend, precision=precision)
     inv = np.linalg.inv(vol.affine)
     x0, y0, x1, y1 = BRAIN_BOX_MM
     a = inv @ [x0, y0, BRAIN_SLICE_MM, 1.0]
@@ -157,14 +162,24 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__.splitlines()[0] if __doc__ else None,
     )
     p.add_argument("--out", default="samed-demo", help="output folder (default ./samed-demo)")
-    from .registry import PRECISIONS
+    from .registry import BACKENDS, PRECISIONS, default_backend
 
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument(
         "--precision",
         choices=list(PRECISIONS),
         default="auto",
-        help="encoder precision on CUDA (auto = fp16 autocast; CPU always fp32)",
+        help="encoder precision: on CUDA autocast (auto = fp16); on the CPU auto = fp32, or "
+        "measured once per machine and model with --backend auto, fp32, bf16 (native-bf16 CPUs), int8 "
+        "(OpenVINO)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default=default_backend(),
+        help="CPU image-encoder backend: torch (default; $SAMED_BACKEND overrides), auto "
+        "(fastest candidate that matches torch fp32, measured on first use and cached), "
+        "openvino (pip install 'samed[openvino]')",
     )
     p.add_argument(
         "--box-margin",

@@ -18,6 +18,10 @@ __all__ = [
     "ModelSpec",
     "POSTPROCESS_CHOICES",
     "PRECISIONS",
+    "BACKENDS",
+    "CPU_PRECISIONS",
+    "cpu_request",
+    "default_backend",
     "NIFTI_SUFFIXES",
     "NIBABEL_SUFFIXES",
     "ITK_SUFFIXES",
@@ -163,7 +167,38 @@ POSTPROCESS_CHOICES = ("adapter", "none", "largest_component")
 
 #: ``--precision`` values of the CLIs and the ``Session(amp=...)`` each stands for
 #: (see :mod:`samed.precision`).
-PRECISIONS: dict[str, bool | str] = {"auto": True, "fp32": False, "fp16": "fp16", "bf16": "bf16"}
+#: On the CPU the same value picks the encoder precision of :mod:`samed.engine.backends`
+#: (``auto`` measured, ``fp32``, ``bf16``, ``int8``); ``int8`` on CUDA runs the default fp16.
+PRECISIONS: dict[str, bool | str] = {
+    "auto": True,
+    "fp32": False,
+    "fp16": "fp16",
+    "bf16": "bf16",
+    "int8": True,
+}
+
+#: ``--backend`` values of the CLIs / ``load_model(backend=...)``: how the image encoder runs on
+#: the CPU (:mod:`samed.engine.backends`); CUDA always runs torch.
+BACKENDS = ("auto", "torch", "openvino")
+#: ``precision=`` values of ``load_model`` on the CPU.
+CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
+def default_backend() -> str:
+    """The CLIs' and the plugin's ``--backend`` default: ``$SAMED_BACKEND`` (one of
+    :data:`BACKENDS`), else ``"torch"`` (today's path; ``auto`` measures on first use)."""
+    import os
+
+    env = os.environ.get("SAMED_BACKEND", "").strip()
+    return env if env in BACKENDS else "torch"
+
+
+def cpu_request(backend: str, precision: str) -> tuple[str, str]:
+    """``(backend, precision)`` for :func:`samed.model.load_model` from the CLI values:
+    ``--precision auto`` with ``--backend torch`` is torch fp32 on the CPU (the CUDA meaning of
+    ``auto``, fp16 autocast, is the Session's); any other pair is passed on as it is."""
+    return ("torch", "fp32") if (backend, precision) == ("torch", "auto") else (backend, precision)
+
 
 #: Volume files read by name (lower-case suffixes; a DICOM file is known by its content, not
 #: its name): NIfTI, FreeSurfer MGH (both through nibabel), ITK's NRRD / MetaImage, MedSAM npz.

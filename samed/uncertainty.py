@@ -272,8 +272,9 @@ def automatic_uncertainty(
                 session._encode(missing)
             p = probs_of(torch.cat([session.embedding(z) for z in batch]))
             if method == "flip":
-                x = prepare_slices(np.ascontiguousarray(session.image[batch][..., ::-1]),
-                                   model.image_size).to(model.device)
+                x = prepare_slices(
+                    np.ascontiguousarray(session.image[batch][..., ::-1]), model.image_size
+                ).to(model.device)
                 pf = probs_of(model.encode(x).float())[..., ::-1]
                 members = np.stack([p, pf], 1)  # (B, M, C, Y, X)
             for j, z in enumerate(batch):

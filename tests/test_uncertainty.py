@@ -76,8 +76,9 @@ def test_automatic_uncertainty_matches_the_automatic_pass(auto_model, make_tiny_
     vol = make_tiny_volume(z=3)
     ref = Session(auto_model, vol).automatic(postprocess="none")
     for method in ("entropy", "flip"):
-        res = automatic_uncertainty(Session(auto_model, vol), method, postprocess="none",
-                                    keep_maps=True)
+        res = automatic_uncertainty(
+            Session(auto_model, vol), method, postprocess="none", keep_maps=True
+        )
         np.testing.assert_array_equal(res.labels, ref)
         assert res.uncertainty.shape == vol.array.shape
         assert 0 <= res.uncertainty.min() and res.uncertainty.max() <= 1
@@ -102,8 +103,14 @@ def test_segment_uncertainty_nifti_on_the_source_grid(tmp_path, make_tiny_model,
     vol.affine = aff
     (tmp_path / "in").mkdir()
     src = save_nifti(vol.array, vol, tmp_path / "in" / "case1.nii.gz")
-    res = segment_batch([src], tmp_path / "out", adapter=adapter, model=make_tiny_model(),
-                        uncertainty="entropy", qc=False)
+    res = segment_batch(
+        [src],
+        tmp_path / "out",
+        adapter=adapter,
+        model=make_tiny_model(),
+        uncertainty="entropy",
+        qc=False,
+    )
     row = res.results[0]
     assert row.status == "ok", row.error
     out = nib.load(tmp_path / "out" / "case1" / "uncertainty.nii.gz")
@@ -114,7 +121,13 @@ def test_segment_uncertainty_nifti_on_the_source_grid(tmp_path, make_tiny_model,
     with open(tmp_path / "out" / "summary.csv") as f:
         [r] = list(csv.DictReader(f))
     assert float(r["uncertainty"]) == pytest.approx(row.uncertainty, abs=1e-6)
-    again = segment_batch([src], tmp_path / "out", adapter=adapter, model=make_tiny_model(),
-                          uncertainty="entropy", qc=False)
+    again = segment_batch(
+        [src],
+        tmp_path / "out",
+        adapter=adapter,
+        model=make_tiny_model(),
+        uncertainty="entropy",
+        qc=False,
+    )
     assert again.results[0].status == "skipped"
     assert again.results[0].uncertainty == pytest.approx(row.uncertainty)

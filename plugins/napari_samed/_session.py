@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,12 @@ def default_cache_dir() -> Path | None:
     return Path.home() / ".cache" / "samed" / "embeddings"
 
 
+def _default_backend() -> str:
+    from samed.registry import default_backend
+
+    return default_backend()
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the model and the embeddings depend on.
@@ -38,6 +44,11 @@ class Settings:
         intensity: engine intensity spec (``"auto"``, a CT window preset name, ``"percentile"``,
             ``"minmax"``).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        backend: CPU encoder backend (``samed.registry.BACKENDS``: ``"auto"`` measures once per
+            machine and model, then loads the fastest candidate that matches torch fp32),
+            default ``$SAMED_BACKEND`` or ``"torch"``.
+        precision: CPU encoder precision (``samed.registry.CPU_PRECISIONS``; ``"auto"`` with
+            the torch backend is fp32), default ``$SAMED_PRECISION`` or ``"auto"``.
     """
 
     model_kind: str = "litemedsam"
@@ -45,10 +56,19 @@ class Settings:
     adapter: str = ""
     intensity: str = "auto"
     device: str = "auto"
+    backend: str = field(default_factory=lambda: _default_backend())
+    precision: str = field(default_factory=lambda: os.environ.get("SAMED_PRECISION", "auto"))
 
     @property
-    def model_key(self) -> tuple[str, str, str, str]:
-        return (self.model_kind, self.checkpoint, self.adapter, self.device)
+    def model_key(self) -> tuple[str, ...]:
+        return (
+            self.model_kind,
+            self.checkpoint,
+            self.adapter,
+            self.device,
+            self.backend,
+            self.precision,
+        )
 
 
 class PluginSession:
@@ -178,9 +198,14 @@ def _build_model(settings: Settings) -> Any:
         )
     if not spec.bundled and not settings.checkpoint:
         raise ValueError(f"{settings.model_kind} needs a checkpoint file ({spec.description})")
+    from samed.registry import cpu_request
+
+    backend, precision = cpu_request(settings.backend, settings.precision)
     return load_model(
         settings.model_kind,
         settings.checkpoint or None,
         adapter=settings.adapter or None,
         device=settings.device,
+        backend=backend,
+        precision=precision,
     )

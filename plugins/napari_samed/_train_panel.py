@@ -178,7 +178,8 @@ class TrainPanel(QGroupBox):
         if len(shape) != 3:
             return None
         imgs = [
-            ly for ly in self.viewer.layers
+            ly
+            for ly in self.viewer.layers
             if isinstance(ly, Image) and not ly.rgb and np.shape(ly.data) == shape
         ]
         if not imgs:
@@ -253,10 +254,15 @@ class TrainPanel(QGroupBox):
                 export_pair(folder, pname, vol, lab, names, source=src)
             opts = dict(self.train_options)
             res = train_from_annotations(
-                folder, name, mode=mode, minutes=self._minutes,
-                callback=self._queue.put, should_stop=self._stop.is_set,
+                folder,
+                name,
+                mode=mode,
+                minutes=self._minutes,
+                callback=self._queue.put,
+                should_stop=self._stop.is_set,
                 log=lambda s: self._queue.put({"event": "log", "text": s}),
-                command="napari samed Train adapter", **opts,
+                command="napari samed Train adapter",
+                **opts,
             )
             self._queue.put({"event": "finished", "result": res})
         except Exception as exc:  # noqa: BLE001 - shown in the panel, never a traceback dialog

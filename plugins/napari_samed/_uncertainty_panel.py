@@ -140,8 +140,13 @@ class UncertaintyPanel(QGroupBox):
             viewer.layers[name].data = res.uncertainty
         else:
             viewer.add_image(
-                res.uncertainty, name=name, colormap="inferno", blending="additive",
-                opacity=0.6, contrast_limits=(0.0, 1.0), **kw,
+                res.uncertainty,
+                name=name,
+                colormap="inferno",
+                blending="additive",
+                opacity=0.6,
+                contrast_limits=(0.0, 1.0),
+                **kw,
             )
         self.slices_list.clear()
         ranked = res.ranked_slices(20)

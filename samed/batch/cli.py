@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..registry import POSTPROCESS_CHOICES, PRECISIONS
+from ..registry import BACKENDS, POSTPROCESS_CHOICES, PRECISIONS, default_backend
 from .run import FORMATS, segment_batch
 from .summary import ProgressEvent
 
@@ -92,8 +92,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--precision",
         default="auto",
         choices=list(PRECISIONS),
-        help="encoder precision on CUDA (auto = fp16 autocast, measured closest to fp32 and "
-        "fastest; CPU always runs fp32)",
+        help="encoder precision: on CUDA autocast (auto = fp16, measured closest to fp32 and "
+        "fastest); on the CPU auto = fp32, or measured once per machine and model with --backend "
+        "auto, "
+        "fp32, bf16 (native-bf16 CPUs), int8 (OpenVINO)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default=default_backend(),
+        help="CPU image-encoder backend: torch (default; $SAMED_BACKEND overrides), auto "
+        "(fastest candidate that matches torch fp32, measured on first use and cached), "
+        "openvino (pip install 'samed[openvino]')",
     )
     p.add_argument(
         "--cache-dir",
@@ -209,6 +219,7 @@ def run_segment(args: argparse.Namespace) -> int:
             min_slice_iou=getattr(args, "min_slice_iou", 0.7),
             postprocess=getattr(args, "postprocess", "adapter"),
             precision=getattr(args, "precision", "auto"),
+            backend=getattr(args, "backend", "torch"),
             progress=bars,
             series_filter=getattr(args, "series_filter", None),
             dicomweb=source,

@@ -58,8 +58,15 @@ class _CaseWorker:
         if threads > 0:
             torch.set_num_threads(threads)
         if model is None:
-            kind, checkpoint, adapter_path, device = spec
-            model = load_model(kind, checkpoint, adapter=adapter_path, device=device)
+            kind, checkpoint, adapter_path, device, backend, precision = spec
+            model = load_model(
+                kind,
+                checkpoint,
+                adapter=adapter_path,
+                device=device,
+                backend=backend,
+                precision=precision,
+            )
         self.model = _OomFallbackModel(model)
 
     def pid(self) -> int:
@@ -121,7 +128,8 @@ def run_on_ray(
         workers: number of actors (None: one per GPU, else one per :data:`CPUS_PER_WORKER`
             CPUs of the cluster); never more than the cases to run.
         model: a built model to ship to the workers, or None to load ``spec`` there.
-        spec: ``(kind, checkpoint, adapter path, device)`` for workers that load their model.
+        spec: ``(kind, checkpoint, adapter path, device, backend, precision)`` (the
+            :func:`samed.model.load_model` arguments) for workers that load their model.
 
     Raises:
         ValueError: a bad address or worker count.

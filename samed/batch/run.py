@@ -76,6 +76,16 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("status") == "ok" else None
 
 
+def _encoder_setting(model: Any) -> dict[str, str]:
+    """How the encoder ran, for case.json (beside ``settings``, whose ``precision`` is the label
+    that decides a resume): backend, precision, name, how it was chosen and why."""
+    be = getattr(model, "encoder_backend", None)
+    if be is not None:
+        return be.describe()
+    dev = str(getattr(model, "device", "cpu"))
+    return {"backend": "torch", "device": dev, "chosen_by": "default"}
+
+
 def _require(module: str, option: str, extra: str) -> None:
     import importlib.util
 
@@ -118,6 +128,7 @@ def segment_batch(
     ray: str | None = None,
     ray_workers: int | None = None,
     uncertainty: str | None = None,
+    backend: str = "torch",
 ) -> BatchSummary:
     """Segment every case found in ``inputs`` into ``out_dir`` (the Python form of ``samed segment``).
 
@@ -151,7 +162,9 @@ def segment_batch(
             intensity and encoder precision), so that a rerun with other prompts costs only the
             decoder; None: none.
         precision: encoder precision on CUDA: ``"auto"`` (fp16 autocast), ``"fp32"``,
-            ``"fp16"`` or ``"bf16"`` (see :mod:`samed.precision`); CPU always runs float32.
+            ``"fp16"`` or ``"bf16"`` (see :mod:`samed.precision`). On the CPU, with ``backend``,
+            the encoder backend's precision (:mod:`samed.engine.backends`): ``"auto"``
+            (measured), ``"fp32"``, ``"bf16"``, ``"int8"``.
         progress: called with a :class:`ProgressEvent` as the batch advances.
         series_filter: which DICOM series are cases (:mod:`samed.batch.series`; ``KEY=VALUE``
             rules or a :class:`SeriesFilter`); non-image objects and localizers are always
@@ -166,6 +179,10 @@ def segment_batch(
         uncertainty: automatic mode: a :data:`samed.uncertainty.METHODS` name to also write
             ``uncertainty.nii.gz`` per case (source grid) and the case score in the summary's
             ``uncertainty`` column; None (default) skips it.
+        backend: CPU encoder backend, ``"torch"`` (default here; ``samed segment`` passes
+            :func:`samed.registry.default_backend`), ``"openvino"`` or ``"auto"``; ignored for a
+            built ``model``. The encoder actually used is recorded as ``precision`` and
+            ``encoder`` in case.json.
 
     Returns:
         The :class:`BatchSummary` (also written to ``out_dir/summary.json`` and ``summary.csv``).
@@ -227,13 +244,23 @@ def segment_batch(
         raise ValueError(f"postprocess={postprocess!r} must be one of {POSTPROCESS_CHOICES}")
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    from ..precision import amp_from_precision, encoder_precision
+    from ..engine.backends import encoder_label
+    from ..precision import amp_from_precision
 
     amp = amp_from_precision(precision)
     prompt_list = read_prompts(prompts) if prompts is not None else None
     adapter_path = resolve_adapter(adapter) if adapter is not None else None
+    # the library default (torch, precision auto) is today's torch fp32 on the CPU
+    cpu_precision = "fp32" if (backend, precision) == ("torch", "auto") else precision
     if isinstance(model, str):
-        net = load_model(model, checkpoint, adapter=adapter_path, device=device)
+        net = load_model(
+            model,
+            checkpoint,
+            adapter=adapter_path,
+            device=device,
+            backend=backend,
+            precision=cpu_precision,
+        )
     else:  # a built model is used as it is: not moved, not optimised
         net = load_model(model, adapter=adapter_path, optimize=False)
     automatic = net.adapter is not None and net.adapter.mode == "automatic"
@@ -259,7 +286,7 @@ def segment_batch(
         "formats": list(fmt),
         "min_slice_iou": float(min_slice_iou) if mode == "prompted" else None,
         "postprocess": describe_postprocessing(postprocess, net) if mode == "automatic" else None,
-        "precision": encoder_precision(dev, amp),
+        "precision": encoder_label(net, amp),
     }
     if uncertainty is not None:
         from ..uncertainty import METHODS
@@ -308,7 +335,7 @@ def segment_batch(
             ray,
             ray_workers,
             net if spec is None else None,
-            (spec, checkpoint, adapter_path, device),
+            (spec, checkpoint, adapter_path, device, backend, cpu_precision),
         )
     else:
         for i in range(len(cases)):
@@ -447,7 +474,15 @@ class Batch:
                     error_kind=exc.kind,
                 )
         if row.status == "ok":
-            write_json(tmp / _MARKER, {**row.to_json(), "settings": wanted, "input": fingerprint})
+            write_json(
+                tmp / _MARKER,
+                {
+                    **row.to_json(),
+                    "settings": wanted,
+                    "input": fingerprint,
+                    "encoder": _encoder_setting(self.job.model),
+                },
+            )
             commit_case_folder(tmp, folder)
         elif marker is None:
             _remove_unfinished(folder)

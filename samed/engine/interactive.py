@@ -386,7 +386,8 @@ def repropagate(
         :class:`~samed.engine.PropagationStep`; a step with an empty mask or ``stopped=True``
         removes that slice's mask.
     """
-    from .session import PropagationStep, _dilate
+    from .preprocess import _dilate
+    from .session import PropagationStep
 
     z = session._check_z(z)
     dirs = {"both": (1, -1), "forward": (1,), "backward": (-1,)}

@@ -370,3 +370,28 @@ def choose_intensity(
         "modality": modality or "",
         "reason": reason,
     }
+
+
+def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
+    """Binary dilation of a (Y, X) mask by ``px`` pixels (square structuring element)."""
+    if px <= 0:
+        return mask
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(mask, iterations=px)
+
+
+def check_volume_array(array: object) -> np.ndarray:
+    """A volume as a (Z, Y, X) real-valued array ((Y, X) becomes one slice).
+
+    Raises:
+        ValueError: another number of dimensions, an empty axis, or a non-real dtype.
+    """
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or min(array.shape) < 1:
+        raise ValueError(f"volume must be a (Z, Y, X) array; got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise ValueError(f"volume dtype {array.dtype} is not a real number type")
+    return array

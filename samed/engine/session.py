@@ -19,12 +19,15 @@ import torch
 from ..model.fast_decoder import ImageState, decoder_fingerprint
 from ..model.sam import SamModel, upscale_logits
 from ..precision import check_amp, encoder_precision
+from .backends import encoder_label
 from .canvas import canvas_automatic_iter, resampling_record, session_canvas
 from .interactive import InteractiveMixin
 from .interactive import mask_digest as _mask_digest
 from .preprocess import (
+    _dilate,
     _pair,
     box_to_model,
+    check_volume_array,
     choose_intensity,
     inplane_spacing,
     mask_bbox,
@@ -40,15 +43,6 @@ __all__ = ["Session", "PropagationStep", "Prediction"]
 ProgressFn = Callable[[int, int], None]
 _STATE_SLICES = 4
 _LOGIT_ENTRIES = 256  # remembered (slice, mask) -> low-res logits, float16 (~32 MB)
-
-
-def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
-    """Binary dilation of a (Y, X) mask by ``px`` pixels (square structuring element)."""
-    if px <= 0:
-        return mask
-    from scipy.ndimage import binary_dilation
-
-    return binary_dilation(mask, iterations=px)
 
 
 class Session(InteractiveMixin):
@@ -67,9 +61,11 @@ class Session(InteractiveMixin):
         modality: ``"CT"``, ``"MR"`` or ``""`` (taken from ``volume.modality`` when present).
         batch_size: slices per encoder batch.
         cache_dir: folder for the on-disk embedding cache, or None (memory only).
-        amp: mixed precision for the encoder on CUDA (ignored on CPU, where bf16 is slow):
-            True (fp16 autocast, :data:`samed.precision.DEFAULT_AMP`), False (float32),
-            ``"fp16"`` or ``"bf16"`` autocast. The decoder always runs in float32.
+        amp: mixed precision for the encoder on CUDA: True (fp16 autocast,
+            :data:`samed.precision.DEFAULT_AMP`), False (float32), ``"fp16"`` or ``"bf16"``
+            autocast. Ignored on the CPU, where the model's encoder backend decides
+            (``load_model(backend=..., precision=...)``, :mod:`samed.engine.backends`; reported
+            by :attr:`encoder`). The decoder always runs in float32.
         spacing: in-plane (row, column) pixel spacing in mm (taken from ``volume.affine`` when
             present); with an adapter that records a training spacing, :meth:`automatic`
             resamples to it (:mod:`samed.engine.canvas`). None: unknown.
@@ -96,15 +92,7 @@ class Session(InteractiveMixin):
         if spacing is None and getattr(volume, "affine", None) is not None:
             spacing = inplane_spacing(volume.affine)  # type: ignore[attr-defined]
         modality = modality or str(getattr(volume, "modality", "") or "")
-        array = np.asarray(array)
-        if array.ndim == 2:
-            array = array[None]
-        if array.ndim != 3 or min(array.shape) < 1:
-            raise ValueError(f"volume must be a (Z, Y, X) array; got shape {array.shape}")
-        if not np.issubdtype(array.dtype, np.number) or np.issubdtype(
-            array.dtype, np.complexfloating
-        ):
-            raise ValueError(f"volume dtype {array.dtype} is not a real number type")
+        array = check_volume_array(array)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.model = model
@@ -154,8 +142,17 @@ class Session(InteractiveMixin):
         ]
         # always part of the key: before fp16 became the CUDA default, bf16 embeddings were
         # cached under keys without it, which must never be read back as another precision
-        parts.append("precision=" + encoder_precision(self.model.device, self.amp))
+        # on the CPU the encoder backend's label ("fp32" for torch fp32, as before; e.g.
+        # "openvino-int8" otherwise), so that embeddings of different backends never collide
+        parts.append("precision=" + encoder_label(self.model, self.amp))
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+    @property
+    def encoder(self) -> str:
+        """What the embeddings are computed with: ``"fp32"`` / ``"fp16"`` / ``"bf16"`` on CUDA;
+        on the CPU ``"fp32"`` (torch) or the backend's name (e.g. ``"openvino-bf16"``), see
+        :func:`samed.engine.backends.encoder_label`."""
+        return encoder_label(self.model, self.amp)
 
     def _check_cache(self) -> None:
         key = self.cache_key

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..datasets import load_dataset
 from ..precision import amp_from_precision
-from ..registry import POSTPROCESS_CHOICES, PRECISIONS
+from ..registry import BACKENDS, POSTPROCESS_CHOICES, PRECISIONS, default_backend
 from .run import evaluate
 
 __all__ = ["add_parser", "run_evaluate"]
@@ -48,7 +48,17 @@ def add_parser(subparsers: Any) -> None:
         "--precision",
         choices=list(PRECISIONS),
         default="auto",
-        help="encoder precision on CUDA (auto = fp16 autocast; CPU always fp32)",
+        help="encoder precision: on CUDA autocast (auto = fp16); on the CPU auto = fp32, or "
+        "measured once per machine and model with --backend auto, fp32, bf16 (native-bf16 CPUs), int8 "
+        "(OpenVINO)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default=default_backend(),
+        help="CPU image-encoder backend: torch (default; $SAMED_BACKEND overrides), auto "
+        "(fastest candidate that matches torch fp32, measured on first use and cached), "
+        "openvino (pip install 'samed[openvino]')",
     )
     p.add_argument("--out", default=None, help="write JSON here (and CSV beside it)")
     p.add_argument("--csv", default=None, help="write the per-case CSV here")
@@ -60,10 +70,20 @@ def run_evaluate(args: Any) -> int:
     from tqdm import tqdm
 
     from ..model import load_model
+    from ..registry import cpu_request
 
+    backend, precision = cpu_request(
+        getattr(args, "backend", "torch"), getattr(args, "precision", "auto")
+    )
     # merged: evaluation never switches adapters, and a merged LoRA costs nothing per slice
     model = load_model(
-        args.model, args.checkpoint, adapter=args.adapter, device=args.device, merge=True
+        args.model,
+        args.checkpoint,
+        adapter=args.adapter,
+        device=args.device,
+        merge=True,
+        backend=backend,
+        precision=precision,
     )
     prompt = {"box": "box", "none": None}.get(args.prompt or "", "auto")
     if model.adapter is not None:

@@ -24,11 +24,16 @@ import numpy as np
 
 from ..datasets import Case, LabeledDataset, load_dataset
 from ..postprocess import describe_postprocessing
-from ..precision import encoder_precision
 from .metrics import score_case
 from .report import EvalReport, nan_to_none
 
 __all__ = ["EvalOptions", "evaluate", "evaluate_iter"]
+
+
+def _encoder_label(model: Any, amp: bool | str) -> str:
+    from ..engine.backends import encoder_label  # torch: not at import time
+
+    return encoder_label(model, amp)
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,7 @@ def evaluate(
         "nsd_tolerance_mm": opts.nsd_tolerance_mm,
         "limit": opts.limit,
         "postprocess": None if box else describe_postprocessing(opts.postprocess, model),
-        "precision": encoder_precision(model.device, opts.amp),
+        "precision": _encoder_label(model, opts.amp),
     }
     report = EvalReport(labels=dict(ds.labels), settings=settings)
     for done, total, case, rows in _iter_cases(model, ds, split, opts):

@@ -26,6 +26,8 @@ def load_model(
     optimize: bool = True,
     *,
     merge: bool = False,
+    backend: str = "torch",
+    precision: str = "fp32",
 ) -> SamModel:
     """A model in eval mode, ready for :class:`samed.engine.Session`.
 
@@ -54,6 +56,14 @@ def load_model(
             Conv+GELU fusion, channels-last; a no-op on CUDA). Irreversible for training:
             pass False for a model that will be fine-tuned.
         merge: fold the adapter into the weights (see above).
+        backend: how the image encoder runs on the CPU (:mod:`samed.engine.backends`):
+            ``"torch"`` (default), ``"openvino"`` or ``"auto"`` (measured once per machine and
+            model, cached; the command-line tools default to it). A backend other than torch
+            merges the adapter into the encoder first (``merge`` is then implied).
+        precision: ``"fp32"`` (default), ``"bf16"``, ``"int8"`` (OpenVINO) or ``"auto"``. A
+            request this machine cannot run (OpenVINO missing, bf16 without native bf16) falls
+            back to torch fp32 with a one-line notice. On CUDA both are ignored (with a notice
+            for CPU-only requests): the Session's ``amp`` decides there.
 
     Returns:
         The :class:`SamModel` (eval mode, no gradients on the adapter), with ``model.adapter``
@@ -66,6 +76,14 @@ def load_model(
         samed.lora.AdapterError: adapter for another base model or with mismatching weights.
     """
     from .. import model as _model_pkg  # the package attribute, so build_model stays replaceable
+    from ..engine.backends import BACKENDS, CPU_PRECISIONS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {', '.join(BACKENDS)}")
+    if precision not in (*CPU_PRECISIONS, "fp16"):
+        raise ValueError(
+            f"precision={precision!r} must be one of {', '.join((*CPU_PRECISIONS, 'fp16'))}"
+        )
 
     folder: Path | None = None
     if adapter is not None:
@@ -91,11 +109,18 @@ def load_model(
         from ..engine import optimize_for_inference
 
         model = optimize_for_inference(model)
+    cpu_backend = (backend, precision) != ("torch", "fp32") and model.device.type == "cpu"
     if folder is not None:
         from ..lora import load_adapter
 
         dev = model.device
-        load_adapter(model, folder, merge=merge)
+        # a compiled encoder is built with the adapter folded in
+        load_adapter(model, folder, merge=merge or (cpu_backend and backend != "torch"))
         # keep every part (automatic decoders, LoRA index buffers) on the model's device
         model.to(dev)
+    if (backend, precision) != ("torch", "fp32"):
+        from ..engine.backends import set_encoder_backend
+
+        model.eval()
+        set_encoder_backend(model, backend, precision)
     return model

@@ -61,6 +61,9 @@ class SamModel(nn.Module):
         self.base_parts: dict[str, nn.Module] | None = None
         #: run clicks through the re-associated decoder (see samed.model.fast_decoder)
         self.fast_decoder = True
+        #: how the image encoder runs on the CPU (samed.engine.backends.EncoderBackend; None:
+        #: torch fp32); set by samed.engine.backends.set_encoder_backend / load_model
+        self.encoder_backend: object | None = None
         self.image_size = int(prompt_encoder.input_image_size[0])
         self.embedding_size = tuple(int(s) for s in prompt_encoder.image_embedding_size)
         self.low_res_size = 4 * self.embedding_size[0]
@@ -139,6 +142,20 @@ class SamModel(nn.Module):
             )
         if self.spec.normalisation == "sam_imagenet":
             images = (images * 255.0 - self.pixel_mean) / self.pixel_std
+        be = self.encoder_backend
+        run = getattr(be, "run", None)
+        if run is not None and not torch.is_grad_enabled() and images.device.type == "cpu":
+            if be.valid_for(self):  # type: ignore[attr-defined]
+                return run(images)
+            # the adapter changed since the backend was built: its compiled encoder is stale
+            import sys
+
+            print(
+                f"samed: the adapter changed after the {be.name} encoder was built; "  # type: ignore[attr-defined]
+                "running the encoder in torch fp32",
+                file=sys.stderr,
+            )
+            self.encoder_backend = None
         return self.image_encoder(images)
 
     def decode(

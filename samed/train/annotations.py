@@ -126,7 +126,9 @@ def export_pair(
     if any(p.get("name") == name for p in pairs) and not overwrite:
         raise ValueError(f"{folder} already holds an annotation named {name!r}")
     pairs = [p for p in pairs if p.get("name") != name]
-    img_path = save_nifti(arr.astype(np.float32, copy=False), image, folder / f"{name}_image.nii.gz")
+    img_path = save_nifti(
+        arr.astype(np.float32, copy=False), image, folder / f"{name}_image.nii.gz"
+    )
     lab_path = save_nifti(lab.astype(np.int16), image, folder / f"{name}_label.nii.gz")
     pairs.append(
         {"name": name, "image": img_path.name, "label": lab_path.name, "source": str(source)}
@@ -235,14 +237,35 @@ def split_pairs(
 
 #: the from-annotations recipe's defaults (samed.train.quick; measured in docs/TRAINING.md)
 QUICK_DEFAULTS: dict[str, Any] = {
-    "augment": {"flip_prob": 0.0, "affine_prob": 0.8, "rotate_deg": 15.0,
-                "scale": [0.85, 1.15], "shift_frac": 0.05, "gamma_prob": 0.3,
-                "gamma": [0.7, 1.5], "noise_prob": 0.2, "noise_std": 0.02},
+    "augment": {
+        "flip_prob": 0.0,
+        "affine_prob": 0.8,
+        "rotate_deg": 15.0,
+        "scale": [0.85, 1.15],
+        "shift_frac": 0.05,
+        "gamma_prob": 0.3,
+        "gamma": [0.7, 1.5],
+        "noise_prob": 0.2,
+        "noise_std": 0.02,
+    },
     "loss": {"dice_weight": 0.8, "ce_weight": 0.2},
-    "optim": {"name": "adamw", "lr": 0.001, "weight_decay": 0.01, "warmup": 20,
-              "schedule": "cosine", "grad_clip": 1.0},
-    "train": {"iterations": 100000, "batch_size": 4, "seed": 0, "cache_copies": 4,
-              "log_interval": 20, "device": "auto", "max_minutes": 15.0},
+    "optim": {
+        "name": "adamw",
+        "lr": 0.001,
+        "weight_decay": 0.01,
+        "warmup": 20,
+        "schedule": "cosine",
+        "grad_clip": 1.0,
+    },
+    "train": {
+        "iterations": 100000,
+        "batch_size": 4,
+        "seed": 0,
+        "cache_copies": 4,
+        "log_interval": 20,
+        "device": "auto",
+        "max_minutes": 15.0,
+    },
     "validation": {"interval": 25, "patience": 0},
 }
 
@@ -365,9 +388,16 @@ def train_from_annotations(
             "held_back_for_validation": [c["id"] for c in cfg.data.cases if c["split"] == "val"],
         }
     }
-    res = train_quick(cfg, run, callback=callback, should_stop=should_stop,
-                      snapshot_minutes=snapshot_minutes, command=command, log=log,
-                      extra_metadata=extra)
+    res = train_quick(
+        cfg,
+        run,
+        callback=callback,
+        should_stop=should_stop,
+        snapshot_minutes=snapshot_minutes,
+        command=command,
+        log=log,
+        extra_metadata=extra,
+    )
     res["installed"] = None
     if res.get("adapter"):
         res["installed"] = str(export_adapter(res["adapter"], dest, name))

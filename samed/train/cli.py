@@ -34,8 +34,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "checkpoint.pt, metrics.json, curve.png and the best adapter to --out.",
     )
     p.add_argument(
-        "--config", default=None, help="YAML fine-tuning config (configs/*.yaml); required "
-        "unless --from-annotations"
+        "--config",
+        default=None,
+        help="YAML fine-tuning config (configs/*.yaml); required unless --from-annotations",
     )
     p.add_argument("--out", default=None, help="output folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

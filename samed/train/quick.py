@@ -56,8 +56,9 @@ def _embed(model: Any, images: list[np.ndarray], batch: int = 4) -> torch.Tensor
     with torch.inference_mode():
         for i in range(0, len(images), batch):
             # one by one: slices of different volumes differ in shape
-            x = torch.cat([prepare_slices(im[None], model.image_size)
-                           for im in images[i : i + batch]])
+            x = torch.cat(
+                [prepare_slices(im[None], model.image_size) for im in images[i : i + batch]]
+            )
             out.append(model.encode(x.to(model.device)).to(torch.float16).cpu())
     return torch.cat(out)
 
@@ -127,9 +128,12 @@ def train_quick(
         return (time.process_time() - cpu0) / 60.0
 
     train_cases, labels, summary = load_cases(cfg.data, "train")
-    has_val = cfg.data.val_split and any(
-        c.get("split", "train") == cfg.data.val_split for c in cfg.data.cases
-    ) if cfg.data.format == "pairs" else bool(cfg.data.val_split)
+    has_val = (
+        cfg.data.val_split
+        and any(c.get("split", "train") == cfg.data.val_split for c in cfg.data.cases)
+        if cfg.data.format == "pairs"
+        else bool(cfg.data.val_split)
+    )
     val_cases = load_cases(cfg.data, cfg.data.val_split)[0] if has_val else []
     num_classes = max(labels) + 1
     torch.manual_seed(cfg.train.seed)
@@ -148,8 +152,13 @@ def train_quick(
         f"parameters; classes {labels}"
     )
     slices = SliceSet(
-        train_cases, cfg.mode, cfg.augment, cfg.prompt, model.image_size,
-        model.low_res_size, cfg.data.empty_slice_fraction,
+        train_cases,
+        cfg.mode,
+        cfg.augment,
+        cfg.prompt,
+        model.image_size,
+        model.low_res_size,
+        cfg.data.empty_slice_fraction,
     )
     # ---- cache: training copies, then validation slices
     copies = cfg.train.cache_copies
@@ -229,14 +238,22 @@ def train_quick(
     def validate_prompted() -> dict[str, Any]:
         from .loop import validate
 
-        res = validate(model, val_cases, labels, "prompted",
-                       box_margin=cfg.validation.box_margin, batch_size=4)
+        res = validate(
+            model, val_cases, labels, "prompted", box_margin=cfg.validation.box_margin, batch_size=4
+        )
         model.mask_decoder.train()
         return res
 
     def export(step: int, val: dict[str, Any] | None) -> None:
         meta = adapter_metadata(
-            cfg, labels, summary, val, step, command, str(dev), time.perf_counter() - t_start,
+            cfg,
+            labels,
+            summary,
+            val,
+            step,
+            command,
+            str(dev),
+            time.perf_counter() - t_start,
             model,
         )
         meta["training"]["iterations_run"] = step
@@ -253,23 +270,29 @@ def train_quick(
             shutil.rmtree(dst)
         if (out / "adapter").is_dir():
             shutil.copytree(out / "adapter", dst)
-            snap_done.append({"minutes": mark, "cpu_minutes": round(cpu_minutes(), 3),
-                              "path": str(dst), "best_step": state["best_step"],
-                              "val_mean_dice": state["best"]})
+            snap_done.append(
+                {
+                    "minutes": mark,
+                    "cpu_minutes": round(cpu_minutes(), 3),
+                    "path": str(dst),
+                    "best_step": state["best_step"],
+                    "val_mean_dice": state["best"],
+                }
+            )
 
     step = 0
     model.mask_decoder.train()
     t_train = time.perf_counter()
     s = slices
     while not stopped and step < cfg.train.iterations:
-        frac = (
-            (time.perf_counter() - t_train) / (60 * mm) if mm else step / cfg.train.iterations
-        )
+        frac = (time.perf_counter() - t_train) / (60 * mm) if mm else step / cfg.train.iterations
         if mm and frac >= 1.0:
             break
         warm = min(1.0, (step + 1) / cfg.optim.warmup) if cfg.optim.warmup else 1.0
-        lr = cfg.optim.lr * warm * (
-            1.0 if cfg.optim.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * frac))
+        lr = (
+            cfg.optim.lr
+            * warm
+            * (1.0 if cfg.optim.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * frac)))
         )
         for g in opt.param_groups:
             g["lr"] = lr
@@ -286,8 +309,9 @@ def train_quick(
             if cfg.mode == "prompted" and not (lab == cls).any():
                 c, lab = 0, labs[(i, 0)]
             if cfg.mode == "automatic":
-                samples.append(Sample(torch.empty(0), prepare_targets(lab[None], s.image_size,
-                                                                      s.low_res)[0]))
+                samples.append(
+                    Sample(torch.empty(0), prepare_targets(lab[None], s.image_size, s.low_res)[0])
+                )
             else:
                 mask = lab == cls
                 tgt = prepare_targets(mask[None].astype(np.int64), s.image_size, s.low_res)[0]
@@ -302,8 +326,9 @@ def train_quick(
             pts = batch.get("points")
             pts = (pts[0].to(dev), pts[1].to(dev)) if pts is not None else None
             logits, _ = model.decode(emb, boxes=batch["boxes"].to(dev), points=pts)
-        loss = loss_fn(logits, batch["targets"].to(dev), cfg.mode, cfg.loss.dice_weight,
-                       cfg.loss.ce_weight)
+        loss = loss_fn(
+            logits, batch["targets"].to(dev), cfg.mode, cfg.loss.dice_weight, cfg.loss.ce_weight
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip:
@@ -314,26 +339,48 @@ def train_quick(
         if not math.isfinite(lv):
             raise FloatingPointError(f"loss became {lv} at step {step}; lower optim.lr")
         state["loss"].append([step, round(lv, 5), round(minutes(), 3)])
-        emit({"event": "step", "step": step, "loss": lv, "minutes": minutes(),
-              "cpu_minutes": cpu_minutes(),
-              "fraction": min(1.0, frac), "lr": lr})
+        emit(
+            {
+                "event": "step",
+                "step": step,
+                "loss": lv,
+                "minutes": minutes(),
+                "cpu_minutes": cpu_minutes(),
+                "fraction": min(1.0, frac),
+                "lr": lr,
+            }
+        )
         if step % cfg.train.log_interval == 0:
             log(f"step {step} loss={lv:.4f} lr={lr:.2e} {minutes():.1f} min")
         iv = cfg.validation.interval
         if val_cases and iv and step % iv == 0:
             res = validate_cached() if cfg.mode == "automatic" else validate_prompted()
             improved = res["mean_dice"] > state["best"]
-            state["val"].append({"step": step, "minutes": round(minutes(), 3),
-                                 "cpu_minutes": round(cpu_minutes(), 3),
-                                 "mean_dice": res["mean_dice"], "per_class": res["per_class"]})
+            state["val"].append(
+                {
+                    "step": step,
+                    "minutes": round(minutes(), 3),
+                    "cpu_minutes": round(cpu_minutes(), 3),
+                    "mean_dice": res["mean_dice"],
+                    "per_class": res["per_class"],
+                }
+            )
             if improved:
                 state.update(best=res["mean_dice"], best_step=step, bad=0, best_val=res)
                 export(step, res)
             else:
                 state["bad"] += 1
             log(f"val step {step}: mean_dice={res['mean_dice']:.4f}{' *' if improved else ''}")
-            emit({"event": "val", "step": step, "mean_dice": res["mean_dice"],
-                  "per_class": res["per_class"], "best": state["best"], "minutes": minutes()})
+            emit(
+                {
+                    "event": "val",
+                    "step": step,
+                    "mean_dice": res["mean_dice"],
+                    "per_class": res["per_class"],
+                    "best": state["best"],
+                    "minutes": minutes(),
+                }
+            )
             p = cfg.validation.patience
             if p and state["bad"] >= p:
                 log(f"early stop at step {step}")
@@ -373,10 +420,14 @@ def train_quick(
         + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     )
     (out / "metrics.json").write_text(
-        json.dumps({**result, "loss": state["loss"], "config": cfg.to_dict(),
-                    "command": command}, indent=2) + "\n"
+        json.dumps(
+            {**result, "loss": state["loss"], "config": cfg.to_dict(), "command": command}, indent=2
+        )
+        + "\n"
     )
-    log(f"done: {step} steps in {seconds / 60:.1f} min, best val {state['best']:.4f} at step "
-        f"{state['best_step']}{' (stopped)' if stopped else ''}")
+    log(
+        f"done: {step} steps in {seconds / 60:.1f} min, best val {state['best']:.4f} at step "
+        f"{state['best_step']}{' (stopped)' if stopped else ''}"
+    )
     emit({"event": "done", **result})
     return result

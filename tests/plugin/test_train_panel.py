@@ -102,8 +102,9 @@ def test_stop_keeps_a_loadable_adapter(panel_widget, qtbot, make_tiny_volume):
     assert out.shape == (3, 60, 80)
 
 
-def test_uncertainty_panel_shows_map_and_ranked_slices(make_napari_viewer, qtbot, make_tiny_model,
-                                                      make_tiny_volume):
+def test_uncertainty_panel_shows_map_and_ranked_slices(
+    make_napari_viewer, qtbot, make_tiny_model, make_tiny_volume
+):
     from napari_samed._session import PluginSession
     from napari_samed._uncertainty_panel import layer_name
     from napari_samed._widget import SamedWidget

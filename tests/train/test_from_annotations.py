@@ -55,7 +55,10 @@ def test_export_and_read_pairs(tmp_path, make_tiny_volume):
     assert [p.name for p in val] == ["case3"] and len(train) == 3
     cfg = annotations_config(folder, "mine", overrides=TINY)
     assert {c["split"] for c in cfg.data.cases} == {"train", "val"}
-    assert cfg.data.labels == {1: {"name": "block", "source": [1]}, 2: {"name": "core", "source": [2]}}
+    assert cfg.data.labels == {
+        1: {"name": "block", "source": [1]},
+        2: {"name": "core", "source": [2]},
+    }
 
 
 def test_manifest_cannot_point_outside(tmp_path, make_tiny_volume):
@@ -79,8 +82,9 @@ def test_train_install_and_list(tmp_path, make_tiny_volume, monkeypatch):
 
     folder = _folder(tmp_path, make_tiny_volume)
     events: list[dict] = []
-    res = train_from_annotations(folder, "mine", overrides=TINY, callback=events.append,
-                                 log=lambda s: None)
+    res = train_from_annotations(
+        folder, "mine", overrides=TINY, callback=events.append, log=lambda s: None
+    )
     assert res["steps"] == 4 and res["best_step"] in (2, 4)
     kinds = {e["event"] for e in events}
     assert {"cache", "step", "val", "done"} <= kinds
@@ -90,7 +94,12 @@ def test_train_install_and_list(tmp_path, make_tiny_volume, monkeypatch):
     assert "mine" in {a.name for a in find_adapters()}
     assert resolve_adapter("mine") == installed.resolve()
     meta = json.loads((installed / "metadata.json").read_text())
-    assert [i["name"] for i in meta["annotations"]["images"]] == ["case0", "case1", "case2", "case3"]
+    assert [i["name"] for i in meta["annotations"]["images"]] == [
+        "case0",
+        "case1",
+        "case2",
+        "case3",
+    ]
     assert meta["annotations"]["held_back_for_validation"] == ["case3"]
     # the adapter loads onto the tiny model and segments automatically
     from samed.engine import Session
@@ -116,8 +125,12 @@ def test_stop_keeps_best_adapter(tmp_path, make_tiny_volume):
             steps.append(ev["step"])
 
     res = train_from_annotations(
-        folder, "stopped", overrides={**TINY, "train.iterations": 1000}, callback=callback,
-        should_stop=lambda: len(steps) >= 3, log=lambda s: None,
+        folder,
+        "stopped",
+        overrides={**TINY, "train.iterations": 1000},
+        callback=callback,
+        should_stop=lambda: len(steps) >= 3,
+        log=lambda s: None,
     )
     assert res["stopped"] and res["steps"] == 3 and res["best_step"] == 2
     model = build_tiny_model("tinyvit", seed=0)
@@ -131,8 +144,18 @@ def test_cli_from_annotations(tmp_path, make_tiny_volume, capsys):
 
     folder = _folder(tmp_path, make_tiny_volume, n=2)
     sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={'null' if v is None else v}")]
-    rc = main(["finetune", "--from-annotations", str(folder), "--name", "cli-mine",
-               "--out", str(tmp_path / "run"), *sets])
+    rc = main(
+        [
+            "finetune",
+            "--from-annotations",
+            str(folder),
+            "--name",
+            "cli-mine",
+            "--out",
+            str(tmp_path / "run"),
+            *sets,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "finetune.yaml").is_file()
     rc = main(["finetune", "--from-annotations", str(folder), "--name", "../bad"])

@@ -162,25 +162,10 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__.splitlines()[0] if __doc__ else None,
     )
     p.add_argument("--out", default="samed-demo", help="output folder (default ./samed-demo)")
-    from .registry import BACKENDS, PRECISIONS, default_backend
+    from .cli_options import add_encoder_options
 
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument(
-        "--precision",
-        choices=list(PRECISIONS),
-        default="auto",
-        help="encoder precision: on CUDA autocast (auto = fp16); on the CPU auto = fp32, or "
-        "measured once per machine and model with --backend auto, fp32, bf16 (native-bf16 CPUs), int8 "
-        "(OpenVINO)",
-    )
-    p.add_argument(
-        "--backend",
-        choices=list(BACKENDS),
-        default=default_backend(),
-        help="CPU image-encoder backend: torch (default; $SAMED_BACKEND overrides), auto "
-        "(fastest candidate that matches torch fp32, measured on first use and cached), "
-        "openvino (pip install 'samed[openvino]')",
-    )
+    add_encoder_options(p)
     p.add_argument(
         "--box-margin",
         type=float,

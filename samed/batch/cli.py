@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..registry import BACKENDS, POSTPROCESS_CHOICES, PRECISIONS, default_backend
+from ..cli_options import add_encoder_options
+from ..registry import POSTPROCESS_CHOICES
 from .run import FORMATS, segment_batch
 from .summary import ProgressEvent
 
@@ -88,23 +89,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="automatic mode: clean-up of the label map (default: what the adapter recommends, "
         "e.g. the largest 3D connected component per class)",
     )
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=list(PRECISIONS),
-        help="encoder precision: on CUDA autocast (auto = fp16, measured closest to fp32 and "
-        "fastest); on the CPU auto = fp32, or measured once per machine and model with --backend "
-        "auto, "
-        "fp32, bf16 (native-bf16 CPUs), int8 (OpenVINO)",
-    )
-    p.add_argument(
-        "--backend",
-        choices=list(BACKENDS),
-        default=default_backend(),
-        help="CPU image-encoder backend: torch (default; $SAMED_BACKEND overrides), auto "
-        "(fastest candidate that matches torch fp32, measured on first use and cached), "
-        "openvino (pip install 'samed[openvino]')",
-    )
+    add_encoder_options(p)
     p.add_argument(
         "--cache-dir",
         metavar="DIR",

@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..cli_options import add_encoder_options
 from ..datasets import load_dataset
 from ..precision import amp_from_precision
-from ..registry import BACKENDS, POSTPROCESS_CHOICES, PRECISIONS, default_backend
+from ..registry import POSTPROCESS_CHOICES
 from .run import evaluate
 
 __all__ = ["add_parser", "run_evaluate"]
@@ -44,22 +45,7 @@ def add_parser(subparsers: Any) -> None:
         default="adapter",
         help="automatic mode: label-map clean-up (default: what the adapter recommends)",
     )
-    p.add_argument(
-        "--precision",
-        choices=list(PRECISIONS),
-        default="auto",
-        help="encoder precision: on CUDA autocast (auto = fp16); on the CPU auto = fp32, or "
-        "measured once per machine and model with --backend auto, fp32, bf16 (native-bf16 CPUs), int8 "
-        "(OpenVINO)",
-    )
-    p.add_argument(
-        "--backend",
-        choices=list(BACKENDS),
-        default=default_backend(),
-        help="CPU image-encoder backend: torch (default; $SAMED_BACKEND overrides), auto "
-        "(fastest candidate that matches torch fp32, measured on first use and cached), "
-        "openvino (pip install 'samed[openvino]')",
-    )
+    add_encoder_options(p)
     p.add_argument("--out", default=None, help="write JSON here (and CSV beside it)")
     p.add_argument("--csv", default=None, help="write the per-case CSV here")
     p.set_defaults(func=run_evaluate)

@@ -29,6 +29,7 @@ from .segment import (  # noqa: F401 - _OomFallbackModel and _propagate: re-expo
     MARKER,
     QC_FILE,
     SEG_FILE,
+    UNCERTAINTY_FILE,
     Job,
     _OomFallbackModel,
     _propagate,
@@ -57,7 +58,7 @@ def _remove_unfinished(folder: Path) -> None:
     files a batch writes (a failed case leaves only its error row); anything else is kept."""
     if folder.is_symlink() or not folder.is_dir():
         return
-    ours = {_LABELS_FILE, _SEG_FILE, _QC_FILE, _MARKER}
+    ours = {_LABELS_FILE, _SEG_FILE, _QC_FILE, _MARKER, UNCERTAINTY_FILE}
     entries = list(folder.iterdir())
     if all(p.is_file() and (p.name in ours or p.name.startswith(TMP_PREFIX)) for p in entries):
         for p in entries:

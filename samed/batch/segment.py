@@ -20,7 +20,16 @@ from .cases import CaseInput
 from .prompts import ObjectPrompt, resolve_prompt
 from .summary import CaseResult
 
-__all__ = ["MARKER", "LABELS_FILE", "SEG_FILE", "QC_FILE", "Job", "case_settings", "run_case"]
+__all__ = [
+    "MARKER",
+    "LABELS_FILE",
+    "SEG_FILE",
+    "QC_FILE",
+    "UNCERTAINTY_FILE",
+    "Job",
+    "case_settings",
+    "run_case",
+]
 
 MARKER = "case.json"
 LABELS_FILE = "labels.nii.gz"

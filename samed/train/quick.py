@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..evaluate.metrics import dice
+from ..lora_config import remove_adapter_folder
 from .config import FinetuneConfig
 from .data import Sample, SliceSet, collate, load_cases, prepare_targets, sample_rng
 from .loop import loss_fn
@@ -266,8 +267,8 @@ def train_quick(
 
     def snapshot(mark: float) -> None:
         dst = out / "snapshots" / f"min_{mark:g}"
-        if dst.exists():
-            shutil.rmtree(dst)
+        if dst.exists():  # only a snapshot's own adapter files; anything else stays (rmdir fails)
+            remove_adapter_folder(dst)
         if (out / "adapter").is_dir():
             shutil.copytree(out / "adapter", dst)
             snap_done.append(

@@ -174,3 +174,68 @@ def test_simulated_click_is_the_centre_of_the_largest_error_on_its_largest_slice
     assert not positive and not gt[cz, int(y), int(x)]
     with pytest.raises(ValueError, match="must be"):
         simulated_click(gt[0], gt[0])
+
+
+def _clicks_on_every_slice(session, gt, positive: bool):
+    """(annotator, before, slice, xy) for the slice with the largest leak (negative) or miss
+    (positive) after box + propagate, the click at that error's centre."""
+    ann, _ = _boxed(session, gt)
+    pred = ann.object_mask()
+    err = (pred & ~gt) if not positive else (gt & ~pred)
+    z = max(range(gt.shape[0]), key=lambda k: int(err[k].sum()))
+    assert err[z].any(), "nothing to correct"
+    return ann, pred, z, _centre(err[z])
+
+
+def test_negative_click_removes_only_the_region_it_lies_in(acdc_case):
+    session, gt = acdc_case
+    ann, before, z, xy = _clicks_on_every_slice(session, gt, positive=False)
+    after = ann.add_point(z, xy, positive=False)
+    removed = before[z] & ~after
+    assert removed.any() and not (after & ~before[z]).any()
+    lab, n = ndimage.label(removed, structure=np.ones((3, 3), bool))
+    x, y = int(xy[0]), int(xy[1])
+    assert n == 1 and lab[y, x] == 1  # one region, the one the click lies in
+
+
+def test_a_correction_that_only_removes_never_extends_the_object(acdc_case):
+    session, gt = acdc_case
+    ann, before, z, xy = _clicks_on_every_slice(session, gt, positive=False)
+    ann.add_point(z, xy, positive=False)
+    ann.propagate(z, **OPTIONS)
+    after = ann.object_mask()
+    assert not (after & ~before).any()  # every slice inside its old mask: nothing added anywhere
+
+
+def test_a_carried_correction_fades_with_distance_from_the_click(acdc_case):
+    session, gt = acdc_case
+    ann, before, z, xy = _clicks_on_every_slice(session, gt, positive=True)
+    ann.add_point(z, xy, positive=True)
+    clicked = ann.masks[z].copy()
+    ann.propagate(z, **OPTIONS)
+    after = ann.object_mask()
+    for d in (1, -1):
+        last = int((clicked ^ before[z]).sum())
+        k = z + d
+        while 0 <= k < gt.shape[0] and before[k].any():
+            change = int((after[k] ^ before[k]).sum())
+            if change == 0:
+                break
+            # the change of each slice is at most 1.1x the previous slice's (+ a small slack)
+            assert change <= 1.1 * last + max(10, 0.05 * int(before[k].sum())), (k, change, last)
+            last, k = change, k + d
+
+
+def test_lobe_of_a_dumbbell_is_the_clicked_end():
+    from samed.engine.refine import _lobe_at
+
+    m = np.zeros((60, 100), bool)
+    yy, xx = np.ogrid[:60, :100]
+    m |= (xx - 25) ** 2 + (yy - 30) ** 2 <= 18**2
+    m |= (xx - 75) ** 2 + (yy - 30) ** 2 <= 18**2
+    m[27:33, 25:75] = True  # a 6 px neck
+    lobe = _lobe_at(m, 75, 30)
+    assert lobe[30, 75] and not lobe[30, 25] and lobe.sum() < 0.6 * m.sum()
+    assert not (lobe & ~m).any()
+    disc = (xx - 25) ** 2 + (yy - 30) ** 2 <= 18**2
+    np.testing.assert_array_equal(_lobe_at(disc, 25, 30), disc)  # no neck: the whole part

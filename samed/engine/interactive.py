@@ -2,11 +2,10 @@
 
 Two pieces, both GUI-free and driven by :class:`samed.engine.Session`:
 
-* :func:`refine_slice`: a click on a slice re-predicts it from everything known about it (its box,
-  or the current mask's box; all its points; its current low-resolution logits as SAM's mask
-  prompt), then enforces the click's meaning: a negative click never grows the mask (the result
-  lies inside the previous mask and excludes the click), a positive click never wipes the rest of
-  the slice (the previous mask is kept and the clicked region added).
+* :func:`refine_slice` (:mod:`samed.engine.refine`): a click on a slice re-predicts it from
+  everything known about it, with the least change that honours the click: a negative click never
+  grows the mask and removes only the region it lies in, a positive click never wipes the rest of
+  the slice.
 * :func:`repropagate`: from a corrected slice, walk outward only as far as the change reaches:
   stop before the next keyframe (a slice the user prompted; never overwritten) or once the new
   masks agree with the existing ones on consecutive slices; between two keyframes the new
@@ -25,13 +24,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .preprocess import mask_bbox
+from .refine import mask_to_logits, refine_slice
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .session import Prediction, PropagationStep, Session
+    from .session import PropagationStep, Session
 
 __all__ = [
     "InteractiveMixin",
@@ -42,22 +40,6 @@ __all__ = [
     "sdf_blend",
     "simulated_click",
 ]
-
-#: magnitude of the logits a binary mask is turned into when no decoder logits are known
-MASK_LOGIT = 8.0
-
-
-def mask_to_logits(mask: np.ndarray, session: Session) -> torch.Tensor:
-    """(L, L) float32 low-resolution logits (+-:data:`MASK_LOGIT`) of a (Y, X) bool mask, on the
-    model's padded input frame (the inverse of :func:`samed.model.sam.upscale_logits`)."""
-    geo = session.geometry
-    low = session.model.low_res_size
-    m = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None]
-    m = F.interpolate(m, size=geo.resized_hw, mode="bilinear", align_corners=False)
-    pad = torch.zeros(1, 1, geo.image_size, geo.image_size)
-    pad[..., : geo.resized_hw[0], : geo.resized_hw[1]] = m
-    small = F.interpolate(pad, size=(low, low), mode="bilinear", align_corners=False)[0, 0]
-    return (small * 2.0 - 1.0) * MASK_LOGIT
 
 
 def simulated_click(
@@ -91,235 +73,6 @@ def simulated_click(
     dist = ndimage.distance_transform_edt(np.pad(comp[z], 1))[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(dist)), comp[z].shape)
     return z, (float(x), float(y)), bool(truth[z, y, x])
-
-
-def _disc(shape: tuple[int, int], xy: tuple[float, float], r: float) -> np.ndarray:
-    yy, xx = np.ogrid[: shape[0], : shape[1]]
-    return (xx - xy[0]) ** 2 + (yy - xy[1]) ** 2 <= r * r
-
-
-def _component_at(mask: np.ndarray, x: int, y: int) -> np.ndarray:
-    """The 8-connected component of ``mask`` containing pixel (x, y) (empty if none)."""
-    from scipy import ndimage
-
-    if not mask[y, x]:
-        return np.zeros_like(mask)
-    lab, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    return lab == lab[y, x]
-
-
-def refine_slice(
-    session: Session,
-    z: int,
-    *,
-    box: np.ndarray | list[float] | None,
-    points: np.ndarray,
-    point_labels: np.ndarray,
-    prev_mask: np.ndarray | None,
-    prior_mask: np.ndarray | None = None,
-    box_margin: float = 2.0,
-) -> Prediction:
-    """Refine slice z after a click (the last of ``points``) given the slice's previous mask.
-
-    Args:
-        session: the engine session.
-        z: slice index.
-        box: the slice's box prompt (XYXY px) or None (then the previous mask's box grown by
-            ``box_margin`` px is used; a positive click outside it widens it).
-        points: (N, 2) XY px of all the slice's points, the new click last.
-        point_labels: (N,) 1 positive / 0 negative.
-        prev_mask: (Y, X) bool mask of the slice before the click (None or empty: no mask yet,
-            then this is an ordinary prediction from the prompts).
-        prior_mask: when ``prev_mask`` is empty, a neighbouring slice's (Y, X) mask: a positive
-            click beyond the object's current end is then predicted like a propagation step from
-            it (its box, widened to the click, and its logits) so that it extends the object.
-
-    Returns:
-        A :class:`~samed.engine.Prediction`. A negative click's mask is a subset of ``prev_mask``
-        that excludes the click; a positive click's mask is a superset of ``prev_mask`` that
-        contains the click. One exception resolves an ambiguous box: a negative click at the core
-        of the mask on a slice with a ``box`` (at least half as deep inside as the component's
-        centre) gives the best of SAM's multimask outputs for the box and all points that honours
-        every point (e.g. the myocardial ring instead of the LV cavity), when one does.
-    """
-    from .results import Prediction
-
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    point_labels = np.asarray(point_labels, dtype=np.int64).reshape(-1)
-    if points.shape[0] == 0 or points.shape[0] != point_labels.shape[0]:
-        raise ValueError(
-            f"need one label per point and at least one point; got {points.shape[0]} "
-            f"points and {point_labels.shape[0]} labels"
-        )
-    h, w = session.shape[1:]
-    cx = int(np.clip(round(points[-1, 0]), 0, w - 1))
-    cy = int(np.clip(round(points[-1, 1]), 0, h - 1))
-    positive = bool(point_labels[-1])
-    prev = None if prev_mask is None else np.asarray(prev_mask, dtype=bool)
-    if prev is not None and not prev.any():
-        prev = None
-    if prev is None and positive and box is None and prior_mask is not None and np.any(prior_mask):
-        prior = np.asarray(prior_mask, dtype=bool)
-        pos = points[point_labels == 1]
-        pb = mask_bbox(prior, box_margin)
-        eb = np.clip(
-            [
-                min(pb[0], pos[:, 0].min() - box_margin),
-                min(pb[1], pos[:, 1].min() - box_margin),
-                max(pb[2], pos[:, 0].max() + box_margin),
-                max(pb[3], pos[:, 1].max() + box_margin),
-            ],
-            0,
-            [w - 1, h - 1, w - 1, h - 1],
-        )
-        pred = session.predict_full(
-            z,
-            box=eb,
-            points=points,
-            point_labels=point_labels,
-            mask_input=mask_to_logits(prior, session),
-        )
-        mask = _component_at(pred.mask, cx, cy)
-        if not mask.any():
-            mask = _smallest_containing(session, z, cx, cy, positive_only=True)
-        return Prediction(mask, pred.score, pred.low_res_logits)
-    if prev is None:
-        if box is None and not point_labels.any():
-            # only negative clicks on an empty slice: nothing to remove
-            return Prediction(
-                np.zeros((h, w), bool), 0.0, mask_to_logits(np.zeros((h, w)), session)
-            )
-        pred = session.predict_full(z, box=box, points=points, point_labels=point_labels)
-        mask = pred.mask
-        if positive and not mask[cy, cx]:
-            mask = mask | _smallest_containing(session, z, cx, cy, positive_only=True)
-        return Prediction(mask, pred.score, pred.low_res_logits)
-    if not positive and box is not None and _at_core(prev, cx, cy):
-        # a negative click at the centre of a box slice's mask: the box meant another object
-        # (e.g. the myocardial ring around the LV cavity it returned); the slice takes the best
-        # of SAM's outputs that honours every click, even where that is not inside the old mask
-        other = _consistent_output(session, z, box, points, point_labels)
-        if other is not None:
-            return other
-    eff_box = np.asarray(box, dtype=np.float64) if box is not None else mask_bbox(prev, box_margin)
-    pos = points[point_labels == 1]
-    if pos.size:  # a positive click outside the box widens it
-        eff_box = np.array(
-            [
-                min(eff_box[0], pos[:, 0].min() - box_margin),
-                min(eff_box[1], pos[:, 1].min() - box_margin),
-                max(eff_box[2], pos[:, 0].max() + box_margin),
-                max(eff_box[3], pos[:, 1].max() + box_margin),
-            ]
-        )
-        eff_box = np.clip(eff_box, 0, [w - 1, h - 1, w - 1, h - 1])
-    logits = session.known_logits(z, prev)
-    if logits is None:
-        logits = mask_to_logits(prev, session)
-    pred = session.predict_full(
-        z, box=eff_box, points=points, point_labels=point_labels, mask_input=logits
-    )
-    if positive:
-        add = _component_at(pred.mask, cx, cy)
-        if not add.any():  # the decoder ignored the click: ask without the mask prompt
-            p2 = session.predict_full(z, box=eff_box, points=points, point_labels=point_labels)
-            add = _component_at(p2.mask, cx, cy)
-        if not add.any():
-            add = _smallest_containing(session, z, cx, cy, positive_only=True)
-        mask = prev | add
-        mask[cy, cx] = True
-    else:
-        mask = prev & pred.mask
-        if mask[cy, cx]:  # the leak is still there: try without the mask prompt
-            mask = (
-                prev
-                & session.predict_full(
-                    z, box=eff_box, points=points, point_labels=point_labels
-                ).mask
-            )
-        if mask[cy, cx]:  # remove the region the click lies in, as SAM sees it, if it is a part
-            region = _smallest_containing(session, z, cx, cy, positive_only=True) & prev
-            if region.any() and region.sum() < 0.5 * prev.sum():
-                mask = prev & ~region
-        part = _component_at(prev, cx, cy)
-        if (
-            box is None
-            and not point_labels.any()
-            and part.any()
-            and int((part & ~mask).sum()) < 0.25 * int(part.sum())
-        ):
-            # a slice without positive prompts that the decoder only nicks: a click at the centre
-            # of a part (as far from its edge as the part's own centre) removes that part
-            from scipy.ndimage import distance_transform_edt
-
-            dist = distance_transform_edt(np.pad(part, 1))[1:-1, 1:-1]
-            if dist[cy, cx] >= 0.5 * dist.max():
-                mask = mask & ~part
-        if mask[cy, cx]:
-            mask = mask & ~_disc((h, w), (cx, cy), 3.0)
-    return Prediction(mask, pred.score, pred.low_res_logits)
-
-
-def _at_core(mask: np.ndarray, cx: int, cy: int) -> bool:
-    """Whether (cx, cy) lies in the core of its component of ``mask``: at least half as far from
-    the component's edge as the component's own centre (and >= 2 px)."""
-    from scipy.ndimage import distance_transform_edt
-
-    part = _component_at(mask, cx, cy)
-    if not part.any():
-        return False
-    dist = distance_transform_edt(np.pad(part, 1))[1:-1, 1:-1]
-    return float(dist[cy, cx]) >= max(0.5 * float(dist.max()), 2.0)
-
-
-def _consistent_output(
-    session: Session,
-    z: int,
-    box: np.ndarray | list[float],
-    points: np.ndarray,
-    point_labels: np.ndarray,
-    min_area: int = 10,
-) -> Prediction | None:
-    """The highest-scoring of SAM's multimask outputs for ``box`` + ``points`` (no mask prompt)
-    that contains every positive point, excludes every negative one and has >= ``min_area``
-    pixels; None when none does (or the model has a single output)."""
-    n = int(getattr(session.model, "num_mask_outputs", 1) or 1)
-    h, w = session.shape[1:]
-    xy = np.clip(np.round(points).astype(int), 0, [w - 1, h - 1])
-    best = None
-    for k in range(n if n > 1 else 0):
-        try:
-            p = session.predict_full(
-                z, box=box, points=points, point_labels=point_labels, mask_output=k
-            )
-        except ValueError:
-            break
-        inside = p.mask[xy[:, 1], xy[:, 0]]
-        if (
-            int(p.mask.sum()) >= min_area
-            and np.all(inside == (point_labels == 1))
-            and (best is None or p.score > best.score)
-        ):
-            best = p
-    return best
-
-
-def _smallest_containing(
-    session: Session, z: int, cx: int, cy: int, positive_only: bool
-) -> np.ndarray:
-    """The smallest of SAM's multimask outputs for a single positive point at (cx, cy) that
-    contains it (a 2 px disc when none does)."""
-    h, w = session.shape[1:]
-    best = None
-    n = int(getattr(session.model, "num_mask_outputs", 1) or 1)
-    for k in range(n):
-        try:
-            m = session.predict_full(z, points=[[cx, cy]], point_labels=[1], mask_output=k).mask
-        except ValueError:
-            break
-        if m[cy, cx] and (best is None or m.sum() < best.sum()):
-            best = m
-    return best if best is not None else _disc((h, w), (cx, cy), 2.0)
 
 
 def sdf_blend(a: np.ndarray, b: np.ndarray, weight_a: float) -> np.ndarray:
@@ -363,24 +116,31 @@ def repropagate(
     min_slice_iou: float = 0.0,
     agree_iou: float = 0.95,
     agree_slices: int = 2,
+    change_growth: float = 1.1,
 ) -> Iterator[PropagationStep]:
     """Propagate the object from slice z outward, only as far as the change reaches.
 
     Each direction walks slice by slice like :meth:`Session.propagate` (previous mask's box +
     ``box_margin``, its low-res logits as mask prompt when ``use_mask_prompt``, ``max_step_px``)
-    and stops: before a keyframe (never yielded, so never overwritten); after ``agree_slices``
-    consecutive slices whose new mask has IoU >= ``agree_iou`` with the existing one; at a stop rule
-    of :meth:`Session.propagate` (when the existing object continues there, only the ``"area"``
-    rule ends it: the object vanished, and the existing masks up to the next keyframe are
-    cleared); or at the volume's end / ``max_distance``. Where a keyframe lies further on within the
-    existing object, the new mask is blended with the existing one (:func:`sdf_blend`, weighted by
-    the distance to the two keyframes). If slice z's mask is empty (a negative click removed it),
-    the existing masks on the side away from the object are cleared up to the next keyframe.
+    and never yields a keyframe (so never overwrites one). Inside the existing object only the
+    change is carried: what the new prediction adds (removes) within a few px of what the previous
+    slice's correction added (removed). The walk stops when that change dies out (< ``min_area``
+    px), when it grows away from the click (more than ``change_growth`` x the previous slice's
+    change + max(``min_area``, 5 % of the existing mask): a leak spreading, not the correction
+    fading), after ``agree_slices`` consecutive slices with IoU >= ``agree_iou`` to the existing
+    mask, or at the volume's end / ``max_distance``. Beyond the object's end it extends the object
+    only for a correction that added something at or beyond that end (not for one carried through
+    the object, nor one that only removed), with :meth:`Session.propagate`'s stop rules and the
+    mask never growing past ``change_growth`` x the previous slice's area + ``min_area`` (an
+    object tapers at its ends). If slice z's mask is empty (a negative click removed it), the
+    existing masks on the side away from the object's keyframes are cleared up to the next one.
 
     Args:
         z: the corrected (or first prompted) slice.
         masks: slice -> (Y, X) bool mask of the current object (slice z's is the start).
         keyframes: the slices the user prompted.
+        change_growth: how much a carried change (or an extension past the end) may grow from
+            one slice to the next before the walk stops (1.1 = 10 %; must be >= 1).
 
     Yields:
         :class:`~samed.engine.PropagationStep`; a step with an empty mask or ``stopped=True``
@@ -393,6 +153,8 @@ def repropagate(
     dirs = {"both": (1, -1), "forward": (1,), "backward": (-1,)}
     if direction not in dirs:
         raise ValueError(f"direction={direction!r} must be one of {sorted(dirs)}")
+    if not float(change_growth) >= 1.0:
+        raise ValueError(f"change_growth={change_growth} must be a number >= 1")
     if not 0.0 < float(agree_iou) <= 1.0 or int(agree_slices) < 1:
         raise ValueError(
             f"agree_iou={agree_iou} must be in (0, 1] and agree_slices={agree_slices} >= 1"
@@ -445,7 +207,8 @@ def repropagate(
         if use_mask_prompt and prev_logits is None:
             prev_logits = mask_to_logits(start, session)
         grow, shrink = grow0, shrink0
-        zz, steps, agree = z, 0, 0
+        last = int(grow0.sum()) + int(shrink0.sum())
+        zz, steps, agree, crossed = z, 0, 0, False
         while True:
             zz += d
             steps += 1
@@ -459,6 +222,11 @@ def repropagate(
             if todo:
                 session.embed(todo)
             existing = np.asarray(masks[zz], dtype=bool) if has(zz) else None
+            if existing is None and (crossed or not grow0.any()):
+                # only a correction at or beyond the object's end extends it: one that only
+                # removed, or whose change was carried through the object to its end, does not
+                break
+            crossed = crossed or existing is not None
             # inside the existing object the box covers it too: only the change should differ
             pred = session.predict_full(
                 zz,
@@ -482,6 +250,8 @@ def repropagate(
                     max_intensity_shift,
                     min_slice_iou,
                 )
+                if not reason and int(new.sum()) > change_growth * int(prev.sum()) + min_area:
+                    reason = "growth"  # past the object's end it tapers; a growing mask leaks
                 if reason:
                     yield PropagationStep(
                         zz, empty, d, pred.score, done, total, stopped=True, reason=reason
@@ -494,8 +264,12 @@ def repropagate(
                 grow = (new & ~existing) & _dilate(grow, reach)
                 shrink = (existing & ~new) & _dilate(shrink, reach)
                 new = (existing | grow) & ~shrink
-                if int(grow.sum()) + int(shrink.sum()) < min_area or not new.any():
+                size = int(grow.sum()) + int(shrink.sum())
+                if size < min_area or not new.any():
                     break  # the change has died out (or would wipe the slice): keep the rest
+                if size > change_growth * last + max(min_area, 0.05 * int(existing.sum())):
+                    break  # the change grows away from the click: a leak, not the correction
+                last = size
             session.remember_logits(zz, new, pred.low_res_logits)
             yield PropagationStep(zz, new, d, pred.score, done, total)
             if existing is not None and _iou(new, existing) >= agree_iou:

@@ -1,0 +1,355 @@
+"""A corrective click on one slice (issue #17): :func:`refine_slice` and the edits behind it.
+
+A click re-predicts its slice from everything known about it (its box, or the current mask's box;
+all its points; its current low-resolution logits as SAM's mask prompt), then enforces the
+click's meaning with the least change that honours it:
+
+* a **negative** click never grows the mask and removes only the region it lies in: of the
+  decoder's answers (with the mask prompt, and each output without it) the one that takes the
+  click out with the smallest removal connected to the click; where none does, the lobe of the
+  mask the click lies in (cut at a neck narrower than the click's depth), SAM's region at the
+  click, or a disc as deep as the click;
+* a **positive** click never wipes the rest of the slice: the previous mask is kept and the
+  clicked region added.
+
+The logits remembered for an edited slice agree with its final mask, so a re-propagation's mask
+prompt carries the edit (:func:`samed.engine.interactive.repropagate`).
+
+Conventions as in :mod:`samed.engine.session`: slice masks (Y, X) bool, points (x, y) and boxes
+(x0, y0, x1, y1) in slice pixels.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .preprocess import mask_bbox
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .session import Prediction, Session
+
+__all__ = ["MASK_LOGIT", "mask_to_logits", "refine_slice"]
+
+#: magnitude of the logits a binary mask is turned into when no decoder logits are known
+MASK_LOGIT = 8.0
+
+
+def mask_to_logits(mask: np.ndarray, session: Session) -> torch.Tensor:
+    """(L, L) float32 low-resolution logits (+-:data:`MASK_LOGIT`) of a (Y, X) bool mask, on the
+    model's padded input frame (the inverse of :func:`samed.model.sam.upscale_logits`)."""
+    geo = session.geometry
+    low = session.model.low_res_size
+    m = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None]
+    m = F.interpolate(m, size=geo.resized_hw, mode="bilinear", align_corners=False)
+    pad = torch.zeros(1, 1, geo.image_size, geo.image_size)
+    pad[..., : geo.resized_hw[0], : geo.resized_hw[1]] = m
+    small = F.interpolate(pad, size=(low, low), mode="bilinear", align_corners=False)[0, 0]
+    return (small * 2.0 - 1.0) * MASK_LOGIT
+
+
+def _disc(shape: tuple[int, int], xy: tuple[float, float], r: float) -> np.ndarray:
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    return (xx - xy[0]) ** 2 + (yy - xy[1]) ** 2 <= r * r
+
+
+def _component_at(mask: np.ndarray, x: int, y: int) -> np.ndarray:
+    """The 8-connected component of ``mask`` containing pixel (x, y) (empty if none)."""
+    from scipy import ndimage
+
+    if not mask[y, x]:
+        return np.zeros_like(mask)
+    lab, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    return lab == lab[y, x]
+
+
+def refine_slice(
+    session: Session,
+    z: int,
+    *,
+    box: np.ndarray | list[float] | None,
+    points: np.ndarray,
+    point_labels: np.ndarray,
+    prev_mask: np.ndarray | None,
+    prior_mask: np.ndarray | None = None,
+    box_margin: float = 2.0,
+) -> Prediction:
+    """Refine slice z after a click (the last of ``points``) given the slice's previous mask.
+
+    Args:
+        session: the engine session.
+        z: slice index.
+        box: the slice's box prompt (XYXY px) or None (then the previous mask's box grown by
+            ``box_margin`` px is used; a positive click outside it widens it).
+        points: (N, 2) XY px of all the slice's points, the new click last.
+        point_labels: (N,) 1 positive / 0 negative.
+        prev_mask: (Y, X) bool mask of the slice before the click (None or empty: no mask yet,
+            then this is an ordinary prediction from the prompts).
+        prior_mask: when ``prev_mask`` is empty, a neighbouring slice's (Y, X) mask: a positive
+            click beyond the object's current end is then predicted like a propagation step from
+            it (its box, widened to the click, and its logits) so that it extends the object.
+
+    Returns:
+        A :class:`~samed.engine.Prediction`. A negative click's mask is a subset of ``prev_mask``
+        that excludes the click; a positive click's mask is a superset of ``prev_mask`` that
+        contains the click. One exception resolves an ambiguous box: a negative click at the core
+        of the mask on a slice with a ``box`` (at least half as deep inside as the component's
+        centre) gives the best of SAM's multimask outputs for the box and all points that honours
+        every point (e.g. the myocardial ring instead of the LV cavity), when one does.
+    """
+    from .results import Prediction
+
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    point_labels = np.asarray(point_labels, dtype=np.int64).reshape(-1)
+    if points.shape[0] == 0 or points.shape[0] != point_labels.shape[0]:
+        raise ValueError(
+            f"need one label per point and at least one point; got {points.shape[0]} "
+            f"points and {point_labels.shape[0]} labels"
+        )
+    h, w = session.shape[1:]
+    cx = int(np.clip(round(points[-1, 0]), 0, w - 1))
+    cy = int(np.clip(round(points[-1, 1]), 0, h - 1))
+    positive = bool(point_labels[-1])
+    prev = None if prev_mask is None else np.asarray(prev_mask, dtype=bool)
+    if prev is not None and not prev.any():
+        prev = None
+    if prev is None and positive and box is None and prior_mask is not None and np.any(prior_mask):
+        prior = np.asarray(prior_mask, dtype=bool)
+        pos = points[point_labels == 1]
+        pb = mask_bbox(prior, box_margin)
+        eb = np.clip(
+            [
+                min(pb[0], pos[:, 0].min() - box_margin),
+                min(pb[1], pos[:, 1].min() - box_margin),
+                max(pb[2], pos[:, 0].max() + box_margin),
+                max(pb[3], pos[:, 1].max() + box_margin),
+            ],
+            0,
+            [w - 1, h - 1, w - 1, h - 1],
+        )
+        pred = session.predict_full(
+            z,
+            box=eb,
+            points=points,
+            point_labels=point_labels,
+            mask_input=mask_to_logits(prior, session),
+        )
+        mask = _component_at(pred.mask, cx, cy)
+        if not mask.any():
+            mask = _smallest_containing(session, z, cx, cy, positive_only=True)
+        return Prediction(mask, pred.score, pred.low_res_logits)
+    if prev is None:
+        if box is None and not point_labels.any():
+            # only negative clicks on an empty slice: nothing to remove
+            return Prediction(
+                np.zeros((h, w), bool), 0.0, mask_to_logits(np.zeros((h, w)), session)
+            )
+        pred = session.predict_full(z, box=box, points=points, point_labels=point_labels)
+        mask = pred.mask
+        if positive and not mask[cy, cx]:
+            mask = mask | _smallest_containing(session, z, cx, cy, positive_only=True)
+        return Prediction(mask, pred.score, pred.low_res_logits)
+    if not positive and box is not None and _at_core(prev, cx, cy):
+        # a negative click at the centre of a box slice's mask: the box meant another object
+        # (e.g. the myocardial ring around the LV cavity it returned); the slice takes the best
+        # of SAM's outputs that honours every click, even where that is not inside the old mask
+        other = _consistent_output(session, z, box, points, point_labels)
+        if other is not None:
+            return other
+    eff_box = np.asarray(box, dtype=np.float64) if box is not None else mask_bbox(prev, box_margin)
+    pos = points[point_labels == 1]
+    if pos.size:  # a positive click outside the box widens it
+        eff_box = np.array(
+            [
+                min(eff_box[0], pos[:, 0].min() - box_margin),
+                min(eff_box[1], pos[:, 1].min() - box_margin),
+                max(eff_box[2], pos[:, 0].max() + box_margin),
+                max(eff_box[3], pos[:, 1].max() + box_margin),
+            ]
+        )
+        eff_box = np.clip(eff_box, 0, [w - 1, h - 1, w - 1, h - 1])
+    logits = session.known_logits(z, prev)
+    if logits is None:
+        logits = mask_to_logits(prev, session)
+    pred = session.predict_full(
+        z, box=eff_box, points=points, point_labels=point_labels, mask_input=logits
+    )
+    if positive:
+        add = _component_at(pred.mask, cx, cy)
+        if not add.any():  # the decoder ignored the click: ask without the mask prompt
+            p2 = session.predict_full(z, box=eff_box, points=points, point_labels=point_labels)
+            add = _component_at(p2.mask, cx, cy)
+        if not add.any():
+            add = _smallest_containing(session, z, cx, cy, positive_only=True)
+        mask = prev | add
+        mask[cy, cx] = True
+    else:
+        mask = _least_removal(session, z, prev, pred.mask, eff_box, points, point_labels, cx, cy)
+        if mask[cy, cx]:  # remove the region the click lies in, as SAM sees it, if it is a part
+            region = _smallest_containing(session, z, cx, cy, positive_only=True) & prev
+            if region.any() and region.sum() < 0.5 * prev.sum():
+                mask = prev & ~region
+        part = _component_at(prev, cx, cy)
+        if (
+            box is None
+            and not point_labels.any()
+            and part.any()
+            and int((part & ~mask).sum()) < 0.25 * int(part.sum())
+        ):
+            # a slice without positive prompts that the decoder only nicks: a click at the centre
+            # of a part (as far from its edge as the part's own centre) removes the disc as deep
+            # as the click, or the whole part when that disc covers most of it (a compact blob)
+            from scipy.ndimage import distance_transform_edt
+
+            dist = distance_transform_edt(np.pad(part, 1))[1:-1, 1:-1]
+            if dist[cy, cx] >= 0.5 * dist.max():
+                disc = _disc((h, w), (cx, cy), float(dist[cy, cx])) & part
+                mask = mask & ~(part if disc.sum() >= 0.6 * part.sum() else disc)
+        if mask[cy, cx]:
+            mask = mask & ~_disc((h, w), (cx, cy), 3.0)
+    logits = pred.low_res_logits if positive else _logits_for(session, mask, pred.low_res_logits)
+    return Prediction(mask, pred.score, logits)
+
+
+def _logits_for(session: Session, mask: np.ndarray, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` (the decoder's low-res answer) made to agree with the final ``mask`` where an
+    edit (a removed lobe, an added region) changed it: there the logits of the mask itself, so a
+    re-propagation's mask prompt carries the edit rather than the decoder's unedited answer."""
+    own = mask_to_logits(mask, session).to(logits.device, logits.dtype)
+    lo = logits.reshape(own.shape)
+    return torch.where((lo > 0) != (own > 0), own, lo).reshape(logits.shape)
+
+
+def _least_removal(
+    session: Session,
+    z: int,
+    prev: np.ndarray,
+    first: np.ndarray,
+    box: np.ndarray,
+    points: np.ndarray,
+    point_labels: np.ndarray,
+    cx: int,
+    cy: int,
+) -> np.ndarray:
+    """A negative click's mask: of the decoder's answers (``first``, with the mask prompt; the
+    single and each multimask output without it) the one that removes the clicked pixel from
+    ``prev`` with the least change, only the removed region connected to the click taken away
+    (a negative click corrects the leak it lies in, not far-away parts). ``prev`` itself (the
+    click still inside) when no answer removes the click."""
+    n = int(getattr(session.model, "num_mask_outputs", 1) or 1)
+    outputs: list[int | None] = [None] + list(range(n if n > 1 else 0))
+    best: np.ndarray | None = None
+    for k, out in enumerate([None, *outputs]):
+        if k == 0:
+            cand = first
+        else:
+            try:
+                cand = session.predict_full(
+                    z, box=box, points=points, point_labels=point_labels, mask_output=out
+                ).mask
+            except ValueError:
+                break
+        if cand[cy, cx]:
+            continue
+        removed = _component_at(prev & ~cand | _disc(prev.shape, (cx, cy), 0.5) & prev, cx, cy)
+        if best is None or int(removed.sum()) < int(best.sum()):
+            best = removed
+    if best is not None and prev[cy, cx]:
+        lobe = _lobe_at(prev, cx, cy)
+        if lobe.any() and int(lobe.sum()) < int(best.sum()):
+            best = lobe
+    return prev.copy() if best is None else prev & ~best
+
+
+def _lobe_at(mask: np.ndarray, cx: int, cy: int) -> np.ndarray:
+    """The lobe of ``mask`` around (cx, cy): its component cut at necks narrower than the
+    click's own depth (a morphological opening by a disc of ~0.7x the click's distance to the
+    edge, the opened core at the click grown back within the mask). The whole component when
+    it has no such neck (or the click is at its rim)."""
+    from scipy import ndimage
+
+    part = _component_at(mask, cx, cy)
+    if not part.any():
+        return part
+    ys, xs = np.nonzero(part)
+    pad = 2
+    y0, x0 = max(ys.min() - pad, 0), max(xs.min() - pad, 0)
+    y1, x1 = min(ys.max() + pad + 1, mask.shape[0]), min(xs.max() + pad + 1, mask.shape[1])
+    crop = part[y0:y1, x0:x1]
+    depth = float(ndimage.distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1][cy - y0, cx - x0])
+    r = 0.7 * depth
+    if r < 2.0:
+        return part
+    disc = _disc((2 * int(r) + 1, 2 * int(r) + 1), (int(r), int(r)), r)
+    core = _component_at(ndimage.binary_opening(crop, structure=disc), cx - x0, cy - y0)
+    if not core.any():
+        return part
+    lobe = ndimage.binary_dilation(core, structure=disc) & crop
+    out = np.zeros_like(part)
+    out[y0:y1, x0:x1] = lobe
+    return out
+
+
+def _at_core(mask: np.ndarray, cx: int, cy: int) -> bool:
+    """Whether (cx, cy) lies in the core of its component of ``mask``: at least half as far from
+    the component's edge as the component's own centre (and >= 2 px)."""
+    from scipy.ndimage import distance_transform_edt
+
+    part = _component_at(mask, cx, cy)
+    if not part.any():
+        return False
+    dist = distance_transform_edt(np.pad(part, 1))[1:-1, 1:-1]
+    return float(dist[cy, cx]) >= max(0.5 * float(dist.max()), 2.0)
+
+
+def _consistent_output(
+    session: Session,
+    z: int,
+    box: np.ndarray | list[float],
+    points: np.ndarray,
+    point_labels: np.ndarray,
+    min_area: int = 10,
+) -> Prediction | None:
+    """The highest-scoring of SAM's multimask outputs for ``box`` + ``points`` (no mask prompt)
+    that contains every positive point, excludes every negative one and has >= ``min_area``
+    pixels; None when none does (or the model has a single output)."""
+    n = int(getattr(session.model, "num_mask_outputs", 1) or 1)
+    h, w = session.shape[1:]
+    xy = np.clip(np.round(points).astype(int), 0, [w - 1, h - 1])
+    best = None
+    for k in range(n if n > 1 else 0):
+        try:
+            p = session.predict_full(
+                z, box=box, points=points, point_labels=point_labels, mask_output=k
+            )
+        except ValueError:
+            break
+        inside = p.mask[xy[:, 1], xy[:, 0]]
+        if (
+            int(p.mask.sum()) >= min_area
+            and np.all(inside == (point_labels == 1))
+            and (best is None or p.score > best.score)
+        ):
+            best = p
+    return best
+
+
+def _smallest_containing(
+    session: Session, z: int, cx: int, cy: int, positive_only: bool
+) -> np.ndarray:
+    """The smallest of SAM's multimask outputs for a single positive point at (cx, cy) that
+    contains it (a 2 px disc when none does)."""
+    h, w = session.shape[1:]
+    best = None
+    n = int(getattr(session.model, "num_mask_outputs", 1) or 1)
+    for k in range(n):
+        try:
+            m = session.predict_full(z, points=[[cx, cy]], point_labels=[1], mask_output=k).mask
+        except ValueError:
+            break
+        if m[cy, cx] and (best is None or m.sum() < best.sum()):
+            best = m
+    return best if best is not None else _disc((h, w), (cx, cy), 2.0)

@@ -80,6 +80,9 @@ TIMED_PASSES = 5
 #: the timed rounds stop early (after at least 3) once they have taken this long (s)
 MAX_TIMING_S = 30.0
 CALIBRATION_SLICES = 32
+#: part of the choices.json key: a change of the accuracy bar or its slices measures again
+#: (2: BTCV / CHAOS training cases by the project's fixed splits, not ACDC alone)
+_BAR_VERSION = 2
 _DATASETS = (("btcv", "CT"), ("acdc", "MR"), ("chaos_t2", "MR"))
 
 
@@ -98,7 +101,8 @@ def calibration_set(n: int = CALIBRATION_SLICES) -> tuple[list, str]:
     """``([(slice (Y, X) float32 after the Session's intensity mapping, [boxes XYXY px]), ...],
     source)``: ``n`` slices with labelled structures, spread over the first two training cases
     of each calibration dataset found in :func:`calibration_data_root` (CT and MRI taken in
-    turn), or the MNI152 template's slices when no real data is found (``source`` says which).
+    turn; the dataset.json ``train`` split, else every case outside the project's fixed
+    validation / benchmark cases: BTCV 0034/0037/0039/0040, CHAOS T2 01-03), or the MNI152 template's slices when no real data is found (``source`` says which).
     Kept in memory per (n, folder)."""
     root = calibration_data_root()
     return _calibration_set(int(n), str(root) if root is not None else "")
@@ -118,7 +122,12 @@ def _calibration_set(n: int, root: str) -> tuple[list, str]:
             if not (base / name / "dataset.json").is_file():
                 continue
             ds = load_dataset(base / name)
-            cases = ds.split("train") if "train" in ds.splits else []
+            if "train" in ds.splits:
+                cases = ds.split("train")
+            else:  # btcv / chaos_t2 have no splits in dataset.json: the project's fixed ones
+                from ..train.interactive_data import BTCV_VAL, HELD_OUT
+
+                cases = [c for c in ds.cases if c.case_id not in BTCV_VAL | HELD_OUT]
             items: list[tuple[np.ndarray, list]] = []
             for case in cases[:2]:
                 vol = load_volume(case.image)
@@ -383,7 +392,7 @@ def choose(
             note="only torch fp32 runs fast here" + (f" ({why})" if why else ""),
             adapter_digest=model.adapter_digest,
         )
-    key_obj = {**_machine_key(model), "candidates": runnable}
+    key_obj = {**_machine_key(model), "candidates": runnable, "bar": _BAR_VERSION}
     key = json.dumps(key_obj, sort_keys=True)
     path = cache / "choices.json" if cache is not None else None
     entry = _read_choices(path).get(key) if path is not None else None

@@ -78,7 +78,7 @@ MIN_DICE = 0.95
 MIN_GAIN = 1.05
 TIMED_PASSES = 5
 #: the timed rounds stop early (after at least 3) once they have taken this long (s)
-MAX_TIMING_S = 30.0
+MAX_TIMING_S = 10.0
 CALIBRATION_SLICES = 32
 #: part of the choices.json key: a change of the accuracy bar or its slices measures again
 #: (2: BTCV / CHAOS training cases by the project's fixed splits, not ACDC alone)
@@ -402,7 +402,7 @@ def choose(
         where = f"cached in {cache}" if cache is not None else "not cached: no cache folder"
         notice(
             f"measuring encoder candidates {', '.join(runnable)} on this CPU (first use per "
-            f"machine and model: about a minute{slow}; {where})"
+            f"machine and model: one to three minutes on 2 cores{slow}; {where})"
         )
         t0 = time.perf_counter()
         results = measure(model, runnable, cache=cache, built=built)

@@ -19,13 +19,15 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
         choices=list(PRECISIONS),
         help="encoder precision: on CUDA autocast (auto = fp16, measured closest to fp32 and "
         "fastest); on the CPU auto = fp32, or measured once per machine and model with "
-        "--backend auto; fp32, bf16 (native-bf16 CPUs), int8 (OpenVINO)",
+        "--backend auto (never int8 unless asked for); fp32, bf16 (native-bf16 CPUs), int8 "
+        "(OpenVINO, NNCF quantisation on first use: minutes)",
     )
     p.add_argument(
         "--backend",
         choices=list(BACKENDS),
         default=default_backend(),
         help="CPU image-encoder backend: torch (default; $SAMED_BACKEND overrides), auto "
-        "(fastest candidate that matches torch fp32, measured on first use and cached), "
+        "(fastest candidate that matches torch fp32, measured on first use per model and "
+        "adapter, 1-3 min, then cached), "
         "openvino (pip install 'samed[openvino]')",
     )

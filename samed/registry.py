@@ -186,7 +186,10 @@ CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 def default_backend() -> str:
     """The CLIs' and the plugin's ``--backend`` default: ``$SAMED_BACKEND`` (one of
-    :data:`BACKENDS`), else ``"torch"`` (today's path; ``auto`` measures on first use)."""
+    :data:`BACKENDS`), else ``"torch"`` (today's path). Not ``auto`` (docs/BENCHMARKS.md, issue
+    #15): its first use per model and adapter costs 1-3 min on 2 cores (147 s measured under
+    load 4-5), each adapter is its own conversion and measurement, and with CT slices in the
+    accuracy bar it picks OpenVINO fp32 on the AMX Xeon measured (1.29x quiet), not bf16."""
     import os
 
     env = os.environ.get("SAMED_BACKEND", "").strip()

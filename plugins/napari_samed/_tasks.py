@@ -131,7 +131,11 @@ class TaskMixin:
                 return
             dev = getattr(result, "device", "cpu")
             self.timings["model_load_s"] = time.perf_counter() - t0
-            self._model_state(f"ready: {what} on {dev} ({self.timings['model_load_s']:.1f} s)")
+            from ._encoder_controls import encoder_name
+
+            enc = encoder_name(result)
+            on = f"{dev}, encoder {enc}" if enc else f"{dev}"
+            self._model_state(f"ready: {what} on {on} ({self.timings['model_load_s']:.1f} s)")
             for fn in then:
                 fn()
 

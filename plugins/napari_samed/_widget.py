@@ -122,10 +122,11 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
         self.ui = build_ui(self)
         if self.ui.adapter_combo.currentData():  # the preselected interactive default (#17)
             self.session.update(adapter=self.ui.adapter_combo.currentData())
-        # the Train adapter and uncertainty panels live in their own modules
+        from ._encoder_controls import attach_encoder_controls  # panels: their own modules
         from ._train_panel import attach_train_panel
         from ._uncertainty_panel import attach_uncertainty_panel
 
+        self.encoder_controls = attach_encoder_controls(self)
         self.uncertainty_panel = attach_uncertainty_panel(self)
         self.train_panel = attach_train_panel(self)
         self._connect()

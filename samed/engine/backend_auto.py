@@ -1,8 +1,14 @@
 """``backend="auto"`` / ``precision="auto"``: measure the encoder candidates once per machine and
 model, keep the fastest that meets the accuracy bar, remember the choice.
 
-The measurement (a first use costs a conversion per OpenVINO precision, an NNCF quantisation for
-int8, and a few encoder passes per candidate; afterwards nothing but loading the chosen one):
+The measurement (a first use costs one OpenVINO conversion, shared by its fp32 and bf16
+candidates, and a few encoder passes per candidate; afterwards nothing but loading the chosen one):
+
+* candidates (:func:`auto_candidates`): those of the request that this CPU runs natively, in the
+  order of their expected speed from the CPU's flags (:func:`expected_order`). ``openvino-int8``
+  is measured only when int8 is asked for (``precision="int8"``): its NNCF quantisation costs
+  minutes on a 2-core CPU, and where it was measured it missed the accuracy bar (box Dice 0.9899,
+  embeddings 21 % off torch fp32; docs/BENCHMARKS.md, issue #15);
 
 * calibration slices (:func:`calibration_inputs`): real CT and MRI training slices (BTCV, ACDC,
   CHAOS T2 train splits; never a held-out case) from ``$SAMED_CALIBRATION_DATA`` or the
@@ -14,7 +20,8 @@ int8, and a few encoder passes per candidate; afterwards nothing but loading the
   must reach mean Dice >= :data:`MIN_MEAN_DICE` and each >= :data:`MIN_DICE`; the relative L2
   error of the embeddings is recorded beside it;
 * speed: median of :data:`TIMED_PASSES` batch-1 encoder passes after one warm-up, taken
-  round-robin over the candidates (a load change hits all alike); a candidate
+  round-robin over the candidates (a load change hits all alike; at least 3 rounds, fewer than
+  :data:`TIMED_PASSES` once they took :data:`MAX_TIMING_S`); a candidate
   must be at least :data:`MIN_GAIN` times faster than torch fp32 measured in the same process,
   else torch fp32 stays (never a slower path).
 
@@ -57,8 +64,10 @@ __all__ = [
     "MIN_MEAN_DICE",
     "calibration_data_root",
     "calibration_inputs",
+    "auto_candidates",
     "calibration_set",
     "choose",
+    "expected_order",
     "measure",
     "pick",
 ]
@@ -68,7 +77,12 @@ MIN_MEAN_DICE = 0.99
 MIN_DICE = 0.95
 MIN_GAIN = 1.05
 TIMED_PASSES = 5
+#: the timed rounds stop early (after at least 3) once they have taken this long (s)
+MAX_TIMING_S = 10.0
 CALIBRATION_SLICES = 32
+#: part of the choices.json key: a change of the accuracy bar or its slices measures again
+#: (2: BTCV / CHAOS training cases by the project's fixed splits, not ACDC alone)
+_BAR_VERSION = 2
 _DATASETS = (("btcv", "CT"), ("acdc", "MR"), ("chaos_t2", "MR"))
 
 
@@ -87,7 +101,8 @@ def calibration_set(n: int = CALIBRATION_SLICES) -> tuple[list, str]:
     """``([(slice (Y, X) float32 after the Session's intensity mapping, [boxes XYXY px]), ...],
     source)``: ``n`` slices with labelled structures, spread over the first two training cases
     of each calibration dataset found in :func:`calibration_data_root` (CT and MRI taken in
-    turn), or the MNI152 template's slices when no real data is found (``source`` says which).
+    turn; the dataset.json ``train`` split, else every case outside the project's fixed
+    validation / benchmark cases: BTCV 0034/0037/0039/0040, CHAOS T2 01-03), or the MNI152 template's slices when no real data is found (``source`` says which).
     Kept in memory per (n, folder)."""
     root = calibration_data_root()
     return _calibration_set(int(n), str(root) if root is not None else "")
@@ -107,7 +122,12 @@ def _calibration_set(n: int, root: str) -> tuple[list, str]:
             if not (base / name / "dataset.json").is_file():
                 continue
             ds = load_dataset(base / name)
-            cases = ds.split("train") if "train" in ds.splits else []
+            if "train" in ds.splits:
+                cases = ds.split("train")
+            else:  # btcv / chaos_t2 have no splits in dataset.json: the project's fixed ones
+                from ..train.interactive_data import BTCV_VAL, HELD_OUT
+
+                cases = [c for c in ds.cases if c.case_id not in BTCV_VAL | HELD_OUT]
             items: list[tuple[np.ndarray, list]] = []
             for case in cases[:2]:
                 vol = load_volume(case.image)
@@ -199,7 +219,8 @@ def measure(
     The timed passes go round-robin over the candidates (one pass each per round, after a
     warm-up pass each), so that a change of load on a shared machine hits all of them alike.
 
-    ``built`` maps candidate names to backends already built for ``model`` (reused as they are).
+    ``built`` maps candidate names to backends already built for ``model`` (reused as they are);
+    the backends built here are added to it.
 
     Returns:
         ``{name: {"s_per_slice": s, "speedup": x vs torch fp32, "mean_dice", "min_dice",
@@ -233,6 +254,8 @@ def measure(
             res[name] = {"error": f"{type(exc).__name__}: {exc}", "ok": False}
             continue
         build_s = time.perf_counter() - t
+        if built is not None:
+            built[name] = be
         run = be.run if be.run is not None else model.image_encoder
         emb = torch.cat([run(x[i : i + 1]) for i in range(len(x))]).float()
         masks = _box_masks(model, emb, slices, boxes)
@@ -248,11 +271,14 @@ def measure(
     x1 = x[:1]
     for run in runs.values():  # warm-up
         run(x1)
-    for _ in range(TIMED_PASSES):
+    t_start = time.perf_counter()
+    for k in range(TIMED_PASSES):
         for n, run in runs.items():
             t = time.perf_counter()
             run(x1)
             times[n].append(time.perf_counter() - t)
+        if k >= 2 and time.perf_counter() - t_start > MAX_TIMING_S:
+            break
     base_s = statistics.median(times["torch-fp32"])
     for n in runs:
         r = res[n]
@@ -264,6 +290,41 @@ def measure(
             and r["s_per_slice"] * MIN_GAIN <= base_s
         )
     return res
+
+
+def expected_order(candidates: list[str]) -> list[str]:
+    """``candidates`` sorted by their expected speed on this CPU, fastest first, from the flags of
+    :func:`samed.engine.backends.cpu_features` and the figures in docs/BENCHMARKS.md: with native
+    bf16 OpenVINO bf16, torch bf16, OpenVINO int8, OpenVINO fp32; without it OpenVINO int8 (VNNI),
+    OpenVINO fp32; torch fp32 last. Only the order of the measurement and of its notice; the
+    choice is measured."""
+    from .backends import native_bf16
+
+    rank = (
+        ["openvino-bf16", "torch-bf16", "openvino-int8", "openvino-fp32"]
+        if native_bf16()
+        else ["openvino-int8", "openvino-fp32", "openvino-bf16", "torch-bf16"]
+    )
+    rank.append("torch-fp32")
+    return sorted(candidates, key=lambda c: rank.index(c) if c in rank else len(rank))
+
+
+def auto_candidates(backend: str, precision: str) -> tuple[list[str], list[str]]:
+    """``(runnable, wanted)`` for a request with ``auto``: ``wanted`` the candidates of
+    :data:`~samed.engine.backends.CANDIDATES` that match ``backend`` / ``precision`` (int8 only
+    when ``precision="int8"``), ``runnable`` those this machine runs
+    (:func:`~samed.engine.backends.unsupported_reason` empty) in :func:`expected_order`, always
+    with ``"torch-fp32"`` (the reference, last)."""
+    wanted = [
+        c
+        for c in CANDIDATES
+        if backend in ("auto", c.split("-")[0])
+        and (precision == c.split("-")[1] or (precision == "auto" and c != "openvino-int8"))
+    ]
+    runnable = [c for c in wanted if not unsupported_reason(*c.split("-"))]
+    if "torch-fp32" not in runnable:
+        runnable.append("torch-fp32")
+    return expected_order(runnable), wanted
 
 
 def pick(results: dict[str, dict[str, Any]]) -> str:
@@ -316,14 +377,7 @@ def choose(
     """Resolve a request with ``auto`` in ``backend`` and/or ``precision`` (see the module
     docstring); returns the built :class:`EncoderBackend` (``chosen_by="auto"``, or
     ``"fallback"`` with a notice when nothing but torch fp32 can run for the request)."""
-    wanted = [
-        c
-        for c in CANDIDATES
-        if backend in ("auto", c.split("-")[0]) and precision in ("auto", c.split("-")[1])
-    ]
-    runnable = [c for c in wanted if not unsupported_reason(*c.split("-"))]
-    if "torch-fp32" not in runnable:
-        runnable.insert(0, "torch-fp32")
+    runnable, wanted = auto_candidates(backend, precision)
     if runnable == ["torch-fp32"]:
         why = "; ".join(
             f"{c}: {unsupported_reason(*c.split('-'))}" for c in wanted if c != "torch-fp32"
@@ -338,18 +392,27 @@ def choose(
             note="only torch fp32 runs fast here" + (f" ({why})" if why else ""),
             adapter_digest=model.adapter_digest,
         )
-    key_obj = {**_machine_key(model), "candidates": runnable}
+    key_obj = {**_machine_key(model), "candidates": runnable, "bar": _BAR_VERSION}
     key = json.dumps(key_obj, sort_keys=True)
     path = cache / "choices.json" if cache is not None else None
     entry = _read_choices(path).get(key) if path is not None else None
+    built: dict[str, EncoderBackend] = {}
     if not isinstance(entry, dict) or entry.get("choice") not in runnable:
+        slow = " and an int8 quantisation (minutes)" if "openvino-int8" in runnable else ""
+        where = f"cached in {cache}" if cache is not None else "not cached: no cache folder"
         notice(
-            f"measuring encoder candidates {', '.join(runnable)} on this CPU (first use only; "
-            "about a minute)"
+            f"measuring encoder candidates {', '.join(runnable)} on this CPU (first use per "
+            f"machine and model: one to three minutes on 2 cores{slow}; {where})"
         )
-        results = measure(model, runnable, cache=cache)
+        t0 = time.perf_counter()
+        results = measure(model, runnable, cache=cache, built=built)
         choice = pick(results)
-        entry = {"choice": choice, "results": results, "when": time.strftime("%Y-%m-%d %H:%M")}
+        entry = {
+            "choice": choice,
+            "results": results,
+            "when": time.strftime("%Y-%m-%d %H:%M"),
+            "measure_s": round(time.perf_counter() - t0, 1),
+        }
         if path is not None:
             _write_choice(path, key, entry)
     choice = str(entry["choice"])
@@ -360,6 +423,8 @@ def choose(
     )
     if choice == "torch-fp32":
         be = EncoderBackend(adapter_digest=model.adapter_digest)
+    elif choice in built:  # just measured: reuse it (no second compilation)
+        be = built[choice]
     else:
         try:
             be = build_candidate(

@@ -167,7 +167,7 @@ def test_auto_measures_once_caches_and_never_picks_a_slower_path(
     monkeypatch.setenv("SAMED_CALIBRATION_DATA", str(root))
     model = make_tiny_model("tinyvit")
     be = set_encoder_backend(model, "auto", "fp32")  # candidates torch-fp32, openvino-fp32
-    assert "measuring encoder candidates torch-fp32, openvino-fp32" in capsys.readouterr().err
+    assert "measuring encoder candidates openvino-fp32, torch-fp32" in capsys.readouterr().err
     data = json.loads((no_cache / "choices.json").read_text())
     (entry,) = data.values()
     res = entry["results"]
@@ -227,3 +227,47 @@ def test_cpu_request_keeps_torch_auto_at_fp32():
     assert cpu_request("torch", "auto") == ("torch", "fp32")
     assert cpu_request("auto", "auto") == ("auto", "auto")
     assert cpu_request("openvino", "int8") == ("openvino", "int8")
+
+
+def test_auto_candidates_follow_the_cpu_flags_and_leave_int8_to_a_request(monkeypatch):
+    from samed.engine.backend_auto import auto_candidates
+
+    monkeypatch.delenv("SAMED_NO_OPENVINO", raising=False)
+    ov = openvino_available()
+    # an AMX Xeon: bf16 candidates first (expected fastest), torch fp32 last, no int8 unless asked
+    monkeypatch.setenv("SAMED_CPU_FLAGS", "avx2,fma,avx512f,avx512_vnni,avx512_bf16,amx_bf16")
+    runnable, wanted = auto_candidates("auto", "auto")
+    assert "openvino-int8" not in wanted and runnable[-1] == "torch-fp32"
+    assert runnable == (
+        ["openvino-bf16", "torch-bf16", "openvino-fp32", "torch-fp32"]
+        if ov
+        else ["torch-bf16", "torch-fp32"]
+    )
+    runnable, _ = auto_candidates("auto", "int8")
+    assert runnable == (["openvino-int8", "torch-fp32"] if ov else ["torch-fp32"])
+    # an AVX2-only CPU: never a bf16 candidate (~40x slower there), never int8 (no VNNI)
+    monkeypatch.setenv("SAMED_CPU_FLAGS", "avx2,fma")
+    for precision in ("auto", "bf16", "int8"):
+        runnable, _ = auto_candidates("auto", precision)
+        assert not [c for c in runnable if c.endswith(("bf16", "int8"))], runnable
+    assert auto_candidates("auto", "auto")[0] == (
+        ["openvino-fp32", "torch-fp32"] if ov else ["torch-fp32"]
+    )
+
+
+@needs_openvino
+def test_auto_on_an_avx2_only_cpu_measures_no_bf16(
+    make_tiny_model, no_cache, monkeypatch, tmp_path, capsys
+):
+    root = tmp_path / "calib"
+    root.mkdir()
+    (root / "acdc").symlink_to(shared_path("acdc"))
+    monkeypatch.setenv("SAMED_CALIBRATION_DATA", str(root))
+    monkeypatch.setenv("SAMED_CPU_FLAGS", "avx2,fma")
+    be = set_encoder_backend(make_tiny_model("tinyvit"), "auto", "auto")
+    err = capsys.readouterr().err
+    assert "measuring encoder candidates openvino-fp32, torch-fp32 on this CPU" in err
+    (entry,) = json.loads((no_cache / "choices.json").read_text()).values()
+    assert set(entry["results"]) == {"openvino-fp32", "torch-fp32"}
+    assert be.name in ("openvino-fp32", "torch-fp32") and be.precision == "fp32"
+    assert entry["measure_s"] > 0

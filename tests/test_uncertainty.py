@@ -145,7 +145,9 @@ def test_propagated_uncertainty_of_a_propagated_object(make_tiny_model, make_tin
     box = np.array([30.0, 20.0, 59.0, 39.0])
     seed = sess.predict(2, box=box)
     assert seed.any()
-    obj = sess.propagate_volume(2, seed, box_margin=2.0, min_area=1, max_intensity_shift=None)
+    obj = sess.propagate_volume(
+        2, seed, box_margin=2.0, min_area=1, min_score=-1e9, max_intensity_shift=None
+    )
     res = propagated_uncertainty(sess, obj, seeds=2, prompts={2: {"box": box}}, keep_maps=True)
     assert res.uncertainty.shape == vol.array.shape and res.uncertainty.dtype == np.float32
     on = obj.any((1, 2))

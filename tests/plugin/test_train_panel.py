@@ -183,3 +183,50 @@ def test_new_adapter_label_names_show_at_once(make_napari_viewer, qtbot, make_ti
     table = ui.label_table
     names = {table.item(r, 0).text(): table.item(r, 1).text() for r in range(table.rowCount())}
     assert names.get("1") == "blob" and names.get("2") == "dot"
+
+
+def test_uncertainty_panel_maps_a_propagated_object(
+    make_napari_viewer, qtbot, make_tiny_model, make_tiny_volume
+):
+    """No automatic adapter: *Uncertainty map* maps the current propagated object (box on one
+    slice, Propagate), on the image's grid and scale, listing only the object's slices."""
+    from napari_samed._layers import box_vertices
+    from napari_samed._session import PluginSession
+    from napari_samed._uncertainty_panel import layer_name
+    from napari_samed._widget import SamedWidget
+
+    model = make_tiny_model()
+    viewer = make_napari_viewer(show=True)
+    session = PluginSession(model_factory=lambda settings: model, cache_dir=None)
+    widget = SamedWidget(viewer, session=session)
+    viewer.window.add_dock_widget(widget)
+    vol = make_tiny_volume(z=5, y=60, x=70)
+    image = viewer.add_image(vol.array, name="vol", scale=(2.0, 1.0, 1.0))
+    qtbot.waitUntil(lambda: widget.session.model_loaded, timeout=60_000)
+    panel = widget.uncertainty_panel
+    assert not panel.start() and "no propagated object" in panel.status.text()
+    assert widget.annotator is not None  # creates the prompt layers
+    viewer.layers["samed boxes"].add_rectangles(box_vertices(2, (30, 20, 59, 39)))
+    qtbot.waitUntil(lambda: 2 in widget.annotator.masks, timeout=60_000)
+    widget.propagate_options["max_intensity_shift"] = None
+    widget.propagate_options["min_area"] = 1
+    widget.propagate_options["min_score"] = -1e9  # a random model's IoU head is meaningless
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    widget.propagate()
+
+    def object_slices() -> set:
+        return {z for z, m in widget.annotator.masks.items() if m.any()}
+
+    qtbot.waitUntil(lambda: len(object_slices()) >= 2 and not widget.busy, timeout=120_000)
+    masks = object_slices()
+    assert len(masks) >= 2 and 2 in masks
+    assert panel.start()
+    assert panel.wait(120) and not panel.error
+    res = panel.result
+    assert "seeds" in res.extra and res.extra["seeds"] == [2]
+    layer = viewer.layers[layer_name("vol")]
+    assert layer.data.shape == vol.array.shape
+    np.testing.assert_allclose(layer.scale, image.scale)
+    listed = {int(panel.slices_list.item(i).data(256)) for i in range(panel.slices_list.count())}
+    assert listed and listed <= masks
+    assert "object" in panel.status.text()

@@ -11,7 +11,10 @@ automatic head). Learning rate: warm-up, then cosine over ``train.max_minutes`` 
 ``train.iterations`` without a time limit). Validation (every ``validation.interval`` steps) is
 3D Dice per held-back volume from the cached embeddings — the inference path minus the
 encoder, which the adapter does not change; the best adapter is kept, and a stop (the
-``should_stop`` callback, the panel's Stop button) keeps it.
+``should_stop`` callback, the panel's Stop button) keeps it. Automatic mode: each validation
+also decides the largest-component clean-up on the held-back volumes
+(:func:`samed.postprocess.choose_largest_component`), recorded in the exported adapter's
+metadata ``"postprocessing"`` (applied by ``Session.automatic``, ``samed segment``, the plugin).
 
 Python::
 

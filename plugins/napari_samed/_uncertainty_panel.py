@@ -44,7 +44,7 @@ class UncertaintyPanel(QGroupBox):
 
     def __init__(self, widget: Any) -> None:
         super().__init__("Where is it unsure?")
-        from samed.uncertainty import DEFAULT_METHOD, METHODS
+        from samed.uncertainty import DEFAULT_METHOD, METHODS, PROPAGATED_DEFAULT
 
         self.widget = widget
         self.result: Any = None
@@ -58,8 +58,11 @@ class UncertaintyPanel(QGroupBox):
             "Per-voxel uncertainty of the automatic adapter's result or of the propagated object"
         )
         self.method_combo = QComboBox()
-        self.method_combo.addItems(list(METHODS))
-        self.method_combo.setCurrentText(DEFAULT_METHOD)
+        self.method_combo.addItems(["default", *METHODS])
+        self.method_combo.setToolTip(
+            f"default: {DEFAULT_METHOD} for the automatic result, {PROPAGATED_DEFAULT} for a "
+            "propagated object (each ranks its errors best, docs/BENCHMARKS.md)"
+        )
         self.target_combo = QComboBox()
         self.target_combo.addItems(list(TARGETS))
         self.target_combo.setToolTip(
@@ -119,14 +122,19 @@ class UncertaintyPanel(QGroupBox):
         self._image_name = image_name
         self._thread = threading.Thread(target=run, daemon=True, name="samed-uncertainty")
         self.run_btn.setEnabled(False)
-        self.status.setText(f"computing the {method} map ...")
+        self.status.setText(f"computing the uncertainty map ({method}) ...")
         self._thread.start()
         self._timer.start()
         return True
 
     def _job(self, ann: Any, engine: Any, method: str) -> Any:
         """The map's computation for the *Of* choice (ValueError when it has nothing to map)."""
-        from samed.uncertainty import automatic_uncertainty, propagated_uncertainty
+        from samed.uncertainty import (
+            DEFAULT_METHOD,
+            PROPAGATED_DEFAULT,
+            automatic_uncertainty,
+            propagated_uncertainty,
+        )
 
         target = self.target_combo.currentText()
         adapter = engine.model.adapter
@@ -136,7 +144,9 @@ class UncertaintyPanel(QGroupBox):
         if target == TARGETS[1]:
             if not automatic:
                 raise ValueError("the uncertainty map needs an automatic adapter (Adapter menu)")
+            method = DEFAULT_METHOD if method == "default" else method
             return lambda: automatic_uncertainty(engine, method)
+        method = PROPAGATED_DEFAULT if method == "default" else method
         masks = {z: m for z, m in ann.masks.items() if m.any()}
         prompts = ann.prompts
         seeds = [z for z in prompts if z in masks]

@@ -122,6 +122,7 @@ def test_uncertainty_panel_shows_map_and_ranked_slices(
     panel = widget.uncertainty_panel
     assert panel.start()
     assert panel.wait(120) and not panel.error
+    assert panel.result.method == "flip"  # the automatic default (DEFAULT_METHOD)
     layer = viewer.layers[layer_name("vol")]
     assert layer.data.shape == vol.array.shape
     assert panel.slices_list.count() >= 1
@@ -224,6 +225,7 @@ def test_uncertainty_panel_maps_a_propagated_object(
     assert panel.wait(120) and not panel.error
     res = panel.result
     assert "seeds" in res.extra and res.extra["seeds"] == [2]
+    assert res.method == "margin"  # the default for a propagated object (PROPAGATED_DEFAULT)
     layer = viewer.layers[layer_name("vol")]
     assert layer.data.shape == vol.array.shape
     np.testing.assert_allclose(layer.scale, image.scale)

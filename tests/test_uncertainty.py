@@ -148,7 +148,9 @@ def test_propagated_uncertainty_of_a_propagated_object(make_tiny_model, make_tin
     obj = sess.propagate_volume(
         2, seed, box_margin=2.0, min_area=1, min_score=-1e9, max_intensity_shift=None
     )
-    res = propagated_uncertainty(sess, obj, seeds=2, prompts={2: {"box": box}}, keep_maps=True)
+    res = propagated_uncertainty(
+        sess, obj, seeds=2, method="flip", prompts={2: {"box": box}}, keep_maps=True
+    )
     assert res.uncertainty.shape == vol.array.shape and res.uncertainty.dtype == np.float32
     on = obj.any((1, 2))
     assert on.sum() >= 3  # propagated beyond the seed

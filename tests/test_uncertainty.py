@@ -131,3 +131,52 @@ def test_segment_uncertainty_nifti_on_the_source_grid(tmp_path, make_tiny_model,
     )
     assert again.results[0].status == "skipped"
     assert again.results[0].uncertainty == pytest.approx(row.uncertainty)
+
+
+def test_propagated_uncertainty_of_a_propagated_object(make_tiny_model, make_tiny_volume):
+    """The prompts propagation gave each slice are rebuilt (the recomputed probability gives
+    back the propagated masks); the flip map is 0 where its two members agree and on slices
+    without the object, on the volume's own (Z, Y, X) grid."""
+    from samed.engine import Session
+    from samed.uncertainty import propagated_uncertainty
+
+    vol = make_tiny_volume(z=5, y=60, x=70)
+    sess = Session(make_tiny_model(), vol, intensity="minmax")
+    box = np.array([30.0, 20.0, 59.0, 39.0])
+    seed = sess.predict(2, box=box)
+    assert seed.any()
+    obj = sess.propagate_volume(
+        2, seed, box_margin=2.0, min_area=1, min_score=-1e9, max_intensity_shift=None
+    )
+    res = propagated_uncertainty(
+        sess, obj, seeds=2, method="flip", prompts={2: {"box": box}}, keep_maps=True
+    )
+    assert res.uncertainty.shape == vol.array.shape and res.uncertainty.dtype == np.float32
+    on = obj.any((1, 2))
+    assert on.sum() >= 3  # propagated beyond the seed
+    np.testing.assert_array_equal(res.extra["probability"][on] > 0.5, obj[on])
+    assert not res.uncertainty[~on].any()
+    members = res.extra["members"]
+    agree = (members[0] == members[1]) & on[:, None, None]
+    assert np.all(res.uncertainty[agree] == 0.0) and res.uncertainty[on].max() > 0
+    split = ((members[0] > 0.5) != (members[1] > 0.5)) & on[:, None, None]
+    assert np.all(res.uncertainty[split] > 0)
+    assert np.all((res.uncertainty >= 0) & (res.uncertainty <= 1))
+    assert res.labels.tolist() == obj.astype(np.int16).tolist() and res.score >= 0
+    # entropy: the binary entropy of the recomputed probability; max_step_px zeroes the map
+    # outside the previous slice's mask grown by that many pixels
+    ent = propagated_uncertainty(sess, obj, 2, "entropy", prompts={2: {"box": box}})
+    np.testing.assert_allclose(ent.uncertainty[on], res.extra["maps"]["entropy"][on])
+    cut = propagated_uncertainty(sess, obj, 2, "entropy", max_step_px=1)
+    for z in (0, 1, 3, 4):
+        if on[z]:
+            prev = _grow(obj[z + 1 if z < 2 else z - 1], 1)
+            assert not cut.uncertainty[z][~prev].any()
+    with pytest.raises(ValueError, match="seed"):
+        propagated_uncertainty(sess, obj, seeds=[], prompts=None)
+
+
+def _grow(mask, px):
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(mask, iterations=px)

@@ -346,13 +346,9 @@ class TrainPanel(QGroupBox):
         )
 
     def _refresh_adapter_menu(self, select: str | None = None) -> None:
-        from samed.registry import find_adapters
-
-        combo = self.widget.ui.adapter_combo
-        have = {combo.itemData(i) for i in range(combo.count())}
-        for a in find_adapters():
-            if a.name not in have:
-                combo.addItem(f"{a.name} [{a.mode}]", a.name)
+        """Re-read the adapters: the new one joins the Adapter menu with its label names
+        (``ui.refresh_adapters``), so *Automatic* names its labels at once."""
+        self.widget.ui.refresh_adapters()
         del select  # selecting would reload the model mid-session; the user chooses
 
 

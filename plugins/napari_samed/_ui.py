@@ -67,7 +67,8 @@ def build_ui(parent: QWidget) -> SimpleNamespace:
     ui.checkpoint_edit.setEnabled(not MODEL_KINDS[DEFAULT_MODEL].bundled)
     ui.adapter_combo = QComboBox()
     ui.adapter_combo.addItem("(none)", "")
-    adapters = {a.name: a for a in find_adapters()}
+    #: adapter name -> AdapterInfo, re-read by ``ui.refresh_adapters()`` (a newly trained one)
+    ui.adapters = adapters = {a.name: a for a in find_adapters()}
     for a in adapters.values():
         ui.adapter_combo.addItem(f"{a.name} [{a.mode}]", a.name)
     default = next((a.name for a in adapters.values() if a.interactive_default), None)
@@ -193,10 +194,35 @@ def build_ui(parent: QWidget) -> SimpleNamespace:
         spec = MODEL_KINDS.get(kind)
         return bool(spec and spec.bundled)
 
+    def refresh_adapters() -> list[str]:
+        """Re-read the adapter folders (:func:`samed.registry.find_adapters`): adapters new
+        since the widget opened join the Adapter menu (the current choice stays), and label
+        names and modes of every listed adapter are the ones on disk now (an adapter trained
+        again under its name). Returns the names added to the menu."""
+        found = {a.name: a for a in find_adapters()}
+        adapters.update(found)
+        combo = ui.adapter_combo
+        have = {combo.itemData(i): i for i in range(combo.count())}
+        added = []
+        for name, a in found.items():
+            if name in have:
+                combo.setItemText(have[name], f"{a.name} [{a.mode}]")
+            else:
+                combo.addItem(f"{a.name} [{a.mode}]", a.name)
+                added.append(name)
+        return added
+
     def adapter_labels() -> dict[int, str]:
-        info: Any = adapters.get(ui.adapter_combo.currentData() or "")
-        return dict(info.labels) if info is not None else {}
+        """Foreground label value -> name of the adapter chosen in the menu ({} for none; the
+        background 0 is left out); an adapter not read yet (installed after the widget opened)
+        is looked up on disk first."""
+        name = ui.adapter_combo.currentData() or ""
+        if name and name not in adapters:
+            refresh_adapters()
+        info: Any = adapters.get(name)
+        return {int(k): v for k, v in info.labels.items() if int(k)} if info is not None else {}
 
     ui.model_bundled = model_bundled
     ui.adapter_labels = adapter_labels
+    ui.refresh_adapters = refresh_adapters
     return ui

@@ -1,9 +1,13 @@
-"""The *Where is it unsure?* panel: the automatic adapter's per-voxel uncertainty
-(:func:`samed.uncertainty.automatic_uncertainty`) as an Image layer, and the slices to review
-first as a list (click one to go there).
+"""The *Where is it unsure?* panel: the per-voxel uncertainty of the automatic adapter's result
+(:func:`samed.uncertainty.automatic_uncertainty`) or of the current propagated object
+(:func:`samed.uncertainty.propagated_uncertainty`: its masks, the prompted slices as seeds with
+the user's prompts, the widget's propagation options) as an Image layer, and the slices to
+review first as a list (click one to go there).
 
-It reuses the widget's engine session, so after *Automatic* (slices embedded) the default
-``entropy`` map costs only the decoder; it runs in a background thread while the widget is idle.
+*Of* chooses what: ``auto`` = the automatic result when the model carries an automatic adapter,
+else the current object. It reuses the widget's engine session, so after *Automatic* or
+*Propagate* (slices embedded) the ``entropy`` map costs only the decoder; it runs in a
+background thread while the widget is idle.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-__all__ = ["UncertaintyPanel", "attach_uncertainty_panel", "layer_name"]
+__all__ = ["UncertaintyPanel", "attach_uncertainty_panel", "layer_name", "TARGETS"]
+
+#: what the map is of (the *Of* menu)
+TARGETS = ("auto", "automatic result", "propagated object")
 
 
 def layer_name(image_name: str) -> str:
@@ -37,7 +44,7 @@ class UncertaintyPanel(QGroupBox):
 
     def __init__(self, widget: Any) -> None:
         super().__init__("Where is it unsure?")
-        from samed.uncertainty import DEFAULT_METHOD, METHODS
+        from samed.uncertainty import DEFAULT_METHOD, METHODS, PROPAGATED_DEFAULT
 
         self.widget = widget
         self.result: Any = None
@@ -47,12 +54,26 @@ class UncertaintyPanel(QGroupBox):
         lay = QVBoxLayout(self)
         row = QHBoxLayout()
         self.run_btn = QPushButton("Uncertainty map")
-        self.run_btn.setToolTip("Per-voxel uncertainty of the automatic adapter's result")
+        self.run_btn.setToolTip(
+            "Per-voxel uncertainty of the automatic adapter's result or of the propagated object"
+        )
         self.method_combo = QComboBox()
-        self.method_combo.addItems(list(METHODS))
-        self.method_combo.setCurrentText(DEFAULT_METHOD)
+        self.method_combo.addItems(["default", *METHODS])
+        self.method_combo.setToolTip(
+            f"default: {DEFAULT_METHOD} for the automatic result, {PROPAGATED_DEFAULT} for a "
+            "propagated object (each ranks its errors best, docs/BENCHMARKS.md)"
+        )
+        self.target_combo = QComboBox()
+        self.target_combo.addItems(list(TARGETS))
+        self.target_combo.setToolTip(
+            "auto: the automatic result with an automatic adapter, else the current object"
+        )
         row.addWidget(self.run_btn)
         row.addWidget(self.method_combo)
+        lay.addLayout(row)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Of"))
+        row.addWidget(self.target_combo, 1)
         lay.addLayout(row)
         self.slices_list = QListWidget()
         self.slices_list.setMaximumHeight(110)
@@ -79,35 +100,80 @@ class UncertaintyPanel(QGroupBox):
         if self.running or w.busy:
             self.status.setText("busy: wait for the current task or press Stop")
             return False
+        method = self.method_combo.currentText()
+        self.error = ""  # a refused earlier start does not stick to this one
         try:
             ann = w.annotator
             engine = ann.engine
-            adapter = engine.model.adapter
-            if adapter is None or adapter.mode != "automatic":
-                raise ValueError("the uncertainty map needs an automatic adapter (Adapter menu)")
+            job = self._job(ann, engine, method)
         except (ValueError, RuntimeError) as exc:
             self.error = str(exc)
             self.status.setText(str(exc))
             return False
-        method = self.method_combo.currentText()
         image_name = w._image.name if w._image is not None else "image"
         self._out = {}
 
         def run() -> None:
-            from samed.uncertainty import automatic_uncertainty
-
             try:
-                self._out["result"] = automatic_uncertainty(engine, method)
+                self._out["result"] = job()
             except Exception as exc:  # noqa: BLE001 - shown in the panel
                 self._out["error"] = f"{type(exc).__name__}: {exc}"
 
         self._image_name = image_name
         self._thread = threading.Thread(target=run, daemon=True, name="samed-uncertainty")
         self.run_btn.setEnabled(False)
-        self.status.setText(f"computing the {method} map ...")
+        self.status.setText(f"computing the uncertainty map ({method}) ...")
         self._thread.start()
         self._timer.start()
         return True
+
+    def _job(self, ann: Any, engine: Any, method: str) -> Any:
+        """The map's computation for the *Of* choice (ValueError when it has nothing to map)."""
+        from samed.uncertainty import (
+            DEFAULT_METHOD,
+            PROPAGATED_DEFAULT,
+            automatic_uncertainty,
+            propagated_uncertainty,
+        )
+
+        target = self.target_combo.currentText()
+        adapter = engine.model.adapter
+        automatic = adapter is not None and adapter.mode == "automatic"
+        if target == "auto":
+            target = TARGETS[1] if automatic else TARGETS[2]
+        if target == TARGETS[1]:
+            if not automatic:
+                raise ValueError("the uncertainty map needs an automatic adapter (Adapter menu)")
+            method = DEFAULT_METHOD if method == "default" else method
+            return lambda: automatic_uncertainty(engine, method)
+        method = PROPAGATED_DEFAULT if method == "default" else method
+        masks = {z: m for z, m in ann.masks.items() if m.any()}
+        prompts = ann.prompts
+        seeds = [z for z in prompts if z in masks]
+        if not masks or not seeds:
+            raise ValueError(
+                "no propagated object: prompt a slice and Propagate first"
+                + ("" if automatic else " (or choose an automatic adapter)")
+            )
+        given = {}
+        for z in seeds:
+            p = prompts[z]
+            given[z] = {
+                "box": p.box,
+                "points": list(p.points) if p.points else None,
+                "point_labels": list(p.labels) if p.points else None,
+            }
+        opts = self.widget.propagate_options
+        return lambda: propagated_uncertainty(
+            engine,
+            masks,
+            seeds,
+            method,
+            prompts=given,
+            box_margin=float(opts.get("box_margin", 2.0)),
+            max_step_px=opts.get("max_step_px"),
+            mask_output=opts.get("mask_output"),
+        )
 
     def wait(self, timeout: float | None = None) -> bool:
         """Join the thread and show its result (tests)."""
@@ -154,9 +220,10 @@ class UncertaintyPanel(QGroupBox):
             item = QListWidgetItem(f"slice {z}: {s:.0f}")
             item.setData(256, int(z))
             self.slices_list.addItem(item)
+        what = "object" if "seeds" in res.extra else "automatic"
         self.status.setText(
-            f"{res.method} map in {res.seconds:.1f} s; case score {res.score:.4f} "
-            f"(uncertainty per segmented voxel); {len(ranked)} slices listed"
+            f"{res.method} map of the {what} result in {res.seconds:.1f} s; case score "
+            f"{res.score:.4f} (uncertainty per segmented voxel); {len(ranked)} slices listed"
         )
 
     def _go(self, item: QListWidgetItem) -> None:

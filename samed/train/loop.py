@@ -41,7 +41,8 @@ from .model import (
     _trainable,
     build_base_model,
 )
-from .report import adapter_metadata, plot_curve
+from .report import plot_curve
+from .steps import cached_batch, dice_summary, record_validation, save_trained_adapter
 
 __all__ = [
     "finetune",
@@ -154,16 +155,7 @@ def validate(
         rows.append({"case": case.case_id, "dice": scores})
         if progress is not None:
             progress(n + 1, len(todo))
-    per_class = {
-        name: float(np.nanmean([r["dice"][name] for r in rows])) if rows else float("nan")
-        for name in fg.values()
-    }
-    case_means = [float(np.nanmean(list(r["dice"].values()))) for r in rows]
-    return {
-        "per_case": rows,
-        "per_class": per_class,
-        "mean_dice": float(np.nanmean(case_means)) if case_means else float("nan"),
-    }
+    return dice_summary(rows, list(fg.values()))
 
 
 # ---------------------------------------------------------------------------------- batches
@@ -248,33 +240,7 @@ class _CachedBatches:
             )
 
     def batch(self, step: int) -> dict[str, Any]:
-        s = self.slices
-        out_f, samples = [], []
-        for b in range(self.cfg.train.batch_size):
-            rng = sample_rng(self.cfg.train.seed, step, b)
-            if self.mode == "automatic":
-                pool = s.empty if (s.empty and rng.random() < s.empty_fraction) else s.foreground
-                i, cls = pool[int(rng.integers(len(pool)))], 0
-            else:
-                i, cls = s.pairs[int(rng.integers(len(s.pairs)))]
-            c = int(rng.integers(len(self.feats[i])))
-            lab = self.labels[i][c]
-            if self.mode == "prompted" and not (lab == cls).any():
-                c, lab = 0, self.labels[i][0]
-            from .data import Sample, prepare_targets
-
-            if self.mode == "automatic":
-                tgt = prepare_targets(lab[None], s.image_size, s.low_res)[0]
-                samples.append(Sample(torch.empty(0), tgt))
-            else:
-                mask = lab == cls
-                tgt = prepare_targets(mask[None].astype(np.int64), s.image_size, s.low_res)[0]
-                box, pts = s._prompt(mask, rng)
-                samples.append(Sample(torch.empty(0), tgt, box, pts))
-            out_f.append(self.feats[i][c])
-        batch = collate(samples, self.mode)
-        batch["features"] = torch.stack(out_f).float()
-        return batch
+        return cached_batch(self.slices, self.feats, self.labels, self.cfg, step)
 
 
 def _prepare(image: np.ndarray, size: int) -> torch.Tensor:
@@ -322,7 +288,6 @@ def finetune(
     Raises:
         ValueError: invalid data or a checkpoint from another config.
     """
-    from ..lora import save_adapter
     from ..model import resolve_device
 
     out = Path(out)
@@ -448,39 +413,31 @@ def finetune(
             limit=cfg.validation.limit,
             batch_size=32 if dev.type == "cuda" else 4,
         )
-        state["val"].append(
-            {"step": step, "mean_dice": res["mean_dice"], "per_class": res["per_class"]}
-        )
+        seconds = time.perf_counter() - t0
+        improved = record_validation(state, res, step, export)
         cls = " ".join(f"{n}={v:.4f}" for n, v in res["per_class"].items())
-        improved = res["mean_dice"] > state["best"]
         log(
             f"val step {step}: mean_dice={res['mean_dice']:.4f} ({cls}) "
-            f"{time.perf_counter() - t0:.1f}s{' *' if improved else ''}"
+            f"{seconds:.1f}s{' *' if improved else ''}"
         )
-        if improved:
-            state["best"], state["best_step"], state["bad"] = res["mean_dice"], step, 0
-            state["best_val"] = res
-            export(step, res)
-        else:
-            state["bad"] += 1
         _set_train_mode(model)
         p = cfg.validation.patience
         return bool(p and state["bad"] >= p)
 
     def export(step: int, val: dict[str, Any] | None) -> None:
-        meta = adapter_metadata(
+        seconds = state["seconds"] + time.perf_counter() - t_run
+        save_trained_adapter(
+            model,
+            out / "adapter",
             cfg,
             labels,
             summary,
             val,
             step,
-            command,
-            str(dev),
-            state["seconds"] + time.perf_counter() - t_run,
-            model,
+            command=command,
+            device=str(dev),
+            seconds=seconds,
         )
-        meta["training"]["iterations_run"] = step
-        save_adapter(model, out / "adapter", labels=labels, metadata=meta, overwrite=True)
 
     def checkpoint(step: int) -> None:
         state["step"] = step

@@ -11,7 +11,10 @@ automatic head). Learning rate: warm-up, then cosine over ``train.max_minutes`` 
 ``train.iterations`` without a time limit). Validation (every ``validation.interval`` steps) is
 3D Dice per held-back volume from the cached embeddings — the inference path minus the
 encoder, which the adapter does not change; the best adapter is kept, and a stop (the
-``should_stop`` callback, the panel's Stop button) keeps it.
+``should_stop`` callback, the panel's Stop button) keeps it. Automatic mode: each validation
+also decides the largest-component clean-up on the held-back volumes
+(:func:`samed.postprocess.choose_largest_component`), recorded in the exported adapter's
+metadata ``"postprocessing"`` (applied by ``Session.automatic``, ``samed segment``, the plugin).
 
 Python::
 
@@ -34,11 +37,12 @@ import torch
 
 from ..evaluate.metrics import dice
 from ..lora_config import remove_adapter_folder
+from ..postprocess import choose_largest_component
 from .config import FinetuneConfig
-from .data import Sample, SliceSet, collate, load_cases, prepare_targets, sample_rng
+from .data import SliceSet, load_cases, sample_rng
 from .loop import loss_fn
 from .model import _attach_lora, build_base_model
-from .report import adapter_metadata
+from .steps import cached_batch, dice_summary, record_validation, save_trained_adapter
 
 __all__ = ["train_quick", "QUICK_LORA_TARGET", "RECIPE"]
 
@@ -105,7 +109,6 @@ def train_quick(
     """
     import dataclasses
 
-    from ..lora import save_adapter
     from ..model import resolve_device
 
     out = Path(out)
@@ -173,8 +176,9 @@ def train_quick(
             todo.append((i, c, im, lab))
     n_val = sum(v.image.shape[0] for v in val_cases)
     total = len(todo) + n_val
-    feats: dict[tuple[int, int], torch.Tensor] = {}
-    labs: dict[tuple[int, int], np.ndarray] = {}
+    # feats[i][c] / labs[i][c]: slice i, copy c (filled in that order)
+    feats: list[list[torch.Tensor]] = [[] for _ in slices.slices]
+    labs: list[list[np.ndarray]] = [[] for _ in slices.slices]
     val_emb: list[torch.Tensor] = []
     done = 0
     chunk = 4
@@ -182,8 +186,9 @@ def train_quick(
     for k in range(0, len(todo), chunk):
         part = todo[k : k + chunk]
         emb = _embed(model, [t[2] for t in part])
-        for (i, c, _, lab), e in zip(part, emb, strict=True):
-            feats[(i, c)], labs[(i, c)] = e, lab
+        for (i, _c, _, lab), e in zip(part, emb, strict=True):
+            feats[i].append(e)
+            labs[i].append(lab)
         done += len(part)
         emit({"event": "cache", "done": done, "total": total, "minutes": minutes()})
         if done % max(chunk, (total // 10) // chunk * chunk) == 0:
@@ -199,7 +204,9 @@ def train_quick(
         emit({"event": "cache", "done": done, "total": total, "minutes": minutes()})
         stopped = stop()
     cache_s = time.perf_counter() - t_start
-    log(f"cached {len(feats)} training + {n_val} validation embeddings in {cache_s:.1f} s")
+    log(
+        f"cached {sum(map(len, feats))} training + {n_val} validation embeddings in {cache_s:.1f} s"
+    )
 
     opt = torch.optim.AdamW(
         [
@@ -219,7 +226,7 @@ def train_quick(
         from ..model.sam import upscale_logits
 
         model.eval()
-        rows = []
+        rows, cases = [], []
         with torch.inference_mode():
             for v, emb in zip(val_cases, val_emb, strict=True):
                 geo = slice_geometry(v.image.shape[1:], model.image_size)
@@ -231,10 +238,11 @@ def train_quick(
                     pred[z0 : z0 + 8] = full.argmax(1).cpu().numpy()
                 scores = {fg[k]: dice(pred == k, v.label == k) for k in fg}
                 rows.append({"case": v.case_id, "dice": scores})
-        per_class = {n: float(np.nanmean([r["dice"][n] for r in rows])) for n in fg.values()}
-        means = [float(np.nanmean(list(r["dice"].values()))) for r in rows]
+                cases.append((pred, v.label))
         model.mask_decoder.train()
-        return {"per_case": rows, "per_class": per_class, "mean_dice": float(np.nanmean(means))}
+        res = dice_summary(rows, list(fg.values()))  # the raw argmax picks the best step
+        res["postprocessing"] = choose_largest_component(cases, fg)
+        return res
 
     def validate_prompted() -> dict[str, Any]:
         from .loop import validate
@@ -246,24 +254,24 @@ def train_quick(
         return res
 
     def export(step: int, val: dict[str, Any] | None) -> None:
-        meta = adapter_metadata(
+        save_trained_adapter(
+            model,
+            out / "adapter",
             cfg,
             labels,
             summary,
             val,
             step,
-            command,
-            str(dev),
-            time.perf_counter() - t_start,
-            model,
+            command=command,
+            device=str(dev),
+            seconds=time.perf_counter() - t_start,
+            recipe=(
+                f"{RECIPE}: frozen encoder, {copies} cached embeddings per slice (copy 0 as "
+                "annotated), mask decoder trained (samed.train.quick)"
+            ),
+            extra=extra_metadata,
+            postprocessing=None if val is None else val.get("postprocessing"),
         )
-        meta["training"]["iterations_run"] = step
-        meta["training"]["recipe"] = (
-            f"{RECIPE}: frozen encoder, {copies} cached embeddings per slice (copy 0 as "
-            "annotated), mask decoder trained (samed.train.quick)"
-        )
-        meta.update(extra_metadata or {})
-        save_adapter(model, out / "adapter", labels=labels, metadata=meta, overwrite=True)
 
     def snapshot(mark: float) -> None:
         dst = out / "snapshots" / f"min_{mark:g}"
@@ -297,30 +305,8 @@ def train_quick(
         )
         for g in opt.param_groups:
             g["lr"] = lr
-        samples, embs = [], []
-        for b in range(cfg.train.batch_size):
-            rng = sample_rng(cfg.train.seed, step, b)
-            if cfg.mode == "automatic":
-                pool = s.empty if (s.empty and rng.random() < s.empty_fraction) else s.foreground
-                i, cls = pool[int(rng.integers(len(pool)))], 0
-            else:
-                i, cls = s.pairs[int(rng.integers(len(s.pairs)))]
-            c = int(rng.integers(copies))
-            lab = labs[(i, c)]
-            if cfg.mode == "prompted" and not (lab == cls).any():
-                c, lab = 0, labs[(i, 0)]
-            if cfg.mode == "automatic":
-                samples.append(
-                    Sample(torch.empty(0), prepare_targets(lab[None], s.image_size, s.low_res)[0])
-                )
-            else:
-                mask = lab == cls
-                tgt = prepare_targets(mask[None].astype(np.int64), s.image_size, s.low_res)[0]
-                box, pts = s._prompt(mask, rng)
-                samples.append(Sample(torch.empty(0), tgt, box, pts))
-            embs.append(feats[(i, c)])
-        batch = collate(samples, cfg.mode)
-        emb = torch.stack(embs).float().to(dev)
+        batch = cached_batch(s, feats, labs, cfg, step)
+        emb = batch["features"].to(dev)
         if cfg.mode == "automatic":
             logits, _ = model.decode(emb, multimask_output=True)
         else:
@@ -356,21 +342,14 @@ def train_quick(
         iv = cfg.validation.interval
         if val_cases and iv and step % iv == 0:
             res = validate_cached() if cfg.mode == "automatic" else validate_prompted()
-            improved = res["mean_dice"] > state["best"]
-            state["val"].append(
-                {
-                    "step": step,
-                    "minutes": round(minutes(), 3),
-                    "cpu_minutes": round(cpu_minutes(), 3),
-                    "mean_dice": res["mean_dice"],
-                    "per_class": res["per_class"],
-                }
+            improved = record_validation(
+                state,
+                res,
+                step,
+                export,
+                minutes=round(minutes(), 3),
+                cpu_minutes=round(cpu_minutes(), 3),
             )
-            if improved:
-                state.update(best=res["mean_dice"], best_step=step, bad=0, best_val=res)
-                export(step, res)
-            else:
-                state["bad"] += 1
             log(f"val step {step}: mean_dice={res['mean_dice']:.4f}{' *' if improved else ''}")
             emit(
                 {

@@ -104,3 +104,25 @@ def test_a_malformed_recommendation_is_refused(tmp_path, make_tiny_model):
         load_adapter(make_tiny_model("tinyvit"), folder)
     (folder / "metadata.json").write_text(json.dumps({"postprocessing": None}))
     assert load_adapter(make_tiny_model("tinyvit"), folder).adapter_postprocessing == {}
+
+
+def test_choose_largest_component_class_by_class_on_validation_volumes():
+    from samed.postprocess import choose_largest_component
+
+    names = {1: "a", 2: "b", 3: "c"}
+    pred = _islands()
+    gt = keep_largest_component(pred)  # the islands are errors: cleaning helps classes 1 and 2
+    rec = choose_largest_component([(pred, gt)], names)
+    assert rec["largest_component"] == [1, 2]  # class 3 unchanged by it: left alone
+    [m] = rec["measured"].values()
+    assert m["largest_component"]["a"] == 1.0 > m["none"]["a"]
+    assert m["chosen"]["mean"] == 1.0 and m["none"]["mean"] < 1.0
+    assert apply_postprocessing(pred, rec).tolist() == gt.tolist()  # a valid spec
+    # a structure in two pieces in the ground truth: keeping one piece lowers Dice -> no clean-up
+    two = np.zeros((6, 20, 20), np.int16)
+    two[0:2, 2:8, 2:8] = 1
+    two[4:6, 12:18, 12:18] = 1
+    rec = choose_largest_component([(two, two), (gt, gt)], names)
+    assert rec["largest_component"] is False and "No clean-up" in rec["note"]
+    with pytest.raises(ValueError, match="at least one"):
+        choose_largest_component([], names)

@@ -41,9 +41,9 @@ def panel_widget(make_napari_viewer, qtbot, monkeypatch, make_tiny_volume):
     widget.train_panel.wait(120)
 
 
-def _train(panel, qtbot, name: str, options: dict) -> None:
+def _train(panel, qtbot, name: str, options: dict, layers=None) -> None:
     panel.train_options = {"overrides": options}
-    panel.set_checked([f"vol{i} labels" for i in range(4)])
+    panel.set_checked(layers or [f"vol{i} labels" for i in range(4)])
     panel.name_edit.setText(name)
     panel.train_btn.click()
     assert panel.running and not panel.train_btn.isEnabled()
@@ -122,9 +122,113 @@ def test_uncertainty_panel_shows_map_and_ranked_slices(
     panel = widget.uncertainty_panel
     assert panel.start()
     assert panel.wait(120) and not panel.error
+    assert panel.result.method == "flip"  # the automatic default (DEFAULT_METHOD)
     layer = viewer.layers[layer_name("vol")]
     assert layer.data.shape == vol.array.shape
     assert panel.slices_list.count() >= 1
     z = int(panel.slices_list.item(0).data(256))
     panel._go(panel.slices_list.item(0))
     assert viewer.dims.current_step[0] == z
+
+
+def test_new_adapter_label_names_show_at_once(make_napari_viewer, qtbot, make_tiny_volume):
+    """An adapter trained in the panel is chosen in the Adapter menu of the same widget and its
+    label names (from the annotations' label table) name the labels *Automatic* writes, with no
+    reopening of the widget."""
+    from napari_samed._session import PluginSession
+    from napari_samed._widget import SamedWidget
+
+    from samed.lora import load_adapter
+    from samed.model import build_tiny_model
+    from samed.registry import resolve_adapter
+
+    def factory(settings):
+        model = build_tiny_model("tinyvit", seed=0)
+        if settings.adapter:
+            load_adapter(model, resolve_adapter(settings.adapter))
+        return model
+
+    viewer = make_napari_viewer(show=True)
+    widget = SamedWidget(viewer, session=PluginSession(model_factory=factory, cache_dir=None))
+    viewer.window.add_dock_widget(widget, name="samed")
+    for i in range(4):
+        vol = make_tiny_volume(seed=i)
+        viewer.add_image(vol.array, name=f"vol{i}")
+        lab = np.zeros(vol.array.shape, np.int32)
+        lab[:, 20:40, 30:60] = 1
+        lab[:, 45:55, 10:25] = 2
+        viewer.add_labels(
+            lab, name=f"vol{i} annotation", metadata={"samed_label_names": {1: "blob", 2: "dot"}}
+        )
+    panel = widget.train_panel
+    try:
+        _train(panel, qtbot, "named", TINY, [f"vol{i} annotation" for i in range(4)])
+        qtbot.waitUntil(lambda: panel.result is not None or bool(panel.error), timeout=300_000)
+    finally:
+        panel.stop()
+        panel.wait(120)
+    assert not panel.error and panel.result["installed"]
+    ui = widget.ui
+    assert ui.adapter_combo.findData("named") > 0  # in the menu at once
+    ui.adapter_combo.setCurrentIndex(ui.adapter_combo.findData("named"))
+    assert ui.adapter_labels() == {1: "blob", 2: "dot"}
+    ui.image_combo.setCurrentText("vol0")
+    ui.new_labels_btn.click()  # an empty labels layer: no names of its own
+    layer = widget._labels
+    assert layer.name == "vol0 labels" and not layer.metadata.get("samed_label_names")
+    ui.automatic_btn.click()
+    qtbot.waitUntil(lambda: layer.metadata.get("samed_label_names"), timeout=120_000)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    assert not widget.last_error
+    assert layer.metadata["samed_label_names"] == {1: "blob", 2: "dot"}
+    table = ui.label_table
+    names = {table.item(r, 0).text(): table.item(r, 1).text() for r in range(table.rowCount())}
+    assert names.get("1") == "blob" and names.get("2") == "dot"
+
+
+def test_uncertainty_panel_maps_a_propagated_object(
+    make_napari_viewer, qtbot, make_tiny_model, make_tiny_volume
+):
+    """No automatic adapter: *Uncertainty map* maps the current propagated object (box on one
+    slice, Propagate), on the image's grid and scale, listing only the object's slices."""
+    from napari_samed._layers import box_vertices
+    from napari_samed._session import PluginSession
+    from napari_samed._uncertainty_panel import layer_name
+    from napari_samed._widget import SamedWidget
+
+    model = make_tiny_model()
+    viewer = make_napari_viewer(show=True)
+    session = PluginSession(model_factory=lambda settings: model, cache_dir=None)
+    widget = SamedWidget(viewer, session=session)
+    viewer.window.add_dock_widget(widget)
+    vol = make_tiny_volume(z=5, y=60, x=70)
+    image = viewer.add_image(vol.array, name="vol", scale=(2.0, 1.0, 1.0))
+    qtbot.waitUntil(lambda: widget.session.model_loaded, timeout=60_000)
+    panel = widget.uncertainty_panel
+    assert not panel.start() and "no propagated object" in panel.status.text()
+    assert widget.annotator is not None  # creates the prompt layers
+    viewer.layers["samed boxes"].add_rectangles(box_vertices(2, (30, 20, 59, 39)))
+    qtbot.waitUntil(lambda: 2 in widget.annotator.masks, timeout=60_000)
+    widget.propagate_options["max_intensity_shift"] = None
+    widget.propagate_options["min_area"] = 1
+    widget.propagate_options["min_score"] = -1e9  # a random model's IoU head is meaningless
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    widget.propagate()
+
+    def object_slices() -> set:
+        return {z for z, m in widget.annotator.masks.items() if m.any()}
+
+    qtbot.waitUntil(lambda: len(object_slices()) >= 2 and not widget.busy, timeout=120_000)
+    masks = object_slices()
+    assert len(masks) >= 2 and 2 in masks
+    assert panel.start()
+    assert panel.wait(120) and not panel.error
+    res = panel.result
+    assert "seeds" in res.extra and res.extra["seeds"] == [2]
+    assert res.method == "margin"  # the default for a propagated object (PROPAGATED_DEFAULT)
+    layer = viewer.layers[layer_name("vol")]
+    assert layer.data.shape == vol.array.shape
+    np.testing.assert_allclose(layer.scale, image.scale)
+    listed = {int(panel.slices_list.item(i).data(256)) for i in range(panel.slices_list.count())}
+    assert listed and listed <= masks
+    assert "object" in panel.status.text()

@@ -110,6 +110,20 @@ def test_train_install_and_list(tmp_path, make_tiny_volume, monkeypatch):
     load_adapter(model, installed)
     out = Session(model, make_tiny_volume()).automatic(postprocess="none")
     assert out.shape == (3, 60, 80) and set(np.unique(out)) <= {0, 1, 2}
+    # the largest-component clean-up was decided on the held-back volume and is recorded the way
+    # the shipped adapters record it; Session.automatic applies what was recorded
+    from samed.postprocess import keep_largest_component
+
+    post = meta["postprocessing"]
+    [measured] = post["measured"].values()
+    gain = {n: measured["largest_component"][n] - measured["none"][n] for n in ("block", "core")}
+    assert post["largest_component"] == (
+        [k for k, n in ((1, "block"), (2, "core")) if gain[n] > 0] or False
+    )
+    assert model.adapter.postprocessing == post
+    lcc = post["largest_component"]
+    want = keep_largest_component(out, lcc) if lcc else out
+    np.testing.assert_array_equal(Session(model, make_tiny_volume()).automatic(), want)
 
 
 def test_stop_keeps_best_adapter(tmp_path, make_tiny_volume):

@@ -596,4 +596,4 @@ class Session(InteractiveMixin):
             out[z] = lab
             if progress is not None:
                 progress(done, total)
-        return apply_postprocessing(out, postprocess, self.model)
+        return apply_postprocessing(out, postprocess, self.model, self.orientation, self.image)

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .registry import VOLUME_SUFFIXES, strip_volume_suffix
 
 __all__ = ["Case", "LabeledDataset", "load_dataset"]
@@ -34,11 +36,14 @@ class Case:
         case_id: file stem of the image (e.g. ``patient002_frame01``).
         image: image file.
         label: integer label map on the image's grid.
+        z_range: ``(z0, z1)``: only slices ``z0 <= z < z1`` of the ``(Z, Y, X)`` arrays count
+            (a fine-tuning config's ``z_range``); None: the whole volume.
     """
 
     case_id: str
     image: Path
     label: Path
+    z_range: tuple[int, int] | None = None
 
 
 @dataclass
@@ -53,6 +58,11 @@ class LabeledDataset:
     modality: str = ""
     #: whether ``labels`` was declared (``dataset.json`` ``labels``) rather than assumed
     labels_declared: bool = True
+    #: class remapping ``{class id: (label-file values,)}`` (a fine-tuning config's
+    #: ``data.labels`` sources); None: the label files hold the class ids themselves
+    label_sources: dict[int, tuple[int, ...]] | None = None
+    #: where the cases were declared (``dataset.json`` by default; a config file)
+    source: str = ""
 
     def split(self, name: str | None) -> list[Case]:
         """Cases of split ``name`` (None or ``"all"``: every case), in dataset order.
@@ -64,7 +74,8 @@ class LabeledDataset:
             return list(self.cases)
         if name not in self.splits:
             raise ValueError(
-                f"split {name!r} is not in {self.root / 'dataset.json'}; known splits: "
+                f"split {name!r} is not in {self.source or self.root / 'dataset.json'}; "
+                "known splits: "
                 f"{sorted(self.splits) + ['all']}"
             )
         wanted = self.splits[name]
@@ -75,6 +86,38 @@ class LabeledDataset:
         ]
         if not out:
             raise ValueError(f"split {name!r} of {self.root} matches no case")
+        return out
+
+    def select(self, cases: list[Case], ids: list[str]) -> list[Case]:
+        """The cases of ``cases`` whose id is in ``ids``, in dataset order.
+
+        Raises:
+            ValueError: an id that names no case of ``cases`` (lists the known ones).
+        """
+        known = {c.case_id for c in cases}
+        missing = [i for i in ids if i not in known]
+        if missing:
+            raise ValueError(
+                f"case ids {missing} are not among the {len(known)} cases selected from "
+                f"{self.source or self.root}; known: {sorted(known)}"
+            )
+        return [c for c in cases if c.case_id in set(ids)]
+
+    def remap_labels(self, label: np.ndarray) -> np.ndarray:
+        """A label array in class ids (``label_sources`` applied; values not listed -> 0).
+
+        Args:
+            label: integer array of label-file values, any shape.
+
+        Returns:
+            int64 array of the same shape.
+        """
+        label = np.asarray(label).astype(np.int64)
+        if self.label_sources is None:
+            return label
+        out = np.zeros_like(label)
+        for k, srcs in self.label_sources.items():
+            out[np.isin(label, srcs)] = k
         return out
 
     @property

@@ -38,6 +38,7 @@ from .lora_config import (
     AdapterError,
     LoraConfig,
     LoraSettings,
+    read_orientation,
     read_spacing,
     remove_adapter_folder,
 )
@@ -591,6 +592,7 @@ def load_adapter(
         postprocessing=post,
         intensity=intensity,
         spacing=read_spacing(folder),
+        orientation=read_orientation(folder),
     )
     if merge:
         merge_adapter(model)

@@ -17,6 +17,7 @@ __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_METADATA",
     "AdapterError",
+    "read_orientation",
     "read_spacing",
     "LoraSettings",
     "LoraConfig",
@@ -187,3 +188,20 @@ def read_spacing(folder: Path) -> tuple[float, float] | None:
             f"got {value!r}"
         )
     return (sp[0], sp[1]) if len(sp) == 4 else (sp[0], sp[0])
+
+
+def read_orientation(folder: Path) -> str | None:
+    """An adapter folder's metadata.json's ``preprocessing.orientation`` (axis codes of the
+    training volumes' (x, y, z) voxel axes, e.g. ``"LAS"``), or None when not recorded."""
+    from .engine.orientation import check_orientation
+
+    path = folder / ADAPTER_METADATA
+    meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    pre = meta.get("preprocessing") if isinstance(meta, dict) else None
+    value = pre.get("orientation") if isinstance(pre, dict) else None
+    if value is None:
+        return None
+    try:
+        return check_orientation(value, f"{path}: 'preprocessing.orientation'")
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from exc

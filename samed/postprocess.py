@@ -7,6 +7,11 @@ absent (apical/basal slices, neighbouring organs with similar contrast). Keeping
 adapter records it in ``metadata.json`` under ``"postprocessing"`` (chosen on its validation
 split, with the measured effect), and :meth:`samed.engine.Session.automatic` applies what the
 adapter recommends unless told otherwise.
+
+A 2D head also confuses mirror-image organs (the right and the left kidney look alike; their
+side is all that tells them apart): ``"lateral_pairs": [[right, left], ...]`` relabels the union
+of each pair by the side of the body's midline each voxel lies on (:func:`assign_sides`), before
+the largest component is kept.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 from .registry import POSTPROCESS_CHOICES
 
 __all__ = [
+    "assign_sides",
     "keep_largest_component",
     "choose_largest_component",
     "apply_postprocessing",
@@ -129,6 +135,67 @@ def choose_largest_component(
     }
 
 
+def assign_sides(
+    labels: np.ndarray,
+    pairs: Iterable[Iterable[int]],
+    orientation: str | None = None,
+    image: np.ndarray | None = None,
+) -> np.ndarray:
+    """Relabel each (right, left) class pair by the side of the body's midline.
+
+    Args:
+        labels: (Z, Y, X) integer label map (voxel x axis = the array's last axis).
+        pairs: ``[[right_class, left_class], ...]`` (patient right / left, e.g. kidneys).
+        orientation: axis codes of the volume's (x, y, z) voxel axes (``"LAS"``...); only
+            the x code is used (``L``: x grows toward the patient's left). None: ``"L"`` (the
+            orientation automatic adapters are shown, :mod:`samed.engine.orientation`).
+        image: the intensity-mapped (Z, Y, X) volume in [0, 1]: the midline is the x centre
+            of the body's bounding box (:func:`samed.engine.preprocess.body_center`). None: the
+            x centre of the bounding box of every labelled voxel.
+
+    Returns:
+        A new label map: every voxel of a pair's union gets the pair's right class on the
+        patient's right of the midline and its left class on the left (voxels of other
+        classes are unchanged). A volume whose x axis is not left-right (``orientation`` with
+        ``A``/``P``/``S``/``I`` first) is returned unchanged.
+    """
+    arr = np.asarray(labels)
+    code = (orientation or "L")[0].upper()
+    if code not in "LR":
+        return arr.copy()
+    mid = None
+    if image is not None:
+        from .engine.preprocess import body_center
+
+        c = body_center(image)
+        mid = None if c is None else c[1]
+    if mid is None:
+        xs = np.nonzero(arr.reshape(-1, arr.shape[-1]).any(axis=0))[0]
+        if xs.size == 0:
+            return arr.copy()
+        mid = (xs.min() + xs.max()) / 2.0
+    x = np.arange(arr.shape[-1])
+    right_side = (x < mid) if code == "L" else (x > mid)
+    out = arr.copy()
+    for pair in pairs:
+        r, left = (int(v) for v in pair)
+        union = (arr == r) | (arr == left)
+        out[union] = np.where(np.broadcast_to(right_side, arr.shape)[union], r, left)
+    return out
+
+
+def _check_pairs(value: Any) -> list[list[int]]:
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) for v in p)
+        for p in value
+    )
+    if not ok:
+        raise ValueError(
+            f"post-processing lateral_pairs={value!r} must be a list of [right, left] class ids"
+        )
+    return [list(p) for p in value]
+
+
 def adapter_postprocessing(model: Any) -> dict[str, Any]:
     """The post-processing the model's adapter recommends (``{}`` for none or no model)."""
     adapter = model.adapter if model is not None else None
@@ -140,7 +207,9 @@ def describe_postprocessing(spec: str, model: Any) -> dict[str, Any]:
     {...}}`` with only the operational keys (no notes or measurements)."""
     if spec == "adapter":
         ops = {
-            k: v for k, v in adapter_postprocessing(model).items() if k == "largest_component" and v
+            k: v
+            for k, v in adapter_postprocessing(model).items()
+            if k in ("largest_component", "lateral_pairs") and v
         }
     elif spec == "largest_component":
         ops = {"largest_component": True}
@@ -150,7 +219,11 @@ def describe_postprocessing(spec: str, model: Any) -> dict[str, Any]:
 
 
 def apply_postprocessing(
-    labels: np.ndarray, spec: str | Mapping[str, Any] | None, model: Any = None
+    labels: np.ndarray,
+    spec: str | Mapping[str, Any] | None,
+    model: Any = None,
+    orientation: str | None = None,
+    image: np.ndarray | None = None,
 ) -> np.ndarray:
     """Apply a post-processing spec to a (Z, Y, X) label map.
 
@@ -158,8 +231,10 @@ def apply_postprocessing(
         labels: (Z, Y, X) integer label map.
         spec: ``"adapter"`` (what ``model``'s adapter recommends), ``"none"``/None,
             ``"largest_component"`` (every class), or a mapping like the adapter's
-            ``{"largest_component": [1, 2, 3]}``.
+            ``{"lateral_pairs": [[2, 3]], "largest_component": [1, 2, 3]}``.
         model: the model whose adapter is asked when ``spec == "adapter"``.
+        orientation: the volume's axis codes, for ``lateral_pairs`` (:func:`assign_sides`).
+        image: the intensity-mapped volume, for ``lateral_pairs``' midline.
     """
     if spec is None or spec == "none":
         return labels
@@ -169,11 +244,14 @@ def apply_postprocessing(
                 f"postprocess={spec!r} must be one of {POSTPROCESS_CHOICES} or a mapping"
             )
         spec = adapter_postprocessing(model) if spec == "adapter" else {"largest_component": True}
-    unknown = set(spec) - {"largest_component", "note", "measured"}
+    unknown = set(spec) - {"largest_component", "lateral_pairs", "note", "measured"}
     if unknown:
         raise ValueError(
-            f"post-processing keys {sorted(unknown)} are not known (allowed: largest_component)"
+            f"post-processing keys {sorted(unknown)} are not known "
+            "(allowed: largest_component, lateral_pairs)"
         )
+    if spec.get("lateral_pairs"):
+        labels = assign_sides(labels, _check_pairs(spec["lateral_pairs"]), orientation, image)
     lcc = spec.get("largest_component")
     if lcc:
         labels = keep_largest_component(labels, None if lcc is True else lcc)

@@ -160,7 +160,7 @@ def _segment_automatic(
             session.batch_size = max(1, session.batch_size // 2)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    out = apply_postprocessing(out, postprocess, session.model)
+    out = apply_postprocessing(out, postprocess, session.model, session.orientation, session.image)
     return _automatic_names(session, out)
 
 

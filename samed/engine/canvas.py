@@ -6,7 +6,9 @@ on slices resampled to that spacing on a model-size canvas centred on the body
 the same with each slice of a volume whose spacing it knows: resample (bilinear) onto the
 canvas, encode, decode the class logits, resample the logits back to the source slice grid
 (bilinear, the exact inverse geometry) and take the argmax there. The output has the source
-shape, so it lies on the source affine.
+shape, so it lies on the source affine. When the adapter also records its training orientation
+and the volume's differs by a flip of rows and / or columns, the slices are flipped first and
+the class scores flipped back (:mod:`samed.engine.orientation`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from ..precision import encoder_precision
+from .orientation import describe_orientation, orientation_flips
 from .preprocess import CanvasGrid, body_center, canvas_grid, from_canvas, prepare_slices, to_canvas
 
 if TYPE_CHECKING:
@@ -27,11 +30,24 @@ if TYPE_CHECKING:
 __all__ = ["session_canvas", "canvas_automatic_iter", "resampling_record"]
 
 
-def resampling_record(model: object, spacing: tuple[float, float] | None) -> dict:
-    """What automatic segmentation does with the in-plane resolution (for ``case.json``):
-    ``training_spacing_mm`` (the adapter's, or None) and ``resampling`` (a sentence)."""
+def resampling_record(
+    model: object, spacing: tuple[float, float] | None, orientation: str | None = None
+) -> dict:
+    """What automatic segmentation does with the in-plane resolution and orientation (for
+    ``case.json``): ``training_spacing_mm`` (the adapter's, or None), ``resampling`` (a
+    sentence), ``orientation`` (the volume's axis codes, e.g. ``"LPS"``, or None),
+    ``training_orientation`` (the adapter's) and ``reorientation`` (a sentence)."""
     adapter = getattr(model, "adapter", None)
     target = getattr(adapter, "spacing", None) if adapter is not None else None
+    train_or = getattr(adapter, "orientation", None) if adapter is not None else None
+    reorient = describe_orientation(orientation, train_or)
+    if target is None and train_or is not None:
+        reorient = "none: the adapter records no training spacing (native grid, as stored)"
+    extra = {
+        "orientation": orientation,
+        "training_orientation": train_or,
+        "reorientation": reorient,
+    }
     if target is None:
         how = "none: the adapter records no training spacing (native grid)"
     elif spacing is None:
@@ -43,7 +59,11 @@ def resampling_record(model: object, spacing: tuple[float, float] | None) -> dic
             f"{getattr(model, 'image_size', '?')}-pixel canvas centred on the body; class "
             "scores mapped back to the source grid (bilinear), then argmax"
         )
-    return {"training_spacing_mm": None if target is None else list(target), "resampling": how}
+    return {
+        "training_spacing_mm": None if target is None else list(target),
+        "resampling": how,
+        **extra,
+    }
 
 
 def session_canvas(session: Session) -> CanvasGrid | None:
@@ -59,9 +79,31 @@ def session_canvas(session: Session) -> CanvasGrid | None:
             session.spacing,
             target,
             session.model.image_size,
-            body_center(session.image),
+            body_center(_oriented(session, session.image)),
         )
     return session._canvas
+
+
+def _flips(session: Session) -> tuple[bool, bool]:
+    """(flip rows, flip columns) that bring the session's slices to the adapter's training
+    orientation ((False, False) when either is unknown or the planes differ)."""
+    target = getattr(session.model.adapter, "orientation", None)
+    source = getattr(session, "orientation", None)
+    if target is None or source is None:
+        return False, False
+    return orientation_flips(source, target) or (False, False)
+
+
+def _oriented(session: Session, a: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """``a`` (..., Y, X) flipped to / from the training orientation (flips are their own
+    inverse)."""
+    fy, fx = _flips(session)
+    dims = [d for d, f in ((-2, fy), (-1, fx)) if f]
+    if not dims:
+        return a
+    if isinstance(a, torch.Tensor):
+        return torch.flip(a, dims)
+    return np.ascontiguousarray(np.flip(a, axis=tuple(dims)))
 
 
 @torch.inference_mode()
@@ -80,7 +122,7 @@ def canvas_automatic_iter(
         batch = zs[i : i + session.batch_size]
         missing = [z for z in batch if z not in session._canvas_cache]
         if missing:
-            canvas = to_canvas(session.image[missing], grid)
+            canvas = to_canvas(_oriented(session, session.image[missing]), grid)
             x = prepare_slices(canvas, size).to(model.device)
             prec = encoder_precision(model.device, session.amp)
             ctx = (
@@ -101,7 +143,8 @@ def canvas_automatic_iter(
             logits = torch.nn.functional.interpolate(
                 logits, size=(size, size), mode="bilinear", align_corners=False
             )
-        labels = from_canvas(logits.cpu(), grid).argmax(1).to(torch.int16).numpy()
+        back = _oriented(session, from_canvas(logits.cpu(), grid))
+        labels = back.argmax(1).to(torch.int16).numpy()
         for z, lab in zip(batch, labels, strict=True):
             done += 1
             yield z, lab, done, len(zs)

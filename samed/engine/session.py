@@ -23,6 +23,7 @@ from .backends import encoder_label
 from .canvas import canvas_automatic_iter, resampling_record, session_canvas
 from .interactive import InteractiveMixin
 from .interactive import mask_digest as _mask_digest
+from .orientation import axis_codes
 from .preprocess import (
     _dilate,
     _pair,
@@ -89,8 +90,10 @@ class Session(InteractiveMixin):
         spacing: object = None,
     ) -> None:
         array = getattr(volume, "array", volume)
-        if spacing is None and getattr(volume, "affine", None) is not None:
-            spacing = inplane_spacing(volume.affine)  # type: ignore[attr-defined]
+        affine = getattr(volume, "affine", None)
+        if spacing is None and affine is not None:
+            spacing = inplane_spacing(affine)
+        self.orientation = None if affine is None else axis_codes(affine)  # for automatic()
         modality = modality or str(getattr(volume, "modality", "") or "")
         array = check_volume_array(array)
         if batch_size < 1:
@@ -102,7 +105,7 @@ class Session(InteractiveMixin):
         intensity, self.preprocessing = choose_intensity(intensity, model, array, modality)
         self.spacing = None if spacing is None else _pair(spacing, "spacing")
         self.preprocessing["spacing_mm"] = None if self.spacing is None else list(self.spacing)
-        self.preprocessing.update(resampling_record(model, self.spacing))
+        self.preprocessing.update(resampling_record(model, self.spacing, self.orientation))
         self.intensity_name, fn = resolve_intensity(intensity, array, modality)
         self.preprocessing["intensity_name"] = self.intensity_name
         image = np.asarray(fn(array), dtype=np.float32)
@@ -593,4 +596,4 @@ class Session(InteractiveMixin):
             out[z] = lab
             if progress is not None:
                 progress(done, total)
-        return apply_postprocessing(out, postprocess, self.model)
+        return apply_postprocessing(out, postprocess, self.model, self.orientation, self.image)

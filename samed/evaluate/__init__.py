@@ -21,6 +21,7 @@ _LAZY = {
     "EvalOptions": ".run",
     "EvalReport": ".report",
     "add_parser": ".cli",
+    "dataset_from_config": ".data",
     "dice": ".metrics",
     "evaluate": ".run",
     "evaluate_iter": ".run",

@@ -21,10 +21,25 @@ def add_parser(subparsers: Any) -> None:
         "evaluate",
         help="score a model/adapter on a labeled dataset split (Dice, HD95, NSD)",
         description="Evaluate on an MSD-style dataset (dataset.json with training entries and "
-        "optional splits). Prints per-class means and a last line mean_dice=0.XXXX.",
+        "optional splits) or on the cases of a fine-tuning config (--config, with its splits "
+        "and class mapping). Prints per-class means and a last line mean_dice=0.XXXX.",
     )
-    p.add_argument("--data", required=True, help="dataset folder with dataset.json")
-    p.add_argument("--split", default=None, help="split name from dataset.json (default: all)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", default=None, help="dataset folder with dataset.json")
+    src.add_argument(
+        "--config",
+        default=None,
+        help="fine-tuning config (configs/*.yaml): score its data.cases / data.root with its "
+        "splits and data.labels (e.g. --config configs/abdomen-ct.yaml --split val)",
+    )
+    p.add_argument(
+        "--split", default=None, help="split name from dataset.json or the config (default: all)"
+    )
+    p.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated case ids: only these cases of the split (e.g. btcv_0034,btcv_0037)",
+    )
     p.add_argument(
         "--prompt",
         choices=["box", "none"],
@@ -58,6 +73,20 @@ def run_evaluate(args: Any) -> int:
     from ..model import load_model
     from ..registry import cpu_request
 
+    if args.config is not None:
+        from .data import dataset_from_config
+
+        ds = dataset_from_config(args.config)
+    else:
+        ds = load_dataset(args.data)
+    ids = None
+    if args.cases is not None:
+        ids = [c.strip() for c in args.cases.split(",") if c.strip()]
+        if not ids:
+            raise ValueError(f"--cases {args.cases!r}: give comma-separated case ids")
+        ds.select(ds.split(args.split), ids)  # unknown ids / split: refused before loading
+    else:
+        ds.split(args.split)
     backend, precision = cpu_request(
         getattr(args, "backend", "torch"), getattr(args, "precision", "auto")
     )
@@ -82,7 +111,6 @@ def run_evaluate(args: Any) -> int:
         prompt = "box"
     elif prompt is None:
         raise ValueError("--prompt none needs --adapter with an automatic adapter")
-    ds = load_dataset(args.data)
     bar = tqdm(total=None, desc="evaluate", unit="case", file=sys.stderr, disable=None)
 
     def progress(done: int, total: int, case_id: str) -> None:
@@ -100,6 +128,7 @@ def run_evaluate(args: Any) -> int:
         postprocess=args.postprocess,
         progress=progress,
         amp=amp_from_precision(args.precision),
+        cases=ids,
     )
     bar.close()
     print(report.case_table())

@@ -50,6 +50,7 @@ class EvalOptions:
             ``"largest_component"`` (see :mod:`samed.postprocess`).
         amp: encoder precision on CUDA (see :class:`samed.engine.Session`): True (fp16
             autocast), False (float32), ``"fp16"`` or ``"bf16"``. Ignored on CPU.
+        cases: only these case ids of the split (None: all), in dataset order.
     """
 
     prompt: str | None = "box"
@@ -59,16 +60,38 @@ class EvalOptions:
     nsd_tolerance_mm: float = 2.0
     postprocess: str = "adapter"
     amp: bool | str = True
+    cases: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.prompt not in ("box", None):
             raise ValueError(f"prompt={self.prompt!r} must be 'box' or None (automatic adapter)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit={self.limit} must be >= 1")
+        if self.cases is not None:
+            if isinstance(self.cases, str) or not self.cases:
+                raise ValueError(f"cases={self.cases!r} must be a non-empty list of case ids")
+            object.__setattr__(self, "cases", tuple(str(c) for c in self.cases))
 
 
 def _dataset(data: str | os.PathLike | LabeledDataset) -> LabeledDataset:
     return data if isinstance(data, LabeledDataset) else load_dataset(data)
+
+
+def _crop_z(vol: Any, z_range: tuple[int, int] | None) -> Any:
+    """``vol`` restricted to slices ``z0 <= z < z1`` (the affine's origin moved to slice z0)."""
+    if z_range is None:
+        return vol
+    from dataclasses import replace
+
+    z0, z1 = z_range
+    if not 0 <= z0 < z1 <= vol.shape[0]:
+        raise ValueError(
+            f"z_range {list(z_range)} of {vol.source}: must satisfy 0 <= z0 < z1 <= "
+            f"{vol.shape[0]} (its slice count)"
+        )
+    affine = vol.affine.copy()
+    affine[:3, 3] += affine[:3, 2] * z0
+    return replace(vol, array=vol.array[z0:z1], affine=affine)
 
 
 def _predict_case_box(
@@ -107,6 +130,8 @@ def _iter_cases(
     from ..io import load_label_map, load_volume
 
     cases = ds.split(split)
+    if opts.cases is not None:
+        cases = ds.select(cases, list(opts.cases))
     if opts.limit is not None:
         cases = cases[: opts.limit]
     classes = sorted(ds.foreground_labels)
@@ -114,7 +139,8 @@ def _iter_cases(
         t0 = time.perf_counter()
         vol = load_volume(case.image)
         gt_vol = load_label_map(case.label, reference=vol)
-        gt = np.asarray(gt_vol.array).astype(np.int64)
+        vol, gt_vol = _crop_z(vol, case.z_range), _crop_z(gt_vol, case.z_range)
+        gt = ds.remap_labels(gt_vol.array)
         session = Session(model, vol, intensity=opts.intensity, amp=opts.amp)
         if opts.prompt == "box":
             pred = _predict_case_box(session, gt, classes, opts.box_margin)
@@ -149,12 +175,13 @@ def evaluate(
 
     Args:
         model: :class:`samed.model.SamModel`; for ``prompt=None`` it must carry an automatic adapter.
-        data: dataset folder (``dataset.json``) or a loaded :class:`LabeledDataset`.
+        data: dataset folder (``dataset.json``) or a loaded :class:`LabeledDataset` (e.g. a
+            fine-tuning config's cases: :func:`samed.evaluate.data.dataset_from_config`).
         split: split name from ``dataset.json`` ``splits`` (None: all cases).
         progress: called as ``progress(done, total, case_id)`` after each case.
         **options: the fields of :class:`EvalOptions` (``prompt="box"``, ``limit=None``,
             ``box_margin=5.0``, ``intensity="auto"``, ``nsd_tolerance_mm=2.0``,
-            ``postprocess="adapter"``, ``amp=True``).
+            ``postprocess="adapter"``, ``amp=True``, ``cases=None``).
 
     Returns:
         An :class:`EvalReport`.
@@ -166,7 +193,7 @@ def evaluate(
     ds = _dataset(data)
     box = opts.prompt == "box"
     settings = {
-        "data": str(ds.root),
+        "data": ds.source or str(ds.root),
         "split": split,
         "prompt": opts.prompt,
         "box_margin": opts.box_margin if box else None,
@@ -176,6 +203,7 @@ def evaluate(
         "intensity": str(opts.intensity),
         "nsd_tolerance_mm": opts.nsd_tolerance_mm,
         "limit": opts.limit,
+        "cases": None if opts.cases is None else list(opts.cases),
         "postprocess": None if box else describe_postprocessing(opts.postprocess, model),
         "precision": _encoder_label(model, opts.amp),
     }

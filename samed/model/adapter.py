@@ -37,6 +37,10 @@ class AdapterState:
         spacing: the in-plane (row, column) training spacing in mm recorded under
             ``preprocessing.spacing`` (None: trained on native grids). ``Session.automatic``
             resamples each slice to it and maps the result back to the source grid.
+        orientation: axis codes of the training volumes' (x, y, z) voxel axes recorded under
+            ``preprocessing.orientation`` (e.g. ``"LAS"``; None: not recorded). With a
+            training spacing, ``Session.automatic`` flips slices to it
+            (:mod:`samed.engine.orientation`).
         merged: whether the LoRA update is folded into the base weights
             (:func:`samed.lora.merge_adapter`).
     """
@@ -50,6 +54,7 @@ class AdapterState:
     postprocessing: dict[str, Any] = field(default_factory=dict)
     intensity: Any = None
     spacing: tuple[float, float] | None = None
+    orientation: str | None = None
     merged: bool = False
 
     @property

@@ -60,9 +60,9 @@ class VolumeCase:
 
 def _read_pair(
     image_path: Path, label_path: Path
-) -> tuple[np.ndarray, str, np.ndarray, tuple[float, float]]:
-    """(Z, Y, X) image, its modality, the (Z, Y, X) label map and the in-plane (row, column)
-    spacing in mm through samed.io (NIfTI, NRRD,
+) -> tuple[np.ndarray, str, np.ndarray, tuple[float, float], str]:
+    """(Z, Y, X) image, its modality, the (Z, Y, X) label map, the in-plane (row, column)
+    spacing in mm and the axis codes of the voxel axes (``"LAS"``...) through samed.io (NIfTI, NRRD,
     MHA, npz, DICOM, SEG). The label map must lie on the image's grid: same shape and affine
     (:func:`samed.io.volume.check_same_grid`, the rule ``samed evaluate`` applies), so a label
     with a flipped axis is refused instead of trained on."""
@@ -75,7 +75,30 @@ def _read_pair(
         str(vol.modality or ""),
         np.asarray(labels.array),
         inplane_spacing(vol.affine),
+        vol.orientation,
     )
+
+
+def _to_orientation(
+    image: np.ndarray, label: np.ndarray, codes: str, target: str, where: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flip a (Z, Y, X) image and label map in-plane from ``codes`` to ``target`` orientation
+    (as :mod:`samed.engine.orientation` does at inference).
+
+    Raises:
+        ValueError: the volume's in-plane axes are not the target's (another plane)."""
+    from ..engine.orientation import orientation_flips
+
+    flips = orientation_flips(codes, target)
+    if flips is None:
+        raise ValueError(
+            f"{where} is {codes}: its slices are not in the plane of the first training "
+            f"volume ({target}); train on volumes sliced alike"
+        )
+    axes = tuple(a for a, f in zip((1, 2), flips, strict=True) if f)
+    if not axes:
+        return image, label
+    return np.ascontiguousarray(np.flip(image, axes)), np.ascontiguousarray(np.flip(label, axes))
 
 
 def check_label_values(
@@ -143,7 +166,7 @@ def thin_slices(case: VolumeCase, step: int) -> VolumeCase:
 
 
 def load_cases(
-    data: DataSection, split: str | None, canvas_size: int = 256
+    data: DataSection, split: str | None, canvas_size: int = 256, orientation: str | None = None
 ) -> tuple[list[VolumeCase], dict[int, str], dict[str, Any]]:
     """Read the volumes of one split.
 
@@ -151,6 +174,9 @@ def load_cases(
         data: the config's data section.
         split: split name (``all`` or None: every case).
         canvas_size: the model input side (used when ``data.spacing`` is set).
+        orientation: with ``data.spacing``: flip every volume in-plane to these axis codes
+            (e.g. the training split's, ``summary["orientation"]``, for the validation split);
+            None: to the first volume's. Recorded as the adapter's training orientation.
 
     Returns:
         (cases, labels {class id: name} incl. 0 background, summary for the metadata).
@@ -201,7 +227,10 @@ def load_cases(
     cases = []
     modality_seen = data.modality
     for cid, img_path, lab_path, zr in entries:
-        image, modality, label, spacing = _read_pair(img_path, lab_path)
+        image, modality, label, spacing, codes = _read_pair(img_path, lab_path)
+        if data.spacing is not None:  # the canvas path: one in-plane orientation
+            orientation = orientation or codes
+            image, label = _to_orientation(image, label, codes, orientation, img_path)
         check_label_values(label, lab_path, declared, where)
         if zr is not None:
             image, label = image[zr[0] : zr[1]], label[zr[0] : zr[1]]
@@ -232,6 +261,7 @@ def load_cases(
         "modality": modality_seen,
         "intensity": data.intensity if isinstance(data.intensity, str) else list(data.intensity),
         "spacing": None if data.spacing is None else list(data.spacing),
+        "orientation": orientation if data.spacing is not None else None,
     }
     return cases, labels, summary
 

@@ -307,7 +307,7 @@ def finetune(
         summary["slice_step"] = cfg.data.slice_step
     val_cases: list[VolumeCase] = []
     if cfg.data.val_split:
-        val_cases, _, _ = load_cases(cfg.data, cfg.data.val_split, size)
+        val_cases = load_cases(cfg.data, cfg.data.val_split, size, summary["orientation"])[0]
     num_classes = max(labels) + 1
     log(
         f"train: {summary['num_volumes']} volumes, {summary['num_slices']} slices "

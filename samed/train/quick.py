@@ -138,7 +138,8 @@ def train_quick(
         if cfg.data.format == "pairs"
         else bool(cfg.data.val_split)
     )
-    val_cases = load_cases(cfg.data, cfg.data.val_split)[0] if has_val else []
+    orient = summary.get("orientation")
+    val_cases = load_cases(cfg.data, cfg.data.val_split, 256, orient)[0] if has_val else []
     num_classes = max(labels) + 1
     torch.manual_seed(cfg.train.seed)
     model = build_base_model(cfg, dev)

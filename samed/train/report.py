@@ -48,6 +48,8 @@ def adapter_metadata(
             "intensity": summary.get("intensity"),
             "modality": summary.get("modality"),
             "spacing": None if cfg.data.spacing is None else list(cfg.data.spacing),
+            # axis codes of the training volumes (flipped to one in-plane orientation)
+            "orientation": summary.get("orientation"),
             "slice": (
                 f"resize longest side to {model.image_size} (bilinear, antialiased), per-slice "
                 f"min-max to [0, 1], zero-pad bottom/right, 3 channels "

@@ -118,7 +118,10 @@ class TaskMixin:
 
         def done(result: Any) -> None:
             self._model_worker = None
-            self.ui.model_progress.setVisible(False)
+            try:
+                self.ui.model_progress.setVisible(False)
+            except RuntimeError:  # the widget was closed while the model loaded: nothing to show
+                return
             then, self._after_model = self._after_model, []
             if isinstance(result, BaseException):
                 self._model_state(f"not loaded: {result}")

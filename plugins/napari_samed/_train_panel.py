@@ -322,6 +322,8 @@ class TrainPanel(QGroupBox):
                 self._say(f"training failed: {ev['error']}", error=True)
         if last_step is not None:
             self.events.append(last_step)
+        if last_step is not None and self.stop_btn.isEnabled():
+            # still running: a step drained together with the end must not hide its message
             self.progress.setValue(100 + int(900 * min(1.0, last_step["fraction"])))
             self._say(
                 f"step {last_step['step']}  loss {last_step['loss']:.4f}  "

@@ -45,7 +45,7 @@ def val_embeddings(
 
     saved: list = []
     if cache is not None and Path(cache).is_file():
-        saved = torch.load(cache, weights_only=False)
+        saved = torch.load(cache, weights_only=True)  # tuples of str + tensors only
     done = {row[0] for row in saved}
     ds = load_dataset(DATA / "acdc")
     todo = [] if cache_only else ds.split(split)[: limit or None]

@@ -30,6 +30,7 @@ Python::
 
 from __future__ import annotations
 
+import time as _time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,6 +206,26 @@ class UncertaintyResult:
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def finish(
+        cls,
+        labels: np.ndarray,
+        uncertainty: np.ndarray,
+        method: str,
+        t0: float,
+        extra: dict[str, Any],
+    ) -> UncertaintyResult:
+        """The result of a call that started at ``time.perf_counter() == t0``: its
+        :func:`case_score` and wall time filled in."""
+        return cls(
+            labels=labels,
+            uncertainty=uncertainty,
+            method=method,
+            score=case_score(uncertainty, labels),
+            seconds=_time.perf_counter() - t0,
+            extra=extra,
+        )
+
     def ranked_slices(self, k: int | None = None) -> list[tuple[int, float]]:
         """:func:`rank_slices` of the map."""
         return rank_slices(self.uncertainty, k)
@@ -312,14 +333,7 @@ def automatic_uncertainty(
     extra: dict[str, Any] = {"raw_labels": raw}
     if keep_maps:
         extra["maps"] = maps
-    return UncertaintyResult(
-        labels=labels,
-        uncertainty=unc,
-        method=method,
-        score=case_score(unc, labels),
-        seconds=time.perf_counter() - t0,
-        extra=extra,
-    )
+    return UncertaintyResult.finish(labels, unc, method, t0, extra)
 
 
 #: default of :func:`propagated_uncertainty`, chosen by ``bench/bench_uncertainty_propagated.py``
@@ -512,11 +526,4 @@ def propagated_uncertainty(
         extra["members"] = np.stack([prob, prob_flip])
     if keep_maps:
         extra["maps"] = maps
-    return UncertaintyResult(
-        labels=labels,
-        uncertainty=unc,
-        method=method,
-        score=case_score(unc, labels),
-        seconds=time.perf_counter() - t0,
-        extra=extra,
-    )
+    return UncertaintyResult.finish(labels, unc, method, t0, extra)

@@ -25,6 +25,7 @@ Usage::
 
     python bench/bench_interactive.py --limit 4 --datasets acdc,chaos
     python bench/bench_interactive.py   # all structures (>= 30 from 6 datasets)
+    python bench/bench_interactive.py --oracle-boxes --tag=-oracle  # box-prompting ceiling
 """
 
 from __future__ import annotations
@@ -156,6 +157,27 @@ def run_structure(session, gt: np.ndarray, n_clicks: int, slack: float, options:
     }
 
 
+def oracle_boxes(session, gt: np.ndarray, slack: float) -> dict:
+    """The ceiling of box prompting: a tight ground-truth box (+ ``slack`` px) on *every* slice
+    of the structure, no propagation and no clicks (what a perfect box-drawing user gets from the
+    model alone); 3D Dice of the stacked slice masks."""
+    pred = np.zeros_like(gt)
+    h, w = gt.shape[1:]
+    t = time.perf_counter()
+    for z in np.nonzero(gt.any(axis=(1, 2)))[0]:
+        ys, xs = np.nonzero(gt[z])
+        box = [
+            max(xs.min() - slack, 0),
+            max(ys.min() - slack, 0),
+            min(xs.max() + slack, w - 1),
+            min(ys.max() + slack, h - 1),
+        ]
+        pred[z] = session.predict_full(int(z), box=box).mask
+    d = round(dice(pred, gt), 4)
+    secs = [round(time.perf_counter() - t, 4)]
+    return {"dice": [d], "seconds": secs, "clicks": [], "box_slice": -1, "auc": d}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="acdc,chaos,hippocampus,deeplesion,brats,pyradiomics")
@@ -171,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=None, help="JSON path (default bench/results/interactive-<model>.json)"
     )
     ap.add_argument("--tag", default="", help="suffix for the results file name")
+    ap.add_argument(
+        "--oracle-boxes",
+        action="store_true",
+        help="the ceiling of box prompting instead: a tight GT box on every slice (no clicks)",
+    )
     args = ap.parse_args(argv)
 
     from samed.engine import Session, optimize_for_inference
@@ -211,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.limit and len(rows) >= args.limit:
                 break
             gt = lab == v
-            r = run_structure(session, gt, args.clicks, args.box_slack, WIDGET_OPTIONS)
+            r = (
+                oracle_boxes(session, gt, args.box_slack)
+                if args.oracle_boxes
+                else run_structure(session, gt, args.clicks, args.box_slack, WIDGET_OPTIONS)
+            )
             r.update(
                 dataset=case["dataset"],
                 case=case["case"],
@@ -229,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("no structures found", file=sys.stderr)
         return 1
-    n = args.clicks + 1
+    n = 1 if args.oracle_boxes else args.clicks + 1
     curve = [float(np.mean([r["dice"][i] for r in rows])) for i in range(n)]
     steps = [r["dice"][i + 1] - r["dice"][i] for r in rows for i in range(n - 1)]
     click_secs = [s for r in rows for s in r["seconds"][1:]]
@@ -242,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         "monotone_mean_curve": all(b >= a for a, b in zip(curve[:-1], curve[1:], strict=True)),
         "clicks_losing_over_0.01": int(sum(d < -0.01 for d in steps)),
         "clicks": len(steps),
-        "fraction_clicks_not_losing": round(sum(d >= -0.01 for d in steps) / max(len(steps), 1), 4),
+        "fraction_clicks_not_losing": (
+            round(sum(d >= -0.01 for d in steps) / len(steps), 4) if steps else None
+        ),
         "median_seconds_per_click": round(statistics.median(click_secs), 4) if click_secs else None,
         "median_seconds_box": round(statistics.median(r["seconds"][0] for r in rows), 4),
         "per_dataset_curve": {
@@ -253,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             for ds in sorted({r["dataset"] for r in rows})
         },
         "protocol": {
-            "clicks": args.clicks,
+            "oracle_boxes": bool(args.oracle_boxes),
+            "clicks": 0 if args.oracle_boxes else args.clicks,
             "box_slack_px": args.box_slack,
             "z_margin": args.z_margin,
             "propagate_options": WIDGET_OPTIONS,

@@ -187,6 +187,32 @@ def _clicks_on_every_slice(session, gt, positive: bool):
     return ann, pred, z, _centre(err[z])
 
 
+def test_positive_click_adds_one_region_the_decoder_agrees_on(acdc_case):
+    """A positive click adds one connected region containing the click, mostly truth (the miss it
+    points at, not a spill into the neighbours), the old mask kept."""
+    from samed.engine.refine import refine_slice
+
+    session, gt = acdc_case
+    ann, before, z, xy = _clicks_on_every_slice(session, gt, positive=True)
+    prev = ann.masks.get(z, np.zeros(gt.shape[1:], bool))
+    assert prev.any(), "the clicked slice has no mask to refine"
+    pred = refine_slice(
+        session,
+        z,
+        box=None,
+        points=np.array([xy]),
+        point_labels=np.array([1]),
+        prev_mask=prev,
+    )
+    added = pred.mask & ~prev
+    x, y = int(xy[0]), int(xy[1])
+    assert pred.mask[y, x] and not (prev & ~pred.mask).any()
+    lab, n = ndimage.label(added, structure=np.ones((3, 3), bool))
+    assert n == 1 and lab[y, x] == 1
+    # and it is a real correction of the miss: most of what it adds is truth
+    assert int((added & gt[z]).sum()) > 0.5 * int(added.sum())
+
+
 def test_negative_click_removes_only_the_region_it_lies_in(acdc_case):
     session, gt = acdc_case
     ann, before, z, xy = _clicks_on_every_slice(session, gt, positive=False)

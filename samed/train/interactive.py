@@ -284,8 +284,12 @@ def train_interactive(
 
     from ..lora import LoraConfig, apply_lora, save_adapter, trainable_parameters
     from ..model import build_model
-    from .interactive_data import build_slice_cache, concat_slice_caches, open_slice_cache
-    from .interactive_data import training_cases
+    from .interactive_data import (
+        build_slice_cache,
+        concat_slice_caches,
+        open_slice_cache,
+        training_cases,
+    )
 
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)

@@ -316,7 +316,9 @@ class _Rows:
         if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
             raise IndexError(f"rows {rows.tolist()} outside 0..{self.shape[0] - 1}")
         part = np.searchsorted(self.offsets, rows, side="right") - 1
-        out = np.stack([self.arrays[k][r - self.offsets[k]] for k, r in zip(part, rows)])
+        out = np.stack(
+            [self.arrays[k][r - self.offsets[k]] for k, r in zip(part, rows, strict=True)]
+        )
         return out[0] if one else out
 
 

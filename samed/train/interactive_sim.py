@@ -226,8 +226,10 @@ def simulate_batch(
         for i in range(b):
             pts[i].append(_centre(gtn[i]))
             labs[i].append(1)
-    use_teacher = train and model.base_parts is not None and (
-        cfg.multimask_distill_weight > 0 or cfg.box_distill_weight > 0
+    use_teacher = (
+        train
+        and model.base_parts is not None
+        and (cfg.multimask_distill_weight > 0 or cfg.box_distill_weight > 0)
     )
     kd_rows = np.array(
         [d not in cfg.distill_exclude for d in datasets] if datasets else [False] * b

@@ -169,11 +169,16 @@ def test_a_chunked_run_resumes_to_the_same_weights_as_one_run(tmp_path, make_tin
     kw = dict(iterations=4, batch_size=2, val_interval=2, val_samples=2, warmup=1)
     quiet = dict(log=lambda s: None)
     one = train_interactive(
-        load_interactive_config(None, **kw), tmp_path / "one", model=make_tiny_model(),
-        cache=cache, **quiet,
+        load_interactive_config(None, **kw),
+        tmp_path / "one",
+        model=make_tiny_model(),
+        cache=cache,
+        **quiet,
     )
     chunked = load_interactive_config(None, chunk_steps=2, **kw)
-    first = train_interactive(chunked, tmp_path / "two", model=make_tiny_model(), cache=cache, **quiet)
+    first = train_interactive(
+        chunked, tmp_path / "two", model=make_tiny_model(), cache=cache, **quiet
+    )
     assert first["steps_run"] == 2 and (tmp_path / "two" / "checkpoint.pt").is_file()
     second = train_interactive(
         chunked, tmp_path / "two", model=make_tiny_model(), cache=cache, **quiet

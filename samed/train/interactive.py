@@ -19,8 +19,15 @@ S x S input frame:
   decoder sees every click so far, the box (a point-started session gets its previous
   prediction's box + 2 px, as :func:`samed.engine.interactive.refine_slice` does) and the
   previous round's low-res logits as the mask prompt (detached, as SAM's iterative training);
-* the loss (Dice + BCE on the mask, MSE on the IoU prediction) is summed over all rounds.
+* the loss is summed over all rounds and covers every decoder output the refinement reads (the
+  single-mask output, SAM's three multimask outputs by SAM's min-loss rule with the others
+  distilled toward the base model, the IoU head), plus a box-only distillation toward the base
+  model on sets other than ACDC (:mod:`samed.train.interactive_sim`, session 7).
 
+Samples are drawn with a per-dataset weight ``n_dataset ** -balance`` (ACDC has most slices).
+Training runs in time-limited, resumable chunks: ``out/checkpoint.pt`` (trainable weights,
+optimiser, RNG states, history, the best step's weights) is written at every validation and at
+the end of a chunk, and a run with the same ``out`` continues from it (``resume``).
 The best step on the held-back validation slices (mean Dice over a box start with 4 px slack and
 3 deterministic clicks) is exported with :func:`samed.lora.save_adapter` (weights stored float16).
 
@@ -41,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from .interactive_sim import _centre, simulate_batch  # noqa: F401  (_centre: tests)
+
 __all__ = ["InteractiveConfig", "load_interactive_config", "simulate_batch", "train_interactive"]
 
 DECODER_TARGETS = r"transformer\..*(q_proj|k_proj|v_proj|out_proj|lin1|lin2)"
@@ -58,6 +67,7 @@ class InteractiveConfig:
         description, intended_use: metadata.json text.
         data_root: ../shared/data (relative paths resolve from the current directory).
         cache_dir: where the slice cache lives (float16 embeddings; ~2 MB per slice).
+        extra_cache_dirs: further slice caches (already built) trained on together with it.
         max_slices: cap on cached slices; acdc_patients: ACDC train patients used.
         decoder_r, decoder_alpha: decoder LoRA rank and scaling numerator.
         decoder_target_modules, decoder_full_parameters: see :class:`samed.lora.LoraConfig`.
@@ -68,6 +78,15 @@ class InteractiveConfig:
         point_start_prob: probability a session starts from one positive point.
         random_click_prob: probability a click lands on a random error pixel.
         dice_weight, bce_weight, iou_weight: loss weights.
+        multimask_weight: weight of the best-fitting multimask output's loss (SAM's rule).
+        multimask_distill_weight: pull of the other multimask outputs toward the base model's.
+        box_distill_weight: box-only distillation toward the base model (first round of a box
+            start) on samples of datasets not in ``distill_exclude``.
+        no_mask_prob: probability a corrective round is asked without the mask prompt.
+        balance: dataset weight exponent of the sampler (0: every sample alike; 1: every
+            dataset alike).
+        resume: continue from ``out/checkpoint.pt`` when it exists.
+        chunk_steps: at most this many steps per call (0: no cap; ``max_minutes`` still holds).
         val_interval: steps between validations; val_samples: validation sessions.
         max_minutes: wall-clock cap of the training loop (the best step so far is exported).
         seed, threads: RNG seed; torch threads (1 on a shared machine).
@@ -83,6 +102,7 @@ class InteractiveConfig:
     )
     data_root: str = "../shared/data"
     cache_dir: str = "/tmp/samed-click-cache"
+    extra_cache_dirs: tuple[str, ...] = ()
     max_slices: int = 800
     acdc_patients: int = 40
     decoder_r: int = 8
@@ -102,6 +122,14 @@ class InteractiveConfig:
     dice_weight: float = 1.0
     bce_weight: float = 1.0
     iou_weight: float = 0.1
+    multimask_weight: float = 1.0
+    multimask_distill_weight: float = 0.5
+    box_distill_weight: float = 1.0
+    distill_exclude: tuple[str, ...] = ("acdc",)
+    no_mask_prob: float = 0.25
+    balance: float = 0.5
+    resume: bool = True
+    chunk_steps: int = 0
     val_interval: int = 100
     val_samples: int = 48
     max_minutes: float = 30.0
@@ -131,7 +159,14 @@ class InteractiveConfig:
         if len(s) != 2 or not 0 <= s[0] <= s[1]:
             bad("box_slack", "[min, max] px with 0 <= min <= max")
         object.__setattr__(self, "box_slack", s)
-        for n in ("point_start_prob", "random_click_prob"):
+        object.__setattr__(self, "extra_cache_dirs", tuple(str(x) for x in self.extra_cache_dirs))
+        object.__setattr__(self, "distill_exclude", tuple(str(x) for x in self.distill_exclude))
+        if not isinstance(self.chunk_steps, int) or self.chunk_steps < 0:
+            bad("chunk_steps", "an integer >= 0")
+        for n in ("multimask_weight", "multimask_distill_weight", "box_distill_weight", "balance"):
+            if not float(getattr(self, n)) >= 0:
+                bad(n, "a number >= 0")
+        for n in ("point_start_prob", "random_click_prob", "no_mask_prob"):
             if not 0.0 <= float(getattr(self, n)) <= 1.0:
                 bad(n, "a probability in [0, 1]")
         if not float(self.lr) > 0 or float(self.max_minutes) <= 0:
@@ -155,159 +190,6 @@ def load_interactive_config(path: str | os.PathLike | None, **overrides: Any) ->
     return InteractiveConfig(**raw)
 
 
-# ---------------------------------------------------------------------------- simulation
-def _centre(mask: np.ndarray) -> tuple[int, int]:
-    """(x, y) of the pixel of ``mask`` farthest from its boundary (largest component)."""
-    from scipy import ndimage
-
-    lab, n = ndimage.label(mask)
-    if n > 1:
-        mask = lab == (int(np.argmax(np.bincount(lab.ravel())[1:])) + 1)
-    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), mask.shape)
-    return int(x), int(y)
-
-
-def _click(pred: np.ndarray, gt: np.ndarray, rng: np.random.Generator, p_random: float):
-    """A corrective click ((x, y), label) for one (S, S) prediction, or None if it is exact."""
-    err = pred ^ gt
-    if not err.any():
-        return None
-    if rng.random() < p_random:
-        ys, xs = np.nonzero(err)
-        i = int(rng.integers(len(xs)))
-        x, y = int(xs[i]), int(ys[i])
-    else:
-        x, y = _centre(err)
-    return (x, y), int(gt[y, x])
-
-
-def _bbox(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
-
-
-def _widen(pm, boxes, i, pts, labs, s, margin: float = 2.0) -> np.ndarray:
-    """Sample i's box for a corrective round: its start box (``boxes``) or, without one, the
-    previous mask's box, grown to take in every positive click (+ ``margin`` px)."""
-    pos = np.array([p for p, lab in zip(pts, labs, strict=True) if lab] or [pts[0]], np.float32)
-    if boxes is not None:
-        bb = boxes[i].copy()
-    elif pm.any():
-        bb = _bbox(pm) + np.array([-margin, -margin, margin, margin], np.float32)
-    else:
-        bb = np.array([*pos[0], *pos[0]], np.float32)
-    bb = np.array(
-        [
-            min(bb[0], pos[:, 0].min() - margin),
-            min(bb[1], pos[:, 1].min() - margin),
-            max(bb[2], pos[:, 0].max() + margin),
-            max(bb[3], pos[:, 1].max() + margin),
-        ],
-        np.float32,
-    )
-    return np.clip(bb, 0, s - 1)
-
-
-def _losses(logits, iou_pred, gt, cfg: InteractiveConfig):
-    import torch
-    import torch.nn.functional as F
-
-    lg = logits[:, 0]
-    if lg.shape[-1] != gt.shape[-1]:
-        lg = F.interpolate(logits, size=gt.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    prob = torch.sigmoid(lg)
-    inter = (prob * gt).sum((1, 2))
-    dice = 1 - (2 * inter + 1) / (prob.sum((1, 2)) + gt.sum((1, 2)) + 1)
-    bce = F.binary_cross_entropy_with_logits(lg, gt, reduction="none").mean((1, 2))
-    with torch.no_grad():
-        hard = (lg > 0).float()
-        i = (hard * gt).sum((1, 2))
-        true_iou = i / ((hard + gt).clamp(max=1).sum((1, 2)).clamp(min=1))
-    mse = (iou_pred[:, 0] - true_iou) ** 2
-    total = cfg.dice_weight * dice + cfg.bce_weight * bce + cfg.iou_weight * mse
-    return total.mean(), lg.detach()
-
-
-def simulate_batch(
-    model,
-    emb,
-    gt,
-    scale: np.ndarray,
-    cfg: InteractiveConfig,
-    rng: np.random.Generator,
-    *,
-    train: bool = True,
-    start: str | None = None,
-    rounds: int | None = None,
-    slack: float | None = None,
-):
-    """Run one simulated session per sample; return (summed loss, per-round Dice (R+1, B)).
-
-    Args:
-        model: a :class:`samed.model.SamModel` (the trainable parts set by ``apply_lora``).
-        emb: (B, C, h, w) float32 embeddings; gt: (B, S, S) float32 {0, 1} targets on the model
-            frame; scale: (B,) model px per slice px (box slack is given in slice px).
-        start: ``"box"`` / ``"point"`` (None: drawn with ``point_start_prob``); rounds,
-            slack: fixed values (None: drawn from the config's ranges).
-        train: build the graph (False: no gradients, deterministic clicks).
-    """
-    import torch
-
-    b, s = gt.shape[0], gt.shape[-1]
-    gtn = gt.numpy().astype(bool)
-    if start is None:
-        start = "point" if rng.random() < cfg.point_start_prob else "box"
-    n_rounds = int(rng.integers(cfg.rounds[0], cfg.rounds[1] + 1)) if rounds is None else rounds
-    pts: list[list[tuple[int, int]]] = [[] for _ in range(b)]
-    labs: list[list[int]] = [[] for _ in range(b)]
-    boxes = None
-    if start == "box":
-        boxes = np.zeros((b, 4), np.float32)
-        for i in range(b):
-            sl = rng.uniform(*cfg.box_slack, size=4) if slack is None else np.full(4, slack)
-            bb = _bbox(gtn[i]) + np.array([-1, -1, 1, 1]) * sl * float(scale[i])
-            boxes[i] = np.clip(bb, 0, s - 1)
-    else:
-        for i in range(b):
-            pts[i].append(_centre(gtn[i]))
-            labs[i].append(1)
-    total = torch.zeros(())
-    dices = []
-    mask_in = None
-    prev = np.zeros_like(gtn)
-    for r in range(n_rounds + 1):
-        if r:  # the box refine_slice uses: a point start's previous mask box, widened to clicks
-            base = boxes if start == "box" else None
-            boxes = np.stack([_widen(prev[i], base, i, pts[i], labs[i], s) for i in range(b)])
-        bt = None if boxes is None else torch.as_tensor(boxes)
-        pt = None
-        if pts[0]:
-            p = torch.as_tensor(np.array(pts, np.float32))
-            lab = torch.as_tensor(np.array(labs, np.int64))
-            if bt is None:  # SAM pads point-only prompts with a "not a point" entry
-                p = torch.cat([p, torch.zeros(b, 1, 2)], 1)
-                lab = torch.cat([lab, -torch.ones(b, 1, dtype=torch.int64)], 1)
-            pt = (p, lab)
-        with torch.set_grad_enabled(train):
-            logits, iou = model.decode(emb, boxes=bt, points=pt, mask_inputs=mask_in)
-            loss, lg = _losses(logits, iou, gt, cfg)
-        total = total + loss
-        prev = (lg > 0).numpy()
-        inter = (prev & gtn).sum((1, 2))
-        dices.append(2 * inter / np.maximum(prev.sum((1, 2)) + gtn.sum((1, 2)), 1))
-        if r == n_rounds:
-            break
-        mask_in = logits.detach()
-        for i in range(b):
-            c = _click(prev[i], gtn[i], rng, cfg.random_click_prob if train else 0.0)
-            if c is None:  # exact already: repeat a positive click at the centre
-                c = (_centre(gtn[i]), 1)
-            pts[i].append(c[0])
-            labs[i].append(c[1])
-    return total / (n_rounds + 1), np.array(dices)
-
-
 # ---------------------------------------------------------------------------- training
 def _batch(cache, pairs, idx):
     import torch
@@ -320,7 +202,8 @@ def _batch(cache, pairs, idx):
     lab = np.asarray(cache.labels[rows_sorted])
     gt = torch.from_numpy((lab == np.array(vals)[:, None, None]).astype(np.float32))
     scale = np.array([cache.index[r]["scale"] for r in rows_sorted])
-    return emb, gt, scale
+    datasets = [cache.index[r]["dataset"] for r in rows_sorted]
+    return emb, gt, scale, datasets
 
 
 def validate_interactive(model, cache, pairs, cfg: InteractiveConfig) -> dict[str, Any]:
@@ -333,7 +216,7 @@ def validate_interactive(model, cache, pairs, cfg: InteractiveConfig) -> dict[st
     with torch.no_grad():
         for i in range(0, len(pairs), 8):
             idx = list(range(i, min(i + 8, len(pairs))))
-            emb, gt, scale = _batch(cache, pairs, idx)
+            emb, gt, scale, _ = _batch(cache, pairs, idx)
             _, d = simulate_batch(
                 model, emb, gt, scale, cfg, rng, train=False, start="box", rounds=3, slack=4.0
             )
@@ -349,17 +232,50 @@ def _lr(step: int, cfg: InteractiveConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+def sample_weights(cache, pairs: list[tuple[int, int]], balance: float) -> np.ndarray:
+    """(len(pairs),) sampling probabilities: each sample weighted ``n_dataset ** -balance``
+    (``n_dataset``: the samples of its dataset among ``pairs``)."""
+    from collections import Counter
+
+    ds = [cache.index[r]["dataset"] for r, _ in pairs]
+    n = Counter(ds)
+    w = np.array([float(n[d]) ** -float(balance) for d in ds])
+    return w / w.sum()
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def train_interactive(
     cfg: InteractiveConfig, out: str | os.PathLike, *, model=None, cache=None, log=print
 ) -> dict[str, Any]:
     """Train the click-aware adapter as ``cfg`` says; export the best step to ``out/<name>``.
 
+    A chunk stops at ``cfg.iterations`` steps in all or after ``cfg.max_minutes`` of this call;
+    ``out/checkpoint.pt`` then lets the next call with the same ``out`` go on (``cfg.resume``).
+
     Args:
         cfg: the config.
-        out: run folder (``metrics.json`` and the adapter folder are written there).
+        out: run folder (``metrics.json``, ``checkpoint.pt`` and the adapter folder are written
+            there).
         model: a base :class:`samed.model.SamModel` (default: ``build_model("litemedsam")``).
         cache: an opened :class:`~samed.train.interactive_data.SliceCache` (default: built or
-            reused at ``cfg.cache_dir`` from :func:`~samed.train.interactive_data.training_cases`).
+            reused at ``cfg.cache_dir`` from :func:`~samed.train.interactive_data.training_cases`,
+            joined with ``cfg.extra_cache_dirs``).
 
     Returns:
         The metrics dict (also ``out/metrics.json``), with ``adapter`` the exported folder.
@@ -368,7 +284,12 @@ def train_interactive(
 
     from ..lora import LoraConfig, apply_lora, save_adapter, trainable_parameters
     from ..model import build_model
-    from .interactive_data import build_slice_cache, training_cases
+    from .interactive_data import (
+        build_slice_cache,
+        concat_slice_caches,
+        open_slice_cache,
+        training_cases,
+    )
 
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
@@ -379,9 +300,13 @@ def train_interactive(
     if cache is None:
         cases = training_cases(cfg.data_root, acdc_patients=cfg.acdc_patients)
         cache = build_slice_cache(model, cases, cfg.cache_dir, max_slices=cfg.max_slices, log=log)
+        if cfg.extra_cache_dirs:
+            extra = [open_slice_cache(d) for d in cfg.extra_cache_dirs]
+            cache = concat_slice_caches([cache, *extra])
     train_pairs, val_pairs = cache.samples("train"), cache.samples("val")
     if not train_pairs:
         raise ValueError(f"{cache.folder}: no training samples (structures on 'train' slices)")
+    probs = sample_weights(cache, train_pairs, cfg.balance)
     vrng = np.random.default_rng(7)
     val_pairs = val_pairs or train_pairs
     val_pairs = [val_pairs[i] for i in sorted(vrng.permutation(len(val_pairs))[: cfg.val_samples])]
@@ -395,17 +320,57 @@ def train_interactive(
         decoder_full_parameters=cfg.decoder_full_parameters,
     )
     apply_lora(model, lora)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best = validate_interactive(model, cache, val_pairs, cfg)
-    base_val = dict(best)
-    best_step, best_state = (
-        0,
-        {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad},
-    )
-    log(f"step 0 (base) val curve {best['curve']} auc {best['auc']}")
-    history = [{"step": 0, **best}]
-    t0, step, losses = time.time(), 0, []
+    ckpt_path = out / CHECKPOINT
+    step, losses, seconds_before = 0, [], 0.0
+    if cfg.resume and ckpt_path.is_file():
+        ck = _load_checkpoint(ckpt_path)
+        if set(ck["trainable"]) != set(named):
+            raise ValueError(
+                f"{ckpt_path}: its trainable parameters differ from this config's; use a new out"
+            )
+        with torch.no_grad():
+            for k, v in ck["trainable"].items():
+                named[k].copy_(v)
+        opt.load_state_dict(ck["optimizer"])
+        rng.bit_generator.state = json.loads(ck["numpy_rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        step, best_step = int(ck["step"]), int(ck["best_step"])
+        best, base_val = json.loads(ck["best"]), json.loads(ck["base_val"])
+        history, losses = json.loads(ck["history"]), list(ck["losses"])
+        best_state = dict(ck["best_state"])
+        seconds_before = float(ck["seconds"])
+        log(f"resumed {ckpt_path} at step {step} (best step {best_step}, auc {best['auc']})")
+    else:
+        best = validate_interactive(model, cache, val_pairs, cfg)
+        base_val = dict(best)
+        best_step = 0
+        best_state = {k: v.detach().clone() for k, v in named.items()}
+        log(f"step 0 (base) val curve {best['curve']} auc {best['auc']}")
+        history = [{"step": 0, **best}]
+    t0, first = time.time(), step
+    cap = step + cfg.chunk_steps if cfg.chunk_steps else cfg.iterations
+
+    def checkpoint() -> None:
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "step": step,
+                "best_step": best_step,
+                "trainable": {k: p.detach().clone() for k, p in named.items()},
+                "best_state": best_state,
+                "optimizer": opt.state_dict(),
+                "numpy_rng": json.dumps(rng.bit_generator.state),
+                "torch_rng": torch.get_rng_state(),
+                "best": json.dumps(best),
+                "base_val": json.dumps(base_val),
+                "history": json.dumps(history),
+                "losses": [float(x) for x in losses[-cfg.val_interval :]],
+                "seconds": seconds_before + time.time() - t0,
+            },
+        )
 
     def export(steps_run: int) -> dict[str, Any]:
         """Write the model's current weights as the adapter (done at every new best step, so a
@@ -413,7 +378,7 @@ def train_interactive(
         metrics = {
             "best_step": best_step,
             "steps_run": steps_run,
-            "seconds": round(time.time() - t0, 1),
+            "seconds": round(seconds_before + time.time() - t0, 1),
             "validation_base": base_val,
             "validation_best": best,
             "history": history,
@@ -430,13 +395,13 @@ def train_interactive(
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str) + "\n")
         return metrics
 
-    while step < cfg.iterations and (time.time() - t0) / 60 < cfg.max_minutes:
+    while step < min(cfg.iterations, cap) and (time.time() - t0) / 60 < cfg.max_minutes:
         model.train()
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg)
-        idx = rng.integers(len(train_pairs), size=cfg.batch_size).tolist()
-        emb, gt, scale = _batch(cache, train_pairs, idx)
-        loss, _ = simulate_batch(model, emb, gt, scale, cfg, rng)
+        idx = rng.choice(len(train_pairs), size=cfg.batch_size, p=probs).tolist()
+        emb, gt, scale, datasets = _batch(cache, train_pairs, idx)
+        loss, _ = simulate_batch(model, emb, gt, scale, cfg, rng, datasets=datasets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -450,18 +415,18 @@ def train_interactive(
             )
             log(
                 f"step {step} loss {history[-1]['loss']} val curve {v['curve']} auc {v['auc']} "
-                f"({time.time() - t0:.0f} s)"
+                f"({seconds_before + time.time() - t0:.0f} s)"
             )
             if v["auc"] > best["auc"]:
                 best, best_step = v, step
-                best_state = {
-                    k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad
-                }
+                best_state = {k: p.detach().clone() for k, p in named.items()}
                 export(step)
+            checkpoint()
+    checkpoint()
+    log(f"chunk: steps {first}..{step} of {cfg.iterations} in {time.time() - t0:.0f} s")
     with torch.no_grad():
-        own = dict(model.named_parameters())
         for k, v in best_state.items():
-            own[k].copy_(v)
+            named[k].copy_(v)
     return export(step)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "training_cases",
     "build_slice_cache",
     "open_slice_cache",
+    "concat_slice_caches",
 ]
 
 #: the cases bench/bench_interactive.py measures on: never trained on (checked at build time)
@@ -66,6 +67,8 @@ class TrainCase:
         values: label values used as structures (each one a binary target).
         every: take every ``every``-th slice that holds a structure.
         role: ``"train"`` or ``"val"`` (the held-back slice set that picks the best step).
+        offset: skip this many of the structure-holding slices before taking every
+            ``every``-th (a second cache of other slices of the same case).
     """
 
     dataset: str
@@ -75,6 +78,7 @@ class TrainCase:
     values: tuple[int, ...]
     every: int
     role: str = "train"
+    offset: int = 0
 
 
 def _acdc_held_out(root: Path) -> set[str]:
@@ -232,7 +236,7 @@ def build_slice_cache(
             log(f"skip {case.case}: label grid differs from the image")
             continue
         fg = np.isin(lab, case.values).any(axis=(1, 2))
-        zs = [int(z) for z in np.nonzero(fg)[0]][:: max(int(case.every), 1)]
+        zs = [int(z) for z in np.nonzero(fg)[0]][int(case.offset) :: max(int(case.every), 1)]
         plan.append((case, zs))
     # interleave: the cap keeps the first slices of every case
     total = sum(len(z) for _, z in plan)
@@ -292,3 +296,52 @@ def open_slice_cache(folder: str | os.PathLike) -> SliceCache:
             f"{len(index)} index entries; rebuild the cache"
         )
     return SliceCache(folder, emb, labs, index)
+
+
+class _Rows:
+    """Row-indexed view of several memory maps stacked along axis 0 (no copy)."""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self.arrays = arrays
+        self.offsets = np.cumsum([0] + [a.shape[0] for a in arrays])
+        self.shape = (int(self.offsets[-1]), *arrays[0].shape[1:])
+        self.dtype = arrays[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        one = np.isscalar(rows)
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"rows {rows.tolist()} outside 0..{self.shape[0] - 1}")
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.stack(
+            [self.arrays[k][r - self.offsets[k]] for k, r in zip(part, rows, strict=True)]
+        )
+        return out[0] if one else out
+
+
+def concat_slice_caches(caches: list[SliceCache]) -> SliceCache:
+    """One :class:`SliceCache` over several (rows of the first, then the next...; no copy).
+
+    The caches must have embeddings and label maps of the same shapes; a slice (dataset, case,
+    z) that two caches hold is refused.
+    """
+    if not caches:
+        raise ValueError("caches must hold at least one SliceCache; got none")
+    if len(caches) == 1:
+        return caches[0]
+    shapes = {(c.embeddings.shape[1:], c.labels.shape[1:]) for c in caches}
+    if len(shapes) != 1:
+        raise ValueError(f"slice caches of different shapes {sorted(shapes)}; allowed: one shape")
+    keys = [(e["dataset"], e["case"], e["z"]) for c in caches for e in c.index]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        raise ValueError(f"slices {dup} are in more than one cache; each slice must be in one")
+    return SliceCache(
+        caches[0].folder,
+        _Rows([c.embeddings for c in caches]),  # type: ignore[arg-type]
+        _Rows([c.labels for c in caches]),  # type: ignore[arg-type]
+        [e for c in caches for e in c.index],
+    )

@@ -7,11 +7,13 @@ copy 0 as annotated, the others augmented) and every held-back validation slice'
 computed once; a step then costs only the mask decoder (~0.2 s at batch 1 on a laptop CPU, 4x
 less than LoRA on the last encoder stage). The adapter carries a zero-initialised, frozen LoRA on
 one encoder block (a samed adapter always has one), so it changes only the decoder (and the
-automatic head). Learning rate: warm-up, then cosine over ``train.max_minutes`` (or over
-``train.iterations`` without a time limit). Validation (every ``validation.interval`` steps) is
-3D Dice per held-back volume from the cached embeddings — the inference path minus the
-encoder, which the adapter does not change; the best adapter is kept, and a stop (the
-``should_stop`` callback, the panel's Stop button) keeps it. Automatic mode: each validation
+automatic head). ``train.max_minutes`` limits the whole run, caching included (training gets
+what caching leaves, at least :data:`MIN_TRAIN_SHARE` of it); learning rate: warm-up, then
+cosine over that training time (or over ``train.iterations`` without a time limit).
+Validation (every ``validation.interval`` steps) is 3D Dice per held-back volume from the
+cached embeddings — the inference path minus the encoder, which the adapter does not change;
+the best adapter is kept, and a stop (the ``should_stop`` callback, the panel's Stop button)
+keeps it. Automatic mode: each validation
 also decides the largest-component clean-up on the held-back volumes
 (:func:`samed.postprocess.choose_largest_component`), recorded in the exported adapter's
 metadata ``"postprocessing"`` (applied by ``Session.automatic``, ``samed segment``, the plugin).
@@ -47,6 +49,8 @@ from .steps import cached_batch, dice_summary, record_validation, save_trained_a
 __all__ = ["train_quick", "caching_encoder", "QUICK_LORA_TARGET", "RECIPE"]
 
 RECIPE = "decoder"
+#: the least share of ``train.max_minutes`` left to training when caching takes longer
+MIN_TRAIN_SHARE = 0.2
 #: the one encoder block that carries the (zero, frozen) LoRA of a decoder-only adapter
 QUICK_LORA_TARGET = r"image_encoder\.layers\.3\.blocks\.0\.attn\.qkv"
 
@@ -311,6 +315,9 @@ def train_quick(
         lr=cfg.optim.lr,
     )
     mm = cfg.train.max_minutes
+    # the time limit is the whole run's (the panel's "Time limit" is the time to the adapter):
+    # training gets what caching left, at least MIN_TRAIN_SHARE of the limit
+    train_s = max(60 * mm - cache_s, 60 * mm * MIN_TRAIN_SHARE) if mm else None
     state: dict[str, Any] = {"best": -1.0, "best_step": -1, "bad": 0, "val": [], "loss": []}
     snaps = sorted(float(m) for m in snapshot_minutes)
     snap_done: list[dict[str, Any]] = []
@@ -389,7 +396,7 @@ def train_quick(
     t_train = time.perf_counter()
     s = slices
     while not stopped and step < cfg.train.iterations:
-        frac = (time.perf_counter() - t_train) / (60 * mm) if mm else step / cfg.train.iterations
+        frac = (time.perf_counter() - t_train) / train_s if train_s else step / cfg.train.iterations
         if mm and frac >= 1.0:
             break
         warm = min(1.0, (step + 1) / cfg.optim.warmup) if cfg.optim.warmup else 1.0

@@ -42,6 +42,7 @@ CANDIDATES: dict[str, dict] = {
     "s6": {},  # the session-6 defaults: 4 copies, lr 1e-3, wd 0.01
     "s6-lr3e-4": {"optim.lr": 3e-4},
     "s6-wd0.1": {"optim.weight_decay": 0.1},
+    "aug4s": {**STRONG_AUG},  # stronger augmentation, the same caching cost as s6
     "aug8": {"train.cache_copies": 8, **STRONG_AUG},
     "aug8-wd0.1": {"train.cache_copies": 8, **STRONG_AUG, "optim.weight_decay": 0.1},
     "aug8-lr5e-4": {"train.cache_copies": 8, **STRONG_AUG, "optim.lr": 5e-4},

@@ -31,10 +31,11 @@ def val_embeddings(
     limit: int | None = None,
     cache: str | Path | None = None,
     cache_only: bool = False,
+    skip: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """[{case, vol, gt, emb (Z, 256, 64, 64) fp16, geo}] of ACDC ``split`` with the base
     LiteMedSAM encoder; ``cache``: a torch file of the embeddings, extended after every volume
-    and reused; ``cache_only``: only the volumes already cached."""
+    and reused; ``cache_only``: only the volumes already cached; ``skip``: case ids left out."""
     import torch
 
     from samed.datasets import load_dataset
@@ -48,7 +49,8 @@ def val_embeddings(
         saved = torch.load(cache, weights_only=True)  # tuples of str + tensors only
     done = {row[0] for row in saved}
     ds = load_dataset(DATA / "acdc")
-    todo = [] if cache_only else ds.split(split)[: limit or None]
+    todo = [] if cache_only else [c for c in ds.split(split) if c.case_id not in skip]
+    todo = todo[: limit or None]
     base = load_model("litemedsam") if any(c.case_id not in done for c in todo) else None
     for case in todo:
         if case.case_id in done:
@@ -64,7 +66,7 @@ def val_embeddings(
             tmp.replace(cache)
         print(f"  embedded {case.case_id}", flush=True)
     out = []
-    for case_id, image, label, emb in saved[: limit or None]:
+    for case_id, image, label, emb in [r for r in saved if r[0] not in skip][: limit or None]:
         vol = load_volume(image)
         gt = np.asarray(load_label_map(label, reference=vol).array).astype(np.int64)
         out.append(

@@ -75,7 +75,8 @@ def main() -> int:
     panel.minutes_spin.setValue(args.minutes)
     res_dir = Path(args.out).parent
     res_dir.mkdir(parents=True, exist_ok=True)
-    shot = res_dir / "train_panel_screenshot.png"
+    stem = Path(args.out).stem  # screenshots named after the results file (no overwriting)
+    shot = res_dir / f"{stem}_window.png"
     up_start = _uptime()
     t0 = time.perf_counter()
     panel.train_btn.click()
@@ -86,7 +87,7 @@ def main() -> int:
         m = (time.perf_counter() - t0) / 60
         if not shot_taken and m >= args.screenshot_at:
             viewer.window._qt_window.grab().save(str(shot))  # the whole window, panel docked
-            panel.grab().save(str(shot.with_name("train_panel_only.png")))
+            panel.grab().save(str(shot.with_name(f"{stem}_panel.png")))
             shot_taken = True
             print(f"screenshot at {m:.1f} min: {panel.status.text()!r}", flush=True)
     for _ in range(20):
@@ -114,6 +115,7 @@ def main() -> int:
         "uptime_end": _uptime(),
         "cpu": platform.processor(),
         "screenshot": str(shot) if shot_taken else None,
+        "screenshot_panel": str(shot.with_name(f"{stem}_panel.png")) if shot_taken else None,
     }
     Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
     viewer.close()

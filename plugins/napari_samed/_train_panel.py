@@ -106,6 +106,7 @@ class TrainPanel(QGroupBox):
         self.minutes_spin.setRange(0.1, 600.0)
         self.minutes_spin.setValue(15.0)
         self.minutes_spin.setSuffix(" min")
+        self.minutes_spin.setToolTip("time to the adapter: embedding caching + training")
         form.addRow("Name", self.name_edit)
         form.addRow("Mode", self.mode_combo)
         form.addRow("Time limit", self.minutes_spin)

@@ -24,7 +24,12 @@ def add_annotation_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--name", default=None, help="adapter name (default: the folder's name)")
     g.add_argument("--mode", choices=("automatic", "prompted"), default="automatic")
-    g.add_argument("--minutes", type=float, default=15.0, help="training time limit (default 15)")
+    g.add_argument(
+        "--minutes",
+        type=float,
+        default=15.0,
+        help="time limit of the whole run, embedding caching included (default 15)",
+    )
     g.add_argument(
         "--val-volumes",
         type=int,

@@ -112,6 +112,7 @@ def validate(
     limit: int | None = None,
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    choose_postprocessing: bool = False,
 ) -> dict[str, Any]:
     """3D Dice per volume and class through the inference path.
 
@@ -125,15 +126,22 @@ def validate(
         box_margin: prompted: pixels added to each side of the box.
         limit: score at most this many volumes.
         batch_size: encoder batch.
+        progress: called with (volumes done, volumes) after each volume.
+        choose_postprocessing: automatic mode: also decide the largest-component clean-up on
+            these volumes (:func:`samed.postprocess.choose_largest_component` on the raw
+            predictions) and return it as ``"postprocessing"``.
 
     Returns:
         ``{"per_case": [{"case", "dice": {name: v}}], "per_class": {name: mean},
-        "mean_dice": float}`` (means ignore classes absent from a volume's ground truth).
+        "mean_dice": float}`` (means ignore classes absent from a volume's ground truth; always
+        the raw prediction), plus ``"postprocessing"`` (the metadata record) when chosen.
     """
     from ..engine import Session, mask_bbox
+    from ..postprocess import choose_largest_component
 
     fg = {k: v for k, v in labels.items() if k != 0}
     rows = []
+    preds: list[tuple[np.ndarray, np.ndarray]] = []
     todo = cases[:limit] if limit else cases
     for n, case in enumerate(todo):
         sess = Session(model, case.image, intensity="minmax", batch_size=batch_size)
@@ -144,6 +152,9 @@ def validate(
             )  # the raw model; adapters record their clean-up
             for k, name in fg.items():
                 scores[name] = dice(pred == k, case.label == k)
+            if choose_postprocessing:
+                small = np.uint8 if max(fg, default=0) < 256 else np.int32
+                preds.append((np.asarray(pred).astype(small, copy=False), case.label))
         else:
             for k, name in fg.items():
                 gt = case.label == k
@@ -155,7 +166,10 @@ def validate(
         rows.append({"case": case.case_id, "dice": scores})
         if progress is not None:
             progress(n + 1, len(todo))
-    return dice_summary(rows, list(fg.values()))
+    res = dice_summary(rows, list(fg.values()))
+    if preds:
+        res["postprocessing"] = choose_largest_component(preds, fg)
+    return res
 
 
 # ---------------------------------------------------------------------------------- batches
@@ -412,6 +426,7 @@ def finetune(
             box_margin=cfg.validation.box_margin,
             limit=cfg.validation.limit,
             batch_size=32 if dev.type == "cuda" else 4,
+            choose_postprocessing=cfg.mode == "automatic",
         )
         seconds = time.perf_counter() - t0
         improved = record_validation(state, res, step, export)
@@ -437,6 +452,7 @@ def finetune(
             command=command,
             device=str(dev),
             seconds=seconds,
+            postprocessing=None if val is None else val.get("postprocessing"),
         )
 
     def checkpoint(step: int) -> None:

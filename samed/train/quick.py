@@ -7,11 +7,13 @@ copy 0 as annotated, the others augmented) and every held-back validation slice'
 computed once; a step then costs only the mask decoder (~0.2 s at batch 1 on a laptop CPU, 4x
 less than LoRA on the last encoder stage). The adapter carries a zero-initialised, frozen LoRA on
 one encoder block (a samed adapter always has one), so it changes only the decoder (and the
-automatic head). Learning rate: warm-up, then cosine over ``train.max_minutes`` (or over
-``train.iterations`` without a time limit). Validation (every ``validation.interval`` steps) is
-3D Dice per held-back volume from the cached embeddings — the inference path minus the
-encoder, which the adapter does not change; the best adapter is kept, and a stop (the
-``should_stop`` callback, the panel's Stop button) keeps it. Automatic mode: each validation
+automatic head). ``train.max_minutes`` limits the whole run, caching included (training gets
+what caching leaves, at least :data:`MIN_TRAIN_SHARE` of it); learning rate: warm-up, then
+cosine over that training time (or over ``train.iterations`` without a time limit).
+Validation (every ``validation.interval`` steps) is 3D Dice per held-back volume from the
+cached embeddings — the inference path minus the encoder, which the adapter does not change;
+the best adapter is kept, and a stop (the ``should_stop`` callback, the panel's Stop button)
+keeps it. Automatic mode: each validation
 also decides the largest-component clean-up on the held-back volumes
 (:func:`samed.postprocess.choose_largest_component`), recorded in the exported adapter's
 metadata ``"postprocessing"`` (applied by ``Session.automatic``, ``samed segment``, the plugin).
@@ -44,9 +46,11 @@ from .loop import loss_fn
 from .model import _attach_lora, build_base_model
 from .steps import cached_batch, dice_summary, record_validation, save_trained_adapter
 
-__all__ = ["train_quick", "QUICK_LORA_TARGET", "RECIPE"]
+__all__ = ["train_quick", "caching_encoder", "QUICK_LORA_TARGET", "RECIPE"]
 
 RECIPE = "decoder"
+#: the least share of ``train.max_minutes`` left to training when caching takes longer
+MIN_TRAIN_SHARE = 0.2
 #: the one encoder block that carries the (zero, frozen) LoRA of a decoder-only adapter
 QUICK_LORA_TARGET = r"image_encoder\.layers\.3\.blocks\.0\.attn\.qkv"
 
@@ -68,6 +72,80 @@ def _embed(model: Any, images: list[np.ndarray], batch: int = 4) -> torch.Tensor
     return torch.cat(out)
 
 
+def caching_encoder(
+    cfg: FinetuneConfig, device: torch.device, log: Callable[[str], None] = print
+) -> tuple[Any, str]:
+    """The model whose image encoder computes the recipe's cached embeddings, and its label.
+
+    The encoder is frozen in this recipe, so its embeddings are computed the way the inference
+    path computes them: the base model loaded with the inference speed-ups
+    (:func:`samed.engine.optimize_for_inference`: Conv-BN folding, fused convolution + GELU,
+    channels-last; embeddings equal to the training model's within ~3e-6) and, on the CPU with
+    OpenVINO installed, its encoder through OpenVINO fp32 (equal within ~3e-6; the converted
+    model is cached on disk by :func:`samed.engine.backends.set_encoder_backend`). Measured
+    here (docs/BENCHMARKS.md "Train adapter from the widget, session 7"): 1.32 -> 1.05 (fused)
+    -> 0.86 (OpenVINO fp32) CPU-s per slice, 1 thread. ``model.kind: tiny`` (tests): the
+    random test model as built.
+
+    Returns:
+        (model in eval mode, ``"torch-fp32"`` / ``"torch-fp32-fused"`` / ``"openvino-fp32"``).
+    """
+    from ..model import load_model
+    from .model import build_base_model
+
+    if cfg.model.kind == "tiny":
+        return build_base_model(cfg, device).eval(), "torch-fp32"
+    model = load_model(cfg.model.kind, cfg.model.checkpoint, device=str(device), optimize=True)
+    model.eval()
+    label = "torch-fp32-fused"
+    if device.type == "cpu":
+        from ..engine.backends import openvino_available, set_encoder_backend
+
+        if openvino_available():
+            try:
+                be = set_encoder_backend(model, "openvino", "fp32")
+                if be.name == "openvino-fp32":
+                    label = be.name
+            except Exception as exc:  # a conversion failure only costs speed
+                model.encoder_backend = None
+                log(f"OpenVINO encoder unavailable ({type(exc).__name__}: {exc}); torch caches")
+    return model, label
+
+
+class _EmbeddingStore(dict):
+    """Cached embeddings kept on disk between runs (``embedding_cache`` of :func:`train_quick`):
+    key -> (256, 64, 64) fp16 tensor (a held-back volume: (Z, 256, 64, 64)). The file is used
+    only when its header matches: the data section (files, intensity), the model and the
+    caching encoder; keys name the slice, the copy and (copies > 0) the augmentation and seed.
+    Read with ``torch.load(weights_only=True)`` (tensors and strings only)."""
+
+    def __init__(self, path: str | Path | None, cfg: FinetuneConfig, encoder: str) -> None:
+        super().__init__()
+        self.path = None if path is None else Path(path)
+        self.header = json.dumps(
+            [cfg.to_dict()["data"], cfg.to_dict()["model"], encoder], sort_keys=True
+        )
+        self.dirty = False
+        if self.path is not None and self.path.is_file():
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            if isinstance(saved, dict) and saved.get("header") == self.header:
+                super().update(saved["embeddings"])
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self.dirty = True
+        super().__setitem__(key, value)
+
+    def save(self) -> None:
+        """Write the file (atomically) when something was added."""
+        if self.path is None or not self.dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({"header": self.header, "embeddings": dict(self)}, tmp)
+        tmp.replace(self.path)
+        self.dirty = False
+
+
 def train_quick(
     cfg: FinetuneConfig,
     out: str | Path,
@@ -79,6 +157,7 @@ def train_quick(
     command: str = "",
     log: Callable[[str], None] = print,
     extra_metadata: dict[str, Any] | None = None,
+    embedding_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a decoder-only adapter on cached embeddings; the best one lands in ``out/adapter``.
 
@@ -99,10 +178,14 @@ def train_quick(
         command: recorded in the metadata.
         log: progress lines.
         extra_metadata: merged into metadata.json (e.g. ``{"annotations": [...]}``).
+        embedding_cache: a file of cached embeddings reused across runs on the same data
+            (another learning rate, more copies: only the missing embeddings are computed);
+            None: computed every run.
 
     Returns:
         ``{"out", "adapter" (None if stopped before any step), "steps", "best_step",
-        "best_mean_dice", "stopped", "seconds", "cache_seconds", "validation", "snapshots"}``.
+        "best_mean_dice", "stopped", "seconds", "cache_seconds", "cache_encoder" (what computed
+        the embeddings, :func:`caching_encoder`), "validation", "snapshots"}``.
 
     Raises:
         ValueError: unreadable data, no foreground.
@@ -165,31 +248,40 @@ def train_quick(
         model.low_res_size,
         cfg.data.empty_slice_fraction,
     )
-    # ---- cache: training copies, then validation slices
+    # ---- cache: training copies, then validation slices, through the inference-path encoder
+    enc_model, enc_label = caching_encoder(cfg, dev, log)
+    enc_batch = 1 if enc_label.startswith("openvino") else 4
     copies = cfg.train.cache_copies
-    todo: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+    store = _EmbeddingStore(embedding_cache, cfg, enc_label)
+    aug_key = json.dumps([cfg.to_dict()["augment"], cfg.train.seed], sort_keys=True)
+    ids = [f"{c.case_id}|{z}" for c in train_cases for z in range(c.image.shape[0])]
+    # feats[i][c] / labs[i][c]: slice i, copy c (copy 0 as annotated, the others augmented)
+    feats: list[list[Any]] = [[None] * copies for _ in slices.slices]
+    labs: list[list[Any]] = [[None] * copies for _ in slices.slices]
+    todo: list[tuple[int, int, np.ndarray, str]] = []
     for i, (image, label) in enumerate(slices.slices):
         for c in range(copies):
             if c == 0:
                 im, lab = image, label
             else:
                 im, lab = slices.augment(image, label, sample_rng(cfg.train.seed, 10**9 + c, i))
-            todo.append((i, c, im, lab))
+            labs[i][c] = lab
+            key = f"train|{ids[i]}|{c}|{aug_key if c else ''}"
+            if key in store:
+                feats[i][c] = store[key]
+            else:
+                todo.append((i, c, im, key))
     n_val = sum(v.image.shape[0] for v in val_cases)
     total = len(todo) + n_val
-    # feats[i][c] / labs[i][c]: slice i, copy c (filled in that order)
-    feats: list[list[torch.Tensor]] = [[] for _ in slices.slices]
-    labs: list[list[np.ndarray]] = [[] for _ in slices.slices]
     val_emb: list[torch.Tensor] = []
     done = 0
     chunk = 4
     stopped = False
     for k in range(0, len(todo), chunk):
         part = todo[k : k + chunk]
-        emb = _embed(model, [t[2] for t in part])
-        for (i, _c, _, lab), e in zip(part, emb, strict=True):
-            feats[i].append(e)
-            labs[i].append(lab)
+        emb = _embed(enc_model, [t[2] for t in part], enc_batch)
+        for (i, c, _, key), e in zip(part, emb, strict=True):
+            feats[i][c] = store[key] = e
         done += len(part)
         emit({"event": "cache", "done": done, "total": total, "minutes": minutes()})
         if done % max(chunk, (total // 10) // chunk * chunk) == 0:
@@ -200,13 +292,19 @@ def train_quick(
     for v in val_cases:
         if stopped:
             break
-        val_emb.append(_embed(model, list(v.image)))
+        key = f"val|{v.case_id}"
+        if key not in store or store[key].shape[0] != v.image.shape[0]:
+            store[key] = _embed(enc_model, list(v.image), enc_batch)
+        val_emb.append(store[key])
         done += v.image.shape[0]
         emit({"event": "cache", "done": done, "total": total, "minutes": minutes()})
         stopped = stop()
+    store.save()  # (a stop during caching trains nothing: the finished embeddings are kept)
+    del enc_model
     cache_s = time.perf_counter() - t_start
     log(
         f"cached {sum(map(len, feats))} training + {n_val} validation embeddings in {cache_s:.1f} s"
+        f" ({enc_label})"
     )
 
     opt = torch.optim.AdamW(
@@ -217,6 +315,9 @@ def train_quick(
         lr=cfg.optim.lr,
     )
     mm = cfg.train.max_minutes
+    # the time limit is the whole run's (the panel's "Time limit" is the time to the adapter):
+    # training gets what caching left, at least MIN_TRAIN_SHARE of the limit
+    train_s = max(60 * mm - cache_s, 60 * mm * MIN_TRAIN_SHARE) if mm else None
     state: dict[str, Any] = {"best": -1.0, "best_step": -1, "bad": 0, "val": [], "loss": []}
     snaps = sorted(float(m) for m in snapshot_minutes)
     snap_done: list[dict[str, Any]] = []
@@ -295,7 +396,7 @@ def train_quick(
     t_train = time.perf_counter()
     s = slices
     while not stopped and step < cfg.train.iterations:
-        frac = (time.perf_counter() - t_train) / (60 * mm) if mm else step / cfg.train.iterations
+        frac = (time.perf_counter() - t_train) / train_s if train_s else step / cfg.train.iterations
         if mm and frac >= 1.0:
             break
         warm = min(1.0, (step + 1) / cfg.optim.warmup) if cfg.optim.warmup else 1.0
@@ -389,6 +490,7 @@ def train_quick(
         "stopped": stopped,
         "seconds": round(seconds, 1),
         "cache_seconds": round(cache_s, 1),
+        "cache_encoder": enc_label,
         "cpu_seconds": round(time.process_time() - cpu0, 1),
         "validation": state["val"],
         "snapshots": snap_done,

@@ -174,3 +174,29 @@ def test_cli_from_annotations(tmp_path, make_tiny_volume, capsys):
     assert (tmp_path / "run" / "finetune.yaml").is_file()
     rc = main(["finetune", "--from-annotations", str(folder), "--name", "../bad"])
     assert rc == 2 and "adapter name" in capsys.readouterr().err
+
+
+def test_embedding_cache_is_reused(tmp_path, make_tiny_volume):
+    """A second run on the same data reads the cached embeddings back (only the missing copies
+    are computed) and trains exactly as the first; another augmentation computes its own."""
+    from safetensors.torch import load_file
+
+    from samed.train.quick import train_quick
+
+    folder = _folder(tmp_path, make_tiny_volume)
+    over = {**TINY, "train.cache_copies": 2}
+    store = tmp_path / "emb.pt"
+    totals = []
+    for run, extra in (("a", {}), ("b", {}), ("c", {"augment.rotate_deg": 5.0})):
+        cfg = annotations_config(folder, "c", overrides={**over, **extra})
+        events: list[dict] = []
+        res = train_quick(
+            cfg, tmp_path / run, callback=events.append, log=lambda s: None, embedding_cache=store
+        )
+        totals.append(max(e["total"] for e in events if e["event"] == "cache"))
+        assert res["cache_encoder"] == "torch-fp32" and res["steps"] == 4
+    n_train, n_val = 3 * 3, 3  # three 3-slice training volumes, one held back
+    assert totals == [2 * n_train + n_val, n_val, n_train + n_val]
+    wa = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)

@@ -123,6 +123,44 @@ def test_loss_falls_and_exported_adapter_reloads(
         load_adapter(make_tiny_model(seed=123), folder)
 
 
+def test_exported_adapter_records_chosen_postprocessing(
+    tiny_dataset: Path, tmp_path: Path, make_tiny_model
+) -> None:
+    """The YAML path decides the largest-component clean-up on its validation volumes (as the
+    quick recipe does), records it in metadata.json, and Session.automatic applies it."""
+    from samed.engine import Session
+    from samed.lora import load_adapter
+    from samed.postprocess import choose_largest_component, keep_largest_component
+
+    cfg = _cfg(
+        tiny_dataset,
+        data={"val_split": "val"},
+        optim={"lr": 1e-2},
+        train={"iterations": 12},
+        validation={"interval": 4},
+    )
+    res = finetune(cfg, tmp_path / "run", log=lambda s: None)
+    meta = json.loads((res["adapter"] / "metadata.json").read_text())
+    post = meta["postprocessing"]
+    # the record is the decision on the raw predictions of the validation volume(s)
+    cases, labels, _ = load_cases(cfg.data, "val")
+    model = make_tiny_model(seed=cfg.train.seed)
+    load_adapter(model, res["adapter"])
+    raw = [Session(model, c.image, intensity="minmax").automatic(postprocess="none") for c in cases]
+    fg = {k: v for k, v in labels.items() if k}
+    want = choose_largest_component(list(zip(raw, [c.label for c in cases], strict=True)), fg)
+    assert post["largest_component"] == want["largest_component"]
+    assert post["measured"] == want["measured"]
+    assert model.adapter.postprocessing == post
+    lcc = post["largest_component"]
+    out = Session(model, cases[0].image, intensity="minmax").automatic()
+    np.testing.assert_array_equal(out, keep_largest_component(raw[0], lcc) if lcc else raw[0])
+    # prompted runs record none (the clean-up is for automatic adapters)
+    pcfg = _cfg(tiny_dataset, mode="prompted", data={"val_split": "val"}, train={"iterations": 1})
+    pres = finetune(pcfg, tmp_path / "p", log=lambda s: None)
+    assert "postprocessing" not in json.loads((pres["adapter"] / "metadata.json").read_text())
+
+
 def test_resume_continues_identically(tiny_dataset: Path, tmp_path: Path) -> None:
     # on-the-fly MONAI augmentation, full encoder path
     over = {

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -201,7 +202,7 @@ def _save(obj: dict[str, Any], path: Path) -> None:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two caching processes never share one
     torch.save(obj, tmp)
     tmp.replace(path)
 
@@ -220,6 +221,7 @@ def cache_embeddings(
     kinds: Sequence[str] = KINDS,
     max_minutes: float | None = None,
     shard: tuple[int, int] = (0, 1),
+    reverse: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, int]:
     """Fill ``out/cache/<kind>/<case>.pt`` (volumes already there are skipped).
@@ -228,7 +230,8 @@ def cache_embeddings(
     int16 ground truth; ``unlabeled``: ``emb`` (Z, C, h, w), ``label`` (Z, H, W) the
     teacher's post-processed pseudo-label, ``unc`` (Z, H, W) fp16 uncertainty, ``score``;
     ``val``: ``emb`` only. Stops (resumably) after ``max_minutes``. ``shard`` = (i, n): only
-    every n-th unlabeled volume from the i-th (two processes can fill one cache).
+    every n-th unlabeled volume from the i-th; ``reverse``: last first (two processes can
+    fill one cache from both ends).
 
     Returns: volumes cached now per kind.
     """
@@ -251,7 +254,7 @@ def cache_embeddings(
     i_sh, n_sh = shard
     if not 0 <= i_sh < n_sh:
         raise ValueError(f"shard={shard!r} must be (i, n) with 0 <= i < n")
-    split["unlabeled"] = split["unlabeled"][i_sh::n_sh]
+    split["unlabeled"] = split["unlabeled"][i_sh::n_sh][:: -1 if reverse else 1]
     done = {k: 0 for k in kinds}
 
     def late() -> bool:
@@ -417,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--kinds", default=",".join(KINDS), help="cache: which of labeled,unlabeled,val"
     )
     ap.add_argument("--shard", default="0/1", help="cache: I/N, every N-th unlabeled volume")
+    ap.add_argument("--reverse", action="store_true", help="cache: unlabeled volumes last first")
     ap.add_argument("--adapter", default=None, help="score: another adapter (default OUT/adapter)")
     args = ap.parse_args(argv)
     over = {}
@@ -439,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kinds=args.kinds.split(","),
             max_minutes=args.max_minutes,
             shard=tuple(int(x) for x in args.shard.split("/")),
+            reverse=args.reverse,
         )
     elif args.stage == "report":
         r = pseudo_label_report(cfg, semi, args.out)

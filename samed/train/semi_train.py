@@ -296,7 +296,13 @@ def train_semi(
         "embeddings of labeled slices + uncertainty-filtered pseudo-labels, BCP-style "
         "copy-paste on the embedding grid (samed.train.semi)",
         extra=extra,
-        postprocessing={k: v for k, v in pp.items() if k != "measured"} if pp else None,
+        postprocessing=None
+        if not pp
+        else {
+            **{k: v for k, v in pp.items() if k not in ("measured", "note")},
+            "note": "inherited from the teacher adapter "
+            f"{semi.teacher!r} (chosen there; see its metadata), not re-chosen for this student",
+        },
     )
     _to_fp16(out / "adapter")
     (out / "metrics.json").write_text(

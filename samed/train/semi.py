@@ -1,7 +1,7 @@
 """Semi-supervised automatic adapter: teacher pseudo-labels filtered by uncertainty, and a
 student decoder trained on labeled + pseudo-labeled slices (cached embeddings, CPU-sized).
 
-Recipe (``configs/acdc-cardiac-mri-semi.yaml``, docs/TRAINING.md "Semi-supervised ACDC"):
+Recipe (``configs/semi/acdc-cardiac-mri.yaml``, docs/TRAINING.md "Semi-supervised ACDC"):
 
 1. **Teacher** = an automatic adapter trained on the labeled split only (``semi.teacher``),
    its encoder LoRA merged. It segments every volume of ``semi.unlabeled_split`` that is in
@@ -28,7 +28,7 @@ Recipe (``configs/acdc-cardiac-mri-semi.yaml``, docs/TRAINING.md "Semi-supervise
 
 Command line::
 
-    python -m samed.train.semi cache  --config configs/acdc-cardiac-mri-semi.yaml --out runs/semi
+    python -m samed.train.semi cache  --config configs/semi/acdc-cardiac-mri.yaml --out runs/semi
     python -m samed.train.semi report --config ... --out runs/semi   # pseudo-label Dice (report)
     python -m samed.train.semi train  --config ... --out runs/semi [--max-minutes 20]
     python -m samed.train.semi score  --config ... --out runs/semi   # val Dice (report)

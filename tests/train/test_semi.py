@@ -284,3 +284,15 @@ def test_pseudo_label_report_uses_hidden_labels_for_reporting(setup: dict, tmp_p
     assert rep["volumes"] == 3 and set(rep["dice_per_class"]) == {"disk", "square"}
     assert 0.0 <= rep["foreground_voxels_left_out"] <= 1.0
     assert json.loads((out / "pseudo_quality.json").read_text())["volumes"] == 3
+
+
+SEMI_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "semi").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SEMI_CONFIGS, ids=lambda p: p.name)
+def test_shipped_semi_configs_load(path: Path) -> None:
+    from samed.registry import resolve_adapter
+
+    cfg, semi = load_semi_config(path)
+    assert cfg.mode == "automatic" and cfg.data.label_source == "semi"
+    assert resolve_adapter(semi.teacher).is_dir()

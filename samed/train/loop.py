@@ -59,7 +59,12 @@ FEATURE_CACHE = "feature_cache.pt"
 
 # ---------------------------------------------------------------------------------- loss
 def loss_fn(
-    logits: torch.Tensor, targets: torch.Tensor, mode: str, dice_w: float, ce_w: float
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mode: str,
+    dice_w: float,
+    ce_w: float,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dice + cross-entropy on low-resolution logits.
 
@@ -69,19 +74,33 @@ def loss_fn(
         mode: ``automatic`` or ``prompted``.
         dice_w: weight of the soft Dice loss (foreground classes, batch-pooled).
         ce_w: weight of the (binary) cross-entropy.
+        valid: optional (B, L, L) bool: only these voxels count (cross-entropy averaged over
+            them, Dice summed over them); the targets elsewhere must still be valid indices
+            and are ignored (e.g. uncertain pseudo-labels, :mod:`samed.train.semi`).
 
     Returns:
         Scalar loss (float32).
     """
     logits = logits.float()
+    v = None if valid is None else valid.to(logits.device, torch.float32)[:, None]
     if mode == "automatic":
-        ce = F.cross_entropy(logits, targets)
+        if v is None:
+            ce = F.cross_entropy(logits, targets)
+        else:
+            ce_map = F.cross_entropy(logits, targets, reduction="none")
+            ce = (ce_map * v[:, 0]).sum() / v.sum().clamp(min=1.0)
         prob = logits.softmax(1)[:, 1:]
         onehot = F.one_hot(targets, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
     else:
         t = targets.float()[:, None]
-        ce = F.binary_cross_entropy_with_logits(logits, t)
+        if v is None:
+            ce = F.binary_cross_entropy_with_logits(logits, t)
+        else:
+            ce_map = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+            ce = (ce_map * v).sum() / v.sum().clamp(min=1.0)
         prob, onehot = logits.sigmoid(), t
+    if v is not None:
+        prob, onehot = prob * v, onehot * v
     inter = (prob * onehot).sum((0, 2, 3))
     denom = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
     dice = 1.0 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()

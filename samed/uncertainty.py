@@ -14,6 +14,10 @@ Methods (``method=``), measured on ACDC ``val`` by ``bench/bench_uncertainty.py`
              where they agree).
 
 Arrays are (Z, Y, X) on the volume's own slice grid (axial ``array[z]``), float32 in [0, 1].
+An adapter that records a training spacing / orientation is run as
+:meth:`samed.engine.Session.automatic` runs it (canvas at that spacing, slices flipped to its
+orientation, :mod:`samed.engine.canvas`), so its labels are the same; ``flip`` then mirrors the
+canvas. Post-processing uses the session's orientation (:meth:`samed.engine.Session.postprocess`).
 
 :func:`propagated_uncertainty` does the same for one box-prompted object carried through the
 volume (:meth:`samed.engine.Session.propagate`, the plugin's *Propagate*): each slice's object
@@ -262,9 +266,10 @@ def automatic_uncertainty(
 
     import torch
 
+    from .engine.canvas import canvas_logits, session_canvas
     from .engine.preprocess import prepare_slices
     from .model.sam import upscale_logits
-    from .postprocess import POSTPROCESS_CHOICES, apply_postprocessing
+    from .postprocess import POSTPROCESS_CHOICES
 
     if method not in METHODS:
         raise ValueError(f"method={method!r} must be one of {METHODS}")
@@ -282,6 +287,8 @@ def automatic_uncertainty(
     model = session.model
     zs = [session._check_z(z) for z in (range(session.shape[0]) if slices is None else slices)]
     geo = session.geometry
+    session._check_cache()
+    grid = session_canvas(session)  # None: the native grid (no adapter spacing, or unknown)
     raw = np.zeros(session.shape, np.int16)
     names = ["entropy", "margin"] + (["flip", "flip_entropy"] if method == "flip" else [])
     maps = {n: np.zeros(session.shape, np.float32) for n in names} if keep_maps else {}
@@ -296,15 +303,21 @@ def automatic_uncertainty(
     with torch.inference_mode():
         for i in range(0, len(zs), session.batch_size):
             batch = zs[i : i + session.batch_size]
-            missing = [z for z in batch if not session.is_embedded(z)]
-            if missing:
-                session._encode(missing)
-            p = probs_of(torch.cat([session.embedding(z) for z in batch]))
+            if grid is not None:  # the adapter's spacing / orientation, as Session.automatic
+                p = canvas_logits(session, batch, grid).softmax(1).numpy()
+                if method == "flip":
+                    pf = canvas_logits(session, batch, grid, mirror=True).softmax(1).numpy()
+            else:
+                missing = [z for z in batch if not session.is_embedded(z)]
+                if missing:
+                    session._encode(missing)
+                p = probs_of(torch.cat([session.embedding(z) for z in batch]))
+                if method == "flip":
+                    x = prepare_slices(
+                        np.ascontiguousarray(session.image[batch][..., ::-1]), model.image_size
+                    ).to(model.device)
+                    pf = probs_of(model.encode(x).float())[..., ::-1]
             if method == "flip":
-                x = prepare_slices(
-                    np.ascontiguousarray(session.image[batch][..., ::-1]), model.image_size
-                ).to(model.device)
-                pf = probs_of(model.encode(x).float())[..., ::-1]
                 members = np.stack([p, pf], 1)  # (B, M, C, Y, X)
             for j, z in enumerate(batch):
                 pj = p[j]
@@ -329,7 +342,7 @@ def automatic_uncertainty(
             done += len(batch)
             if progress is not None:
                 progress(done, len(zs))
-    labels = apply_postprocessing(raw, postprocess, model)
+    labels = session.postprocess(raw, postprocess)  # its orientation: lateral pairs
     extra: dict[str, Any] = {"raw_labels": raw}
     if keep_maps:
         extra["maps"] = maps

@@ -135,18 +135,27 @@ class PluginSession:
         return True
 
     # ------------------------------------------------------------------ engines and annotators
-    def engine(self, image: np.ndarray, modality: str = "", spacing: Any = None) -> Any:
+    def engine(
+        self,
+        image: np.ndarray,
+        modality: str = "",
+        spacing: Any = None,
+        orientation: str | None = None,
+    ) -> Any:
         """The :class:`samed.engine.Session` for an image array under the current settings.
 
         ``spacing``: the in-plane (row, column) pixel spacing in mm when known, so that an
-        automatic adapter with a recorded training spacing resamples to it.
+        automatic adapter with a recorded training spacing resamples to it. ``orientation``:
+        the axis codes of the volume's (x, y, z) voxel axes (e.g. ``"RAS"``, from the file's
+        affine) when known, so that an automatic adapter sees its slices as it was trained
+        (:mod:`samed.engine.orientation`); None: slices as stored.
 
         Sessions are keyed by the array's identity, the model and the intensity mapping; the
         embeddings live in the session (and in :attr:`cache_dir` when set).
         """
         from samed.engine import Session
 
-        key = (id(image), self.settings.model_key, self.settings.intensity)
+        key = (id(image), self.settings.model_key, self.settings.intensity, orientation)
         eng = self._engines.get(key)
         if eng is not None and eng.shape == tuple(image.shape[-3:]):
             self._engines.move_to_end(key)
@@ -159,6 +168,7 @@ class PluginSession:
             intensity=self.settings.intensity,
             modality=modality,
             spacing=spacing,
+            orientation=orientation,
             batch_size=batch,
             cache_dir=self.cache_dir,
         )
@@ -168,6 +178,20 @@ class PluginSession:
             for k in [k for k in self._annotators if k[0] == id(dropped)]:
                 del self._annotators[k]
         return eng
+
+    def engine_for(self, image: np.ndarray, reference: Any = None) -> Any:
+        """:meth:`engine` for a layer's (Z, Y, X) array and the :class:`samed.io.Volume` it was
+        read from (``layer.metadata["samed_volume"]``, or None): its in-plane spacing, modality
+        and, when it holds the layer's voxels (same shape: samed's reader keeps the file's voxel
+        order), its orientation, so that the plugin's automatic result is ``samed segment``'s."""
+        from samed.engine.preprocess import inplane_spacing
+
+        affine = getattr(reference, "affine", None)
+        spacing = None if affine is None else inplane_spacing(affine)
+        same = affine is not None and tuple(reference.shape) == tuple(np.shape(image))
+        orientation = reference.orientation if same else None
+        modality = str(getattr(reference, "modality", "") or "")
+        return self.engine(image, modality, spacing, orientation)
 
     def annotator(self, engine: Any, labels: np.ndarray) -> Any:
         """The :class:`samed.annotation.Annotator` for an engine and a label array (one per pair,

@@ -15,8 +15,6 @@ from typing import Any
 import numpy as np
 from superqt.utils import create_worker
 
-from samed.postprocess import apply_postprocessing
-
 __all__ = ["TaskMixin"]
 
 
@@ -295,8 +293,9 @@ class TaskMixin:
                 yield done, total
                 if stop.is_set():
                     return None
-            # the clean-up the adapter recommends (e.g. largest 3D component per class)
-            return apply_postprocessing(out, "adapter", engine.model)
+            # the clean-up the adapter recommends (e.g. largest 3D component per class, kidneys
+            # by the side of the midline: the volume's orientation says which side is right)
+            return engine.postprocess(out, "adapter")
 
         def on_yield(v: tuple[int, int]) -> None:
             self._progress(v[0], v[1], f"automatic {v[0]}/{v[1]} slices")

@@ -350,12 +350,8 @@ class SamedWidget(LayersMixin, TaskMixin, QWidget):
         arr = labels.data
         if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
             labels.data = np.ascontiguousarray(np.asarray(arr))
-        ref = reference_volume(image.metadata)
-        from samed.engine.preprocess import inplane_spacing
-
-        affine = getattr(ref, "affine", None)
-        spacing = None if affine is None else inplane_spacing(affine)
-        engine = self.session.engine(image.data, getattr(ref, "modality", "") or "", spacing)
+        # the file's spacing, orientation and modality, as `samed segment` uses them
+        engine = self.session.engine_for(image.data, reference_volume(image.metadata))
         ann = self.session.annotator(engine, labels.data)
         missing = any(name not in self.viewer.layers for name in _OWN)
         if ann is not self._annotator or missing:

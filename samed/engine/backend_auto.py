@@ -15,10 +15,16 @@ candidates, and a few encoder passes per candidate; afterwards nothing but loadi
   ``shared/data`` folder beside the checkout, prepared exactly as a Session prepares them
   (``intensity="auto"``, :func:`samed.engine.preprocess.prepare_slices`); without them, the
   MNI152 T1 template that nilearn ships (MRI only; int8 is then not offered);
-* accuracy against torch fp32 on :data:`ACCURACY_SLICES` of them, with the ground-truth box (+5
-  px) of up to 3 structures per slice: the box-prompt masks (decoder in torch fp32 either way)
-  must reach mean Dice >= :data:`MIN_MEAN_DICE` and each >= :data:`MIN_DICE`; the relative L2
-  error of the embeddings is recorded beside it;
+* accuracy against torch fp32 on :data:`ACCURACY_SLICES` of them (decoder in torch fp32 either
+  way), by what the model is used for (:func:`accuracy_check`): for a model without an
+  automatic adapter, the box-prompt masks with the ground-truth box (+5 px) of up to 3
+  structures per slice; for an **automatic adapter**, its automatic output (the argmax class
+  map of each slice, as :meth:`samed.engine.Session.automatic` computes it on the native grid),
+  scored per class (:func:`class_dices`: Dice of each class pooled over the slices, classes
+  with fewer than :data:`MIN_CLASS_PIXELS` pixels in both left out), so a backend that changes
+  automatic results is never picked. Either way the Dice values must reach mean >=
+  :data:`MIN_MEAN_DICE` and each >= :data:`MIN_DICE`; the relative L2 error of the embeddings
+  is recorded beside it;
 * speed: median of :data:`TIMED_PASSES` batch-1 encoder passes after one warm-up, taken
   round-robin over the candidates (a load change hits all alike; at least 3 rounds, fewer than
   :data:`TIMED_PASSES` once they took :data:`MAX_TIMING_S`); a candidate
@@ -27,7 +33,8 @@ candidates, and a few encoder passes per candidate; afterwards nothing but loadi
 
 Choices are stored in ``<cache>/choices.json`` keyed by the CPU (model name + flags), the torch
 and OpenVINO versions, the thread count and a digest of the encoder's weights (so a merged adapter
-is its own entry).
+is its own entry); a model with an automatic adapter adds the check and the adapter's digest (a
+decoder-only adapter leaves the encoder's digest as it was, but is checked on its own output).
 """
 
 from __future__ import annotations
@@ -59,13 +66,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACCURACY_SLICES",
+    "MIN_CLASS_PIXELS",
     "MIN_DICE",
     "MIN_GAIN",
     "MIN_MEAN_DICE",
     "calibration_data_root",
     "calibration_inputs",
+    "accuracy_check",
     "auto_candidates",
     "calibration_set",
+    "class_dices",
     "choose",
     "expected_order",
     "measure",
@@ -76,6 +86,9 @@ ACCURACY_SLICES = 6
 MIN_MEAN_DICE = 0.99
 MIN_DICE = 0.95
 MIN_GAIN = 1.05
+#: classes smaller than this (pixels, reference + candidate, over the accuracy slices) are left
+#: out of the automatic check (a few flickering pixels of a class absent from the slices)
+MIN_CLASS_PIXELS = 50
 TIMED_PASSES = 5
 #: the timed rounds stop early (after at least 3) once they have taken this long (s)
 MAX_TIMING_S = 10.0
@@ -201,6 +214,53 @@ def _box_masks(model: SamModel, emb: torch.Tensor, slices: list, boxes: list) ->
     return out
 
 
+def accuracy_check(model: SamModel) -> str:
+    """``"automatic"`` when ``model`` carries an automatic adapter (its argmax class maps are
+    compared), else ``"box"`` (box-prompt masks)."""
+    adapter = getattr(model, "adapter", None)
+    return "automatic" if adapter is not None and adapter.mode == "automatic" else "box"
+
+
+def _automatic_labels(model: SamModel, emb: torch.Tensor, slices: list) -> list[np.ndarray]:
+    """(Y, X) argmax class maps of the automatic head on each slice's embedding, upscaled to
+    the slice grid as :meth:`samed.engine.Session.automatic` does on the native grid."""
+    from ..model.sam import upscale_logits
+    from .preprocess import slice_geometry
+
+    out = []
+    for i, sl in enumerate(slices):
+        geo = slice_geometry(sl.shape, model.image_size)
+        logits, _ = model.decode(emb[i : i + 1], multimask_output=True)
+        full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
+        out.append(full.argmax(1)[0].cpu().numpy())
+    return out
+
+
+def class_dices(
+    ref: list[np.ndarray], got: list[np.ndarray], min_pixels: int = MIN_CLASS_PIXELS
+) -> dict[int, float]:
+    """Per-class Dice of two lists of (Y, X) integer class maps (the same slices), each class's
+    pixels pooled over the slices; background (0) and classes with fewer than ``min_pixels``
+    pixels in ``ref`` and ``got`` together are left out.
+
+    Returns:
+        ``{class: Dice}`` (empty when no class is large enough).
+    """
+    if len(ref) != len(got):
+        raise ValueError(f"ref and got must list the same slices; got {len(ref)} and {len(got)}")
+    classes = sorted({int(c) for a in (*ref, *got) for c in np.unique(a)} - {0})
+    out: dict[int, float] = {}
+    for c in classes:
+        inter = total = 0
+        for a, b in zip(ref, got, strict=True):
+            ma, mb = np.asarray(a) == c, np.asarray(b) == c
+            inter += int((ma & mb).sum())
+            total += int(ma.sum()) + int(mb.sum())
+        if total >= min_pixels:
+            out[c] = 2.0 * inter / total
+    return out
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     s = int(a.sum()) + int(b.sum())
     return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
@@ -223,7 +283,9 @@ def measure(
     the backends built here are added to it.
 
     Returns:
-        ``{name: {"s_per_slice": s, "speedup": x vs torch fp32, "mean_dice", "min_dice",
+        ``{name: {"s_per_slice": s, "speedup": x vs torch fp32, "check": "box" or "automatic"
+        (:func:`accuracy_check`), "mean_dice", "min_dice" (over the box masks, or over the
+        classes of :func:`class_dices`, then also ``"class_dice": {class: Dice}``),
         "embedding_rel_err", "build_s", "ok": passes the bar}}``; a candidate that failed to
         build has ``{"error": message, "ok": False}``.
     """
@@ -234,9 +296,22 @@ def measure(
     x = _encoder_input(model, slices)
     runs: dict[str, Any] = {"torch-fp32": model.image_encoder}
     ref = torch.cat([model.image_encoder(x[i : i + 1]) for i in range(len(x))]).float()
-    ref_masks = _box_masks(model, ref, slices, boxes)
+    check = accuracy_check(model)
+
+    def outputs(emb: torch.Tensor) -> list[np.ndarray]:
+        if check == "automatic":
+            return _automatic_labels(model, emb, slices)
+        return _box_masks(model, emb, slices, boxes)
+
+    ref_out = outputs(ref)
     res: dict[str, dict[str, Any]] = {
-        "torch-fp32": {"mean_dice": 1.0, "min_dice": 1.0, "embedding_rel_err": 0.0, "build_s": 0.0}
+        "torch-fp32": {
+            "check": check,
+            "mean_dice": 1.0,
+            "min_dice": 1.0,
+            "embedding_rel_err": 0.0,
+            "build_s": 0.0,
+        }
     }
 
     def calib() -> np.ndarray:
@@ -258,11 +333,19 @@ def measure(
             built[name] = be
         run = be.run if be.run is not None else model.image_encoder
         emb = torch.cat([run(x[i : i + 1]) for i in range(len(x))]).float()
-        masks = _box_masks(model, emb, slices, boxes)
-        dices = [_dice(a, b) for a, b in zip(ref_masks, masks, strict=True)]
+        out = outputs(emb)
+        extra: dict[str, Any] = {}
+        if check == "automatic":
+            per_class = class_dices(ref_out, out)
+            dices = list(per_class.values())
+            extra["class_dice"] = {str(c): round(d, 5) for c, d in per_class.items()}
+        else:
+            dices = [_dice(a, b) for a, b in zip(ref_out, out, strict=True)]
         res[name] = {
+            "check": check,
             "mean_dice": float(np.mean(dices)) if dices else 1.0,
             "min_dice": float(np.min(dices)) if dices else 1.0,
+            **extra,
             "embedding_rel_err": float((emb - ref).norm() / ref.norm().clamp_min(1e-12)),
             "build_s": build_s,
         }
@@ -393,6 +476,8 @@ def choose(
             adapter_digest=model.adapter_digest,
         )
     key_obj = {**_machine_key(model), "candidates": runnable, "bar": _BAR_VERSION}
+    if accuracy_check(model) == "automatic":  # its own output is checked: its own entry
+        key_obj["check"] = f"automatic {model.adapter_digest}"
     key = json.dumps(key_obj, sort_keys=True)
     path = cache / "choices.json" if cache is not None else None
     entry = _read_choices(path).get(key) if path is not None else None
@@ -418,8 +503,8 @@ def choose(
     choice = str(entry["choice"])
     r = entry.get("results", {}).get(choice, {})
     note = (
-        f"auto: {choice}, {r.get('speedup', 1.0):.2f}x torch fp32, box Dice vs fp32 "
-        f"{r.get('mean_dice', 1.0):.4f}"
+        f"auto: {choice}, {r.get('speedup', 1.0):.2f}x torch fp32, {r.get('check', 'box')} "
+        f"Dice vs fp32 {r.get('mean_dice', 1.0):.4f}"
     )
     if choice == "torch-fp32":
         be = EncoderBackend(adapter_digest=model.adapter_digest)

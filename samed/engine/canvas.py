@@ -27,7 +27,13 @@ from .preprocess import CanvasGrid, body_center, canvas_grid, from_canvas, prepa
 if TYPE_CHECKING:
     from .session import Session
 
-__all__ = ["session_canvas", "canvas_automatic_iter", "resampling_record"]
+__all__ = [
+    "session_canvas",
+    "canvas_logits",
+    "canvas_automatic_iter",
+    "plain_automatic_iter",
+    "resampling_record",
+]
 
 
 def resampling_record(
@@ -106,7 +112,57 @@ def _oriented(session: Session, a: np.ndarray | torch.Tensor) -> np.ndarray | to
     return np.ascontiguousarray(np.flip(a, axis=tuple(dims)))
 
 
+def _encode_canvas(session: Session, zs: list[int], grid: CanvasGrid, mirror: bool) -> torch.Tensor:
+    """(B, ...) embeddings of slices ``zs`` oriented and resampled onto the canvas (columns of the
+    canvas mirrored first when ``mirror``), on the model's device, float32."""
+    model = session.model
+    canvas = to_canvas(_oriented(session, session.image[zs]), grid)
+    if mirror:
+        canvas = torch.flip(canvas, (-1,))
+    x = prepare_slices(canvas, model.image_size).to(model.device)
+    prec = encoder_precision(model.device, session.amp)
+    ctx = (
+        contextlib.nullcontext()
+        if prec == "fp32"
+        else torch.autocast("cuda", dtype=torch.bfloat16 if prec == "bf16" else torch.float16)
+    )
+    with ctx:
+        return model.encode(x).float()
+
+
 @torch.inference_mode()
+def canvas_logits(
+    session: Session, zs: list[int], grid: CanvasGrid, mirror: bool = False
+) -> torch.Tensor:
+    """(B, C, Y, X) float32 class logits (CPU) of slices ``zs`` on the source grid, through the
+    canvas (see the module docstring); the canvas embeddings are kept in the session.
+
+    ``mirror``: predict the left-right mirror of each canvas slice and mirror the logits back
+    (the second member of the ``flip`` uncertainty, :mod:`samed.uncertainty`; not cached).
+    """
+    model = session.model
+    size = model.image_size
+    if mirror:
+        emb = _encode_canvas(session, zs, grid, True)
+    else:
+        missing = [z for z in zs if z not in session._canvas_cache]
+        if missing:
+            for z, e in zip(
+                missing, _encode_canvas(session, missing, grid, False).cpu(), strict=True
+            ):
+                session._canvas_cache[z] = e.clone()
+        emb = torch.stack([session._canvas_cache[z] for z in zs]).to(model.device)
+    logits, _ = model.decode(emb, multimask_output=True)
+    logits = logits.float()
+    if logits.shape[-1] != size:
+        logits = torch.nn.functional.interpolate(
+            logits, size=(size, size), mode="bilinear", align_corners=False
+        )
+    if mirror:
+        logits = torch.flip(logits, (-1,))
+    return _oriented(session, from_canvas(logits.cpu(), grid))
+
+
 def canvas_automatic_iter(
     session: Session, zs: list[int], grid: CanvasGrid
 ) -> Iterator[tuple[int, np.ndarray, int, int]]:
@@ -115,36 +171,38 @@ def canvas_automatic_iter(
     Yields:
         (z, labels (Y, X) int16 on the source grid, done, total).
     """
-    model = session.model
-    size = model.image_size
     done = 0
     for i in range(0, len(zs), session.batch_size):
         batch = zs[i : i + session.batch_size]
-        missing = [z for z in batch if z not in session._canvas_cache]
+        labels = canvas_logits(session, batch, grid).argmax(1).to(torch.int16).numpy()
+        for z, lab in zip(batch, labels, strict=True):
+            done += 1
+            yield z, lab, done, len(zs)
+
+
+@torch.inference_mode()
+def plain_automatic_iter(
+    session: Session, zs: list[int]
+) -> Iterator[tuple[int, np.ndarray, int, int]]:
+    """Per-slice class maps on the native grid (the adapter records no training spacing, or the
+    volume's spacing is unknown): the session's embeddings, decoded and upscaled to the slice.
+
+    Yields:
+        (z, labels (Y, X) int16 on the source grid, done, total).
+    """
+    from ..model.sam import upscale_logits
+
+    geo = session.geometry
+    done = 0
+    for i in range(0, len(zs), session.batch_size):
+        batch = zs[i : i + session.batch_size]
+        missing = [z for z in batch if not session.is_embedded(z)]
         if missing:
-            canvas = to_canvas(_oriented(session, session.image[missing]), grid)
-            x = prepare_slices(canvas, size).to(model.device)
-            prec = encoder_precision(model.device, session.amp)
-            ctx = (
-                contextlib.nullcontext()
-                if prec == "fp32"
-                else torch.autocast(
-                    "cuda", dtype=torch.bfloat16 if prec == "bf16" else torch.float16
-                )
-            )
-            with ctx:
-                emb = model.encode(x).float().cpu()
-            for z, e in zip(missing, emb, strict=True):
-                session._canvas_cache[z] = e.clone()
-        emb = torch.stack([session._canvas_cache[z] for z in batch]).to(model.device)
-        logits, _ = model.decode(emb, multimask_output=True)
-        logits = logits.float()
-        if logits.shape[-1] != size:
-            logits = torch.nn.functional.interpolate(
-                logits, size=(size, size), mode="bilinear", align_corners=False
-            )
-        back = _oriented(session, from_canvas(logits.cpu(), grid))
-        labels = back.argmax(1).to(torch.int16).numpy()
+            session._encode(missing)
+        emb = torch.cat([session.embedding(z) for z in batch])
+        logits, _ = session.model.decode(emb, multimask_output=True)
+        full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
+        labels = full.argmax(1).to(torch.int16).cpu().numpy()
         for z, lab in zip(batch, labels, strict=True):
             done += 1
             yield z, lab, done, len(zs)

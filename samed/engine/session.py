@@ -20,10 +20,10 @@ from ..model.fast_decoder import ImageState, decoder_fingerprint
 from ..model.sam import SamModel, upscale_logits
 from ..precision import check_amp, encoder_precision
 from .backends import encoder_label
-from .canvas import canvas_automatic_iter, resampling_record, session_canvas
+from .canvas import canvas_automatic_iter, plain_automatic_iter, resampling_record, session_canvas
 from .interactive import InteractiveMixin
 from .interactive import mask_digest as _mask_digest
-from .orientation import axis_codes
+from .orientation import axis_codes, check_orientation
 from .preprocess import (
     _dilate,
     _pair,
@@ -70,6 +70,9 @@ class Session(InteractiveMixin):
         spacing: in-plane (row, column) pixel spacing in mm (taken from ``volume.affine`` when
             present); with an adapter that records a training spacing, :meth:`automatic`
             resamples to it (:mod:`samed.engine.canvas`). None: unknown.
+        orientation: axis codes of the (x, y, z) voxel axes (``"LPS"``...; default: those of
+            ``volume.affine``; None without one: slices as stored), for adapters that record a
+            training orientation (:mod:`samed.engine.orientation`).
 
     ``intensity="auto"`` applies the adapter's recorded ``preprocessing.intensity`` when there
     is one (it always wins over the automatic decision), else
@@ -88,12 +91,15 @@ class Session(InteractiveMixin):
         cache_dir: str | os.PathLike | None = None,
         amp: bool | str = True,
         spacing: object = None,
+        orientation: str | None = None,
     ) -> None:
         array = getattr(volume, "array", volume)
         affine = getattr(volume, "affine", None)
         if spacing is None and affine is not None:
             spacing = inplane_spacing(affine)
-        self.orientation = None if affine is None else axis_codes(affine)  # for automatic()
+        if orientation is None and affine is not None:
+            orientation = axis_codes(affine)
+        self.orientation = check_orientation(orientation, "orientation") if orientation else None
         modality = modality or str(getattr(volume, "modality", "") or "")
         array = check_volume_array(array)
         if batch_size < 1:
@@ -555,21 +561,8 @@ class Session(InteractiveMixin):
         grid = session_canvas(self)
         if grid is not None:  # the adapter's training spacing: resample, predict, map back
             yield from canvas_automatic_iter(self, zs, grid)
-            return
-        geo = self.geometry
-        done = 0
-        for i in range(0, len(zs), self.batch_size):
-            batch = zs[i : i + self.batch_size]
-            missing = [z for z in batch if not self.is_embedded(z)]
-            if missing:
-                self._encode(missing)
-            emb = torch.cat([self.embedding(z) for z in batch])
-            logits, _ = self.model.decode(emb, multimask_output=True)
-            full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
-            labels = full.argmax(1).to(torch.int16).cpu().numpy()
-            for z, lab in zip(batch, labels, strict=True):
-                done += 1
-                yield z, lab, done, len(zs)
+        else:
+            yield from plain_automatic_iter(self, zs)
 
     def automatic(
         self,
@@ -584,7 +577,7 @@ class Session(InteractiveMixin):
                 largest 3D connected component per class), ``"none"`` gives the raw per-slice
                 argmax, ``"largest_component"`` forces it (see :mod:`samed.postprocess`).
         """
-        from ..postprocess import POSTPROCESS_CHOICES, apply_postprocessing
+        from ..postprocess import POSTPROCESS_CHOICES
 
         if isinstance(postprocess, str) and postprocess not in POSTPROCESS_CHOICES:
             # checked before the (long) inference, not after it
@@ -596,4 +589,12 @@ class Session(InteractiveMixin):
             out[z] = lab
             if progress is not None:
                 progress(done, total)
-        return apply_postprocessing(out, postprocess, self.model, self.orientation, self.image)
+        return self.postprocess(out, postprocess)
+
+    def postprocess(self, labels: np.ndarray, spec: str | dict | None = "adapter") -> np.ndarray:
+        """Post-process a (Z, Y, X) label map of this volume as :meth:`automatic` does (with
+        this volume's :attr:`orientation`, so ``lateral_pairs`` know the patient's right, and its
+        image for the body midline). ``spec``: as ``postprocess`` of :meth:`automatic`."""
+        from ..postprocess import apply_postprocessing
+
+        return apply_postprocessing(labels, spec, self.model, self.orientation, self.image)

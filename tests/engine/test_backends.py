@@ -271,3 +271,65 @@ def test_auto_on_an_avx2_only_cpu_measures_no_bf16(
     assert set(entry["results"]) == {"openvino-fp32", "torch-fp32"}
     assert be.name in ("openvino-fp32", "torch-fp32") and be.precision == "fp32"
     assert entry["measure_s"] > 0
+
+
+def test_class_dices_pool_each_class_and_leave_out_specks():
+    from samed.engine.backend_auto import class_dices
+
+    a = np.zeros((2, 20, 20), int)
+    a[:, 2:12, 2:12] = 1  # 100 px per slice
+    a[0, 15:17, 15:17] = 2  # a 4-px speck
+    b = a.copy()
+    b[1, 2:12, 2:7] = 0  # class 1 loses half of one slice
+    d = class_dices(list(a), list(b))
+    assert set(d) == {1} and d[1] == pytest.approx(2 * 150 / 350)
+    assert class_dices(list(a), list(a), min_pixels=1) == {1: 1.0, 2: 1.0}
+    with pytest.raises(ValueError, match="same slices"):
+        class_dices(list(a), list(b)[:1])
+
+
+def test_auto_checks_an_automatic_adapter_on_its_automatic_output(
+    make_tiny_model, monkeypatch, tmp_path
+):
+    """An automatic adapter is scored on its argmax class maps: a candidate as fast as wanted
+    whose embeddings move the classes is rejected, an exact one is picked (issue #15)."""
+    from samed.engine.backend_auto import accuracy_check, measure, pick
+    from samed.lora import LoraConfig, apply_lora, remove_adapter
+
+    root = tmp_path / "calib"
+    root.mkdir()
+    (root / "acdc").symlink_to(shared_path("acdc"))
+    monkeypatch.setenv("SAMED_CALIBRATION_DATA", str(root))
+    model = make_tiny_model("tinyvit", seed=3)
+    apply_lora(model, LoraConfig(mode="automatic", num_classes=3))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a head that predicts classes, not only background
+        for p in model.mask_decoder.output_hypernetworks_mlps.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    assert accuracy_check(model) == "automatic"
+    encoder = model.image_encoder
+    memo: dict = {}
+
+    def fake(shift: int):
+        def run(x: torch.Tensor) -> torch.Tensor:  # fast after the first pass: remembered
+            key = (shift, tuple(x.shape), float(x.double().sum()))
+            if key not in memo:
+                memo[key] = torch.roll(encoder(x), shift, dims=-1)
+            return memo[key]
+
+        return run
+
+    built = {
+        "openvino-fp32": EncoderBackend("openvino", "fp32", run=fake(0)),  # exact
+        "openvino-bf16": EncoderBackend("openvino", "bf16", run=fake(12)),  # classes moved
+    }
+    res = measure(model, [*built, "torch-fp32"], built=dict(built))
+    for name in built:
+        assert res[name]["check"] == "automatic" and res[name]["class_dice"], res[name]
+    assert res["openvino-fp32"]["mean_dice"] == 1.0 and res["openvino-fp32"]["ok"]
+    bad = res["openvino-bf16"]
+    assert bad["mean_dice"] < 0.99 and not bad["ok"]
+    assert bad["s_per_slice"] * 1.05 <= res["torch-fp32"]["s_per_slice"]  # fast, still refused
+    assert pick(res) == "openvino-fp32"
+    remove_adapter(model)
+    assert accuracy_check(model) == "box"

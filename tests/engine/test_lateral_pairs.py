@@ -60,7 +60,8 @@ def test_shipped_abdomen_adapters_recommend_kidney_sides():
     from samed.registry import resolve_adapter
 
     meta = json.loads((resolve_adapter("abdomen-ct") / "metadata.json").read_text())
-    assert meta["postprocessing"]["lateral_pairs"] == [[2, 3]]
+    assert [2, 3] in meta["postprocessing"]["lateral_pairs"]
+    assert [12, 13] in meta["postprocessing"]["lateral_pairs"]  # adrenals (session 7, measured)
     assert meta["preprocessing"]["orientation"] == "LAS"
 
 
@@ -75,3 +76,5 @@ def test_btcv_labels_put_the_right_kidney_on_the_patients_right():
         zyx = np.ascontiguousarray(lab.transpose(2, 1, 0))
         out = assign_sides(zyx, [[2, 3]], "LAS")
         assert np.array_equal(out, zyx)  # expert labels already obey it
+        # the adrenal glands too: right (12) at smaller x than left (13)
+        assert np.array_equal(assign_sides(zyx, [[12, 13]], "LAS"), zyx)

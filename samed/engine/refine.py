@@ -212,6 +212,29 @@ def refine_slice(
     return Prediction(mask, pred.score, logits)
 
 
+def _decoder_answers(
+    session: Session,
+    z: int,
+    box: np.ndarray | list[float] | None,
+    points: np.ndarray,
+    point_labels: np.ndarray,
+) -> list[np.ndarray]:
+    """The decoder's (Y, X) bool answers for the prompts without a mask prompt: the single
+    output, then each multimask output (none for a single-output model)."""
+    n = int(getattr(session.model, "num_mask_outputs", 1) or 1)
+    out: list[np.ndarray] = []
+    for k in [None, *range(n if n > 1 else 0)]:
+        try:
+            out.append(
+                session.predict_full(
+                    z, box=box, points=points, point_labels=point_labels, mask_output=k
+                ).mask
+            )
+        except ValueError:
+            break
+    return out
+
+
 def _agreed_addition(
     session: Session,
     z: int,
@@ -234,17 +257,7 @@ def _agreed_addition(
     Measured on ``bench/bench_interactive.py`` (41 structures, 6 held-out sets, base LiteMedSAM)
     against ``first``'s whole component: final Dice 0.706 -> 0.710, AUC 0.688 -> 0.692, clicks
     not losing > 0.01 96.6 % -> 97.1 % (docs/BENCHMARKS.md, session 7)."""
-    n = int(getattr(session.model, "num_mask_outputs", 1) or 1)
-    answers = [first]
-    for out in [None, *range(n if n > 1 else 0)]:
-        try:
-            answers.append(
-                session.predict_full(
-                    z, box=box, points=points, point_labels=point_labels, mask_output=out
-                ).mask
-            )
-        except ValueError:
-            break
+    answers = [first, *_decoder_answers(session, z, box, points, point_labels)]
     answers = [a for a in answers if a[cy, cx]]
     if not answers:
         return np.zeros_like(prev)
@@ -281,19 +294,8 @@ def _least_removal(
     ``prev`` with the least change, only the removed region connected to the click taken away
     (a negative click corrects the leak it lies in, not far-away parts). ``prev`` itself (the
     click still inside) when no answer removes the click."""
-    n = int(getattr(session.model, "num_mask_outputs", 1) or 1)
-    outputs: list[int | None] = [None] + list(range(n if n > 1 else 0))
     best: np.ndarray | None = None
-    for k, out in enumerate([None, *outputs]):
-        if k == 0:
-            cand = first
-        else:
-            try:
-                cand = session.predict_full(
-                    z, box=box, points=points, point_labels=point_labels, mask_output=out
-                ).mask
-            except ValueError:
-                break
+    for cand in [first, *_decoder_answers(session, z, box, points, point_labels)]:
         if cand[cy, cx]:
             continue
         removed = _component_at(prev & ~cand | _disc(prev.shape, (cx, cy), 0.5) & prev, cx, cy)

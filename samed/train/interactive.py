@@ -454,13 +454,16 @@ def _metadata(cfg: InteractiveConfig, cache, metrics: dict[str, Any]) -> dict[st
         "description": cfg.description,
         "intended_use": cfg.intended_use,
         "mode": "prompted",
-        "interactive_default": True,
+        # a new adapter becomes the widget's and the API's interactive default only once the 3D
+        # loop (bench/bench_interactive.py) shows it beats the base model: set it true then
+        "interactive_default": False,
         "encoder": "unchanged (base LiteMedSAM embeddings; the embedding cache stays valid)",
         "training": {k: v for k, v in metrics.items() if k != "history"}
         | {"history": metrics["history"]},
         "training_data": {
             "slices": {f"{d}/{r}": n for (d, r), n in sorted(per.items())},
-            "cases": [f"{d}/{c} ({r})" for d, c, r in cases],
+            # "held back": the slices that choose the best step (never the benchmark's cases)
+            "cases": [f"{d}/{c} ({'held back' if r == 'val' else r})" for d, c, r in cases],
             "never_trained_on": "bench/bench_interactive.py's held-out cases (ACDC val, CHAOS 01-03, "
             "hippocampus 001/003/004/006, DeepLesion, BraTS2021_01646, pyradiomics), BTCV val "
             "(0034/0037/0039/0040)",

@@ -265,3 +265,37 @@ def test_lobe_of_a_dumbbell_is_the_clicked_end():
     assert not (lobe & ~m).any()
     disc = (xx - 25) ** 2 + (yy - 30) ** 2 <= 18**2
     np.testing.assert_array_equal(_lobe_at(disc, 25, 30), disc)  # no neck: the whole part
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_one_decoder_pass_gives_every_answer_asked_for_in_turn(acdc_case, fast):
+    """``Session.predict_outputs`` (what a click's refinement uses) gives the single-mask output
+    and each multimask output of one decoder pass: the same masks and scores as
+    ``predict_full(mask_output=None, 0, 1, 2)``, on a real slice, through the fast decoder and
+    SAM's own module, with and without a mask prompt."""
+    session, gt = acdc_case
+    z = int(np.argmax(gt.sum(axis=(1, 2))))
+    ys, xs = np.nonzero(gt[z])
+    box = [xs.min(), ys.min(), xs.max(), ys.max()]
+    x, y = _centre(gt[z])
+    prompts = [
+        {"box": box},
+        {"box": box, "points": [[x, y], [xs.min(), ys.min()]], "point_labels": [1, 0]},
+        {"points": [[x, y]], "point_labels": [1]},
+        {"box": box, "mask_input": mask_to_logits(gt[z], session)},
+    ]
+    session.model.fast_decoder = fast
+    try:
+        for kw in prompts:
+            outs = session.predict_outputs(z, **kw)
+            assert len(outs) == 1 + session.model.num_mask_outputs == 4
+            for k, out in zip([None, 0, 1, 2], outs, strict=True):
+                ref = session.predict_full(z, mask_output=k, **kw)
+                assert np.array_equal(out.mask, ref.mask), (kw.keys(), k)
+                assert abs(out.score - ref.score) < 1e-5
+                assert (out.low_res_logits - ref.low_res_logits).abs().max().item() < 1e-4
+            if "box" in kw:  # the answers differ (else the comparison above says little);
+                # LiteMedSAM answers a lone point with empty masks on this slice
+                assert len({o.mask.tobytes() for o in outs}) == 4
+    finally:
+        session.model.fast_decoder = True

@@ -221,18 +221,8 @@ def _decoder_answers(
 ) -> list[np.ndarray]:
     """The decoder's (Y, X) bool answers for the prompts without a mask prompt: the single
     output, then each multimask output (none for a single-output model)."""
-    n = int(getattr(session.model, "num_mask_outputs", 1) or 1)
-    out: list[np.ndarray] = []
-    for k in [None, *range(n if n > 1 else 0)]:
-        try:
-            out.append(
-                session.predict_full(
-                    z, box=box, points=points, point_labels=point_labels, mask_output=k
-                ).mask
-            )
-        except ValueError:
-            break
-    return out
+    preds = session.predict_outputs(z, box=box, points=points, point_labels=point_labels)
+    return [p.mask for p in (preds if len(preds) > 2 else preds[:1])]
 
 
 def _agreed_addition(
@@ -360,17 +350,11 @@ def _consistent_output(
     """The highest-scoring of SAM's multimask outputs for ``box`` + ``points`` (no mask prompt)
     that contains every positive point, excludes every negative one and has >= ``min_area``
     pixels; None when none does (or the model has a single output)."""
-    n = int(getattr(session.model, "num_mask_outputs", 1) or 1)
     h, w = session.shape[1:]
     xy = np.clip(np.round(points).astype(int), 0, [w - 1, h - 1])
     best = None
-    for k in range(n if n > 1 else 0):
-        try:
-            p = session.predict_full(
-                z, box=box, points=points, point_labels=point_labels, mask_output=k
-            )
-        except ValueError:
-            break
+    preds = session.predict_outputs(z, box=box, points=points, point_labels=point_labels)
+    for p in preds[1:] if len(preds) > 2 else []:
         inside = p.mask[xy[:, 1], xy[:, 0]]
         if (
             int(p.mask.sum()) >= min_area
@@ -388,12 +372,9 @@ def _smallest_containing(
     contains it (a 2 px disc when none does)."""
     h, w = session.shape[1:]
     best = None
-    n = int(getattr(session.model, "num_mask_outputs", 1) or 1)
-    for k in range(n):
-        try:
-            m = session.predict_full(z, points=[[cx, cy]], point_labels=[1], mask_output=k).mask
-        except ValueError:
-            break
+    preds = session.predict_outputs(z, points=[[cx, cy]], point_labels=[1])
+    for p in preds[1:]:
+        m = p.mask
         if m[cy, cx] and (best is None or m.sum() < best.sum()):
             best = m
     return best if best is not None else _disc((h, w), (cx, cy), 2.0)

@@ -302,6 +302,57 @@ class Session(PropagationMixin, InteractiveMixin):
         Returns:
             A :class:`Prediction` with the (Y, X) bool mask.
         """
+        if mask_output is not None:
+            n = self.model.num_mask_outputs
+            if not isinstance(mask_output, int) or not 0 <= mask_output < n:
+                raise ValueError(
+                    f"mask_output={mask_output!r} must be None or an integer in [0, {n - 1}]"
+                )
+        logits, iou = self._decode(
+            z, box, points, point_labels, mask_input, "single" if mask_output is None else "multi"
+        )
+        if mask_output is not None:
+            logits = logits[:, mask_output : mask_output + 1]
+            iou = iou[:, mask_output : mask_output + 1]
+        return self._prediction(z, logits[0, 0], float(iou[0, 0]), threshold)
+
+    @torch.inference_mode()
+    def predict_outputs(
+        self,
+        z: int,
+        *,
+        box: np.ndarray | list[float] | None = None,
+        points: np.ndarray | list | None = None,
+        point_labels: np.ndarray | list | None = None,
+        mask_input: torch.Tensor | np.ndarray | None = None,
+        threshold: float = 0.0,
+    ) -> list[Prediction]:
+        """Every answer of the decoder for one prompt, from one decoder pass: the single-mask
+        output (``predict_full(..., mask_output=None)``), then each multimask output
+        (``mask_output=0, 1, ...``); the same masks as asking for each in turn.
+
+        Args: as :meth:`predict_full`.
+
+        Returns:
+            1 + ``model.num_mask_outputs`` :class:`Prediction` objects with (Y, X) bool masks.
+        """
+        logits, iou = self._decode(z, box, points, point_labels, mask_input, "all")
+        return [
+            self._prediction(z, logits[0, k], float(iou[0, k]), threshold)
+            for k in range(logits.shape[1])
+        ]
+
+    def _decode(
+        self,
+        z: int,
+        box: np.ndarray | list[float] | None,
+        points: np.ndarray | list | None,
+        point_labels: np.ndarray | list | None,
+        mask_input: torch.Tensor | np.ndarray | None,
+        outputs: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, K, L, L) low-res logits and (1, K) predicted IoU for slice z's prompts; ``outputs``
+        ``"single"``, ``"multi"`` or ``"all"`` (single first, then the multimask outputs)."""
         if box is None and points is None and mask_input is None:
             raise ValueError("give at least one prompt: box, points or mask_input")
         if points is not None and point_labels is None:
@@ -332,28 +383,27 @@ class Session(PropagationMixin, InteractiveMixin):
         extra = {}
         if masks_t is None and self.model.fast_decoder:
             extra["image_state"] = self._image_state(z, emb)
-        if mask_output is None:
-            logits, iou = self.model.decode(
-                emb, boxes=boxes_t, points=pts, mask_inputs=masks_t, **extra
-            )
-        else:
-            n = self.model.num_mask_outputs
-            if not isinstance(mask_output, int) or not 0 <= mask_output < n:
-                raise ValueError(
-                    f"mask_output={mask_output!r} must be None or an integer in [0, {n - 1}]"
-                )
-            logits, iou = self.model.decode(
-                emb, boxes=boxes_t, points=pts, mask_inputs=masks_t, multimask_output=True, **extra
-            )
-            logits, iou = (
-                logits[:, mask_output : mask_output + 1],
-                iou[:, mask_output : mask_output + 1],
-            )
-        full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
+        return self.model.decode(
+            emb,
+            boxes=boxes_t,
+            points=pts,
+            mask_inputs=masks_t,
+            multimask_output=outputs == "multi",
+            all_outputs=outputs == "all",
+            **extra,
+        )
+
+    def _prediction(
+        self, z: int, logits: torch.Tensor, score: float, threshold: float
+    ) -> Prediction:
+        """The :class:`Prediction` of one (L, L) low-res answer on slice z (upscaled to the slice;
+        its logits remembered for :meth:`known_logits`)."""
+        geo = self.geometry
+        full = upscale_logits(logits[None, None], geo.resized_hw, geo.original_hw, geo.image_size)
         mask = (full[0, 0] > threshold).cpu().numpy()
-        low_res = logits[0, 0].float().cpu()
+        low_res = logits.float().cpu()
         self.remember_logits(z, mask, low_res)
-        return Prediction(mask=mask, score=float(iou[0, 0]), low_res_logits=low_res)
+        return Prediction(mask=mask, score=score, low_res_logits=low_res)
 
     def remember_logits(self, z: int, mask: np.ndarray, logits: torch.Tensor) -> None:
         """Remember the (L, L) low-res ``logits`` behind the (Y, X) ``mask`` of slice z, so that a

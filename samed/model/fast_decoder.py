@@ -257,7 +257,11 @@ def _masks(
 
 
 def fast_mask_decoder(
-    decoder: nn.Module, state: ImageState, sparse: torch.Tensor, multimask_output: bool
+    decoder: nn.Module,
+    state: ImageState,
+    sparse: torch.Tensor,
+    multimask_output: bool,
+    all_outputs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``decoder(image_embeddings, image_pe, sparse, dense, multimask_output)`` for one slice.
 
@@ -266,6 +270,8 @@ def fast_mask_decoder(
         state: from :func:`prepare_image_state` (same weights: checked).
         sparse: (B, N, C) sparse prompt embeddings (B prompts on the same slice).
         multimask_output: as in ``MaskDecoder.forward``.
+        all_outputs: every output token instead (the single-mask output first, then each
+            multimask output: ``MaskDecoder.predict_masks``), for one pass over all answers.
 
     Returns:
         (masks (B, K, 4h, 4w) logits, iou predictions (B, K)).
@@ -305,7 +311,10 @@ def fast_mask_decoder(
         else:
             keys = layer.norm4(_image_to_token(i2t, keys_pe, None, q, queries, keys))
     n_out = decoder.num_mask_tokens
-    wanted = range(1, n_out) if multimask_output else range(0, 1)
+    if all_outputs:
+        wanted = range(0, n_out)
+    else:
+        wanted = range(1, n_out) if multimask_output else range(0, 1)
     # The final attention acts on each query token on its own, and only the IoU token and the
     # wanted mask tokens are read after it: attend with those rows only.
     rows = [0, *(1 + k for k in wanted)]

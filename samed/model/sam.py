@@ -166,6 +166,7 @@ class SamModel(nn.Module):
         mask_inputs: torch.Tensor | None = None,
         multimask_output: bool = False,
         image_state: ImageState | None = None,
+        all_outputs: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits for prompts on precomputed embeddings.
 
@@ -182,6 +183,9 @@ class SamModel(nn.Module):
             mask_inputs: (B, 1, L, L) low-resolution logits (L = ``low_res_size``), or None.
             multimask_output: return all multimask outputs (prompted: 3; automatic: one per
                 class) instead of the single-mask output.
+            all_outputs: return every output of one decoder pass, the single-mask output first
+                and then each multimask output (K = 1 + :attr:`num_mask_outputs`); what asking
+                for each of them in turn gives, at the cost of one.
 
         Returns:
             (logits (B, K, L, L), iou predictions (B, K)).
@@ -205,7 +209,11 @@ class SamModel(nn.Module):
                     "image_state covers the no-mask-prompt case only; pass mask_inputs without it"
                 )
             return fast_mask_decoder(
-                self.mask_decoder, image_state, sparse.to(embeddings.dtype), multimask_output
+                self.mask_decoder,
+                image_state,
+                sparse.to(embeddings.dtype),
+                multimask_output,
+                all_outputs=all_outputs,
             )
         if embeddings.shape[0] == 1 and sparse.shape[0] > 1:
             embeddings = embeddings.expand(sparse.shape[0], -1, -1, -1)
@@ -214,14 +222,15 @@ class SamModel(nn.Module):
             sparse = sparse.expand(embeddings.shape[0], -1, -1)
             dense = dense.expand(embeddings.shape[0], -1, -1, -1)
         image_pe = self._dense_pe(embeddings.dtype)
-        logits, iou = self.mask_decoder(
-            image_embeddings=embeddings,
-            image_pe=image_pe,
-            sparse_prompt_embeddings=sparse.to(embeddings.dtype),
-            dense_prompt_embeddings=dense.to(embeddings.dtype),
-            multimask_output=multimask_output,
-        )
-        return logits, iou
+        args = {
+            "image_embeddings": embeddings,
+            "image_pe": image_pe,
+            "sparse_prompt_embeddings": sparse.to(embeddings.dtype),
+            "dense_prompt_embeddings": dense.to(embeddings.dtype),
+        }
+        if all_outputs:  # every output token, the single-mask one first
+            return self.mask_decoder.predict_masks(**args)
+        return self.mask_decoder(**args, multimask_output=multimask_output)
 
     def image_state(
         self, embedding: torch.Tensor, mask_inputs: torch.Tensor | None = None

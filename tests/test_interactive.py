@@ -299,3 +299,102 @@ def test_one_decoder_pass_gives_every_answer_asked_for_in_turn(acdc_case, fast):
                 assert len({o.mask.tobytes() for o in outs}) == 4
     finally:
         session.model.fast_decoder = True
+
+
+def test_hollow_helpers_on_an_annulus():
+    from samed.engine.hollow import hole_of, is_hollow, ring_around, ring_in_box, wall_thickness
+
+    yy, xx = np.mgrid[:100, :100]
+    r2 = (xx - 50) ** 2 + (yy - 50) ** 2
+    core = r2 <= 12**2
+    ring = (r2 <= 20**2) & ~core
+    assert is_hollow(ring) and not is_hollow(core) and not is_hollow(ring | core)
+    assert np.array_equal(hole_of(ring), core)
+    assert abs(wall_thickness(ring) - 8.0) < 0.5 and abs(wall_thickness(core) - 12.0) < 0.5
+    grown = ring_around(core, 8.0)
+    assert 2 * (grown & ring).sum() / (grown.sum() + ring.sum()) > 0.95
+    assert not (grown & core).any()
+    wall = ring_in_box([30, 30, 70, 70], core)
+    assert 2 * (wall & ring).sum() / (wall.sum() + ring.sum()) > 0.9
+    # a core that reaches the box's edge is not enclosed by it: no wall
+    assert not ring_in_box([37, 30, 70, 70], core).any()
+
+
+@pytest.fixture(scope="module")
+def acdc_myo(acdc_case):
+    """(session, myocardium ground truth) of the same ACDC patient (label 2: the ring around
+    the LV cavity)."""
+    from samed.io import load_label_map
+
+    session, _ = acdc_case
+    lab = load_label_map(shared_path("acdc", "labelsTr", "patient028_frame01.nii.gz")).array
+    return session, lab == 2
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def test_a_negative_click_in_the_cavity_a_box_returned_gives_the_wall(acdc_myo):
+    """A box around the myocardium returns the LV cavity; a negative click at its centre means
+    the wall around it, on that slice and, after re-propagation, on the others (issue #17:
+    "where a box is ambiguous, the first click must resolve it"). Clicks on the wall then only
+    touch the wall."""
+    from samed.engine.hollow import hole_of, is_hollow
+
+    session, myo = acdc_myo
+    ann, z0 = _boxed(session, myo)
+    before = ann.object_mask()
+    assert _dice(before, myo) < 0.2  # the cavity, not the ring
+    core = ann.masks[z0].copy()
+    xy = _centre(core)
+    after = ann.add_point(z0, xy, positive=False)
+    assert is_hollow(after) and not after[int(xy[1]), int(xy[0])]
+    assert not (after & core).any()
+    assert _dice(after, myo[z0]) > 0.8
+    box_slice = after.copy()
+    ann.propagate(z0, **OPTIONS)
+    assert np.array_equal(ann.masks[z0], box_slice)  # the keyframe is kept
+    vol = ann.object_mask()
+    assert _dice(vol, myo) > 0.75
+    hollow = [z for z in range(myo.shape[0]) if myo[z].any() and is_hollow(vol[z])]
+    assert len(hollow) >= 0.7 * int(myo.any(axis=(1, 2)).sum())
+    # a negative click on the wall takes away only a little of it, and it stays a wall
+    z = max(hollow, key=lambda k: int((vol[k] & ~myo[k]).sum()))
+    if z == z0:
+        hollow.remove(z0)
+        z = max(hollow, key=lambda k: int((vol[k] & ~myo[k]).sum()))
+    wall = ann.masks[z].copy()
+    xy = _centre(wall & ~myo[z])
+    cut = ann.add_point(z, xy, positive=False)
+    assert not (cut & ~wall).any() and not cut[int(xy[1]), int(xy[0])]
+    assert cut.sum() >= 0.8 * wall.sum() and is_hollow(cut)
+    # a positive click on the wall never fills the cavity it surrounds
+    vol = ann.object_mask()
+
+    def outer_miss(k: int) -> np.ndarray:  # where the wall should be wider
+        return myo[k] & ~vol[k] & ~hole_of(vol[k])
+
+    z = max((k for k in hollow if k != z0 and is_hollow(vol[k])), key=lambda k: outer_miss(k).sum())
+    wall, hole = ann.masks[z].copy(), hole_of(vol[z])
+    assert outer_miss(z).sum() >= 10
+    xy = _centre(outer_miss(z))
+    grown = ann.add_point(z, xy, positive=True)
+    assert not (grown & hole).any() and not (wall & ~grown).any()
+    assert grown[int(xy[1]), int(xy[0])]
+
+
+def test_propagate_carries_a_painted_wall_as_a_wall(acdc_myo):
+    """*Propagate* from a slice whose mask is a ring (here the true myocardium, as a user would
+    paint it) carries a ring to the other slices, not the cavity a box would give."""
+    from samed.engine.hollow import is_hollow
+
+    session, myo = acdc_myo
+    z0 = int(np.argmax(myo.sum(axis=(1, 2))))
+    assert is_hollow(myo[z0])
+    vol = session.propagate_volume(z0, myo[z0], **OPTIONS)
+    reached = [z for z in range(myo.shape[0]) if z != z0 and vol[z].any()]
+    assert len(reached) >= 4
+    assert sum(is_hollow(vol[z]) for z in reached) >= 0.8 * len(reached)
+    others = [z for z in range(myo.shape[0]) if z != z0]
+    assert _dice(vol[others], myo[others]) > 0.7

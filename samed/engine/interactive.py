@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .hollow import hole_of, hollow_step, is_hollow
 from .preprocess import mask_bbox
 from .refine import mask_to_logits, refine_slice
 
@@ -134,6 +135,9 @@ def repropagate(
     mask never growing past ``change_growth`` x the previous slice's area + ``min_area`` (an
     object tapers at its ends). If slice z's mask is empty (a negative click removed it), the
     existing masks on the side away from the object's keyframes are cleared up to the next one.
+    A hollow mask (a wall around a core, :func:`samed.engine.hollow.is_hollow`) is carried as
+    its core and its wall's thickness (:func:`samed.engine.hollow.hollow_step`) and replaces the
+    existing mask of each slice it reaches, until it agrees with it or the core ends.
 
     Args:
         z: the corrected (or first prompted) slice.
@@ -222,11 +226,44 @@ def repropagate(
             if todo:
                 session.embed(todo)
             existing = np.asarray(masks[zz], dtype=bool) if has(zz) else None
-            if existing is None and (crossed or not grow0.any()):
+            hollow = is_hollow(prev, min_area)
+            if hollow and existing is not None and is_hollow(existing, min_area):
+                break  # the next slice is a wall already: the correction stays where it was made
+            if existing is None and (crossed or not grow0.any()) and not hollow:
                 # only a correction at or beyond the object's end extends it: one that only
                 # removed, or whose change was carried through the object to its end, does not
+                # (a wall goes on as long as its core does)
                 break
             crossed = crossed or existing is not None
+            if hollow:  # a wall around a core: carry both (hollow.py)
+                new = hollow_step(
+                    session,
+                    zz,
+                    prev,
+                    box_margin=box_margin,
+                    max_step_px=max_step_px,
+                    min_area=min_area,
+                )
+                done += 1
+                core = int(hole_of(new).sum())
+                if existing is None and core > change_growth * int(hole_of(prev).sum()) + min_area:
+                    new = empty  # past the object's end a core tapers; a growing one has leaked
+                if not new.any():
+                    if existing is None:
+                        yield PropagationStep(
+                            zz, empty, d, 0.0, done, total, stopped=True, reason="area"
+                        )
+                    break  # the core has ended: the rest stays as it was
+                logits = mask_to_logits(new, session)
+                session.remember_logits(zz, new, logits)
+                yield PropagationStep(zz, new, d, 1.0, done, total)
+                agree = (
+                    agree + 1 if existing is not None and _iou(new, existing) >= agree_iou else 0
+                )
+                if agree >= agree_slices:
+                    break
+                prev, prev_logits = new, logits
+                continue
             # inside the existing object the box covers it too: only the change should differ
             pred = session.predict_full(
                 zz,
@@ -305,10 +342,12 @@ class InteractiveMixin:
         point_labels: np.ndarray | list,
         prev_mask: np.ndarray | None = None,
         prior_mask: np.ndarray | None = None,
+        object_box: np.ndarray | list[float] | None = None,
     ) -> np.ndarray:
         """Refine slice z after a click (the last of ``points``), given its previous (Y, X) mask:
         see :func:`samed.engine.interactive.refine_slice`. Returns the (Y, X) bool mask (a
-        negative click's is inside ``prev_mask``; a positive click's contains it)."""
+        negative click's is inside ``prev_mask``, except where it reveals a hollow object; a
+        positive click's contains it)."""
         z = self._check_z(z)  # type: ignore[attr-defined]
         pred = refine_slice(
             self,
@@ -318,6 +357,7 @@ class InteractiveMixin:
             point_labels=np.asarray(point_labels),
             prev_mask=prev_mask,
             prior_mask=prior_mask,
+            object_box=object_box,
         )
         self.remember_logits(z, pred.mask, pred.low_res_logits)  # type: ignore[attr-defined]
         prev = np.zeros(self.shape[1:], bool) if prev_mask is None else np.asarray(prev_mask, bool)

@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from .hollow import hollow_step, is_hollow
 from .preprocess import _dilate, mask_bbox
+from .refine import mask_to_logits
 from .results import Prediction, PropagationStep
 
 __all__ = ["PropagationMixin"]
@@ -42,7 +44,9 @@ class PropagationMixin:
         """Carry an object from slice z through the volume, slice by slice.
 
         Each next slice is prompted with the previous slice's mask box (grown by ``box_margin``
-        px) and, if ``use_mask_prompt``, its low-resolution logits. A direction stops when the
+        px) and, if ``use_mask_prompt``, its low-resolution logits; a hollow mask (a wall around
+        a core, :mod:`samed.engine.hollow`) is carried as its core and its wall's thickness
+        (:func:`~samed.engine.hollow.hollow_step`). A direction stops when the
         mask has fewer than ``min_area`` pixels, its predicted IoU is below ``min_score``, the
         mean intensity inside it (model intensity scale, [0, 1] after windowing) moved more than
         ``max_intensity_shift`` from the starting mask's (SAM always finds *something* in a box;
@@ -106,18 +110,31 @@ class PropagationMixin:
                 if ahead:
                     for i in range(0, len(ahead), self.batch_size):
                         self._encode(ahead[i : i + self.batch_size])
-                box = mask_bbox(prev, box_margin)
-                pred = self.predict_full(
-                    zz,
-                    box=box,
-                    mask_input=prev_logits if use_mask_prompt else None,
-                    mask_output=mask_output,
-                )
-                done += 1
-                if max_step_px is not None:
-                    pred = Prediction(
-                        pred.mask & _dilate(prev, int(max_step_px)), pred.score, pred.low_res_logits
+                if is_hollow(prev, min_area):  # a wall around a core: its core and thickness
+                    wall = hollow_step(
+                        self,
+                        zz,
+                        prev,
+                        box_margin=box_margin,
+                        max_step_px=max_step_px,
+                        min_area=min_area,
                     )
+                    pred = Prediction(wall, 1.0, mask_to_logits(wall, self))
+                    done += 1
+                else:
+                    pred = self.predict_full(
+                        zz,
+                        box=mask_bbox(prev, box_margin),
+                        mask_input=prev_logits if use_mask_prompt else None,
+                        mask_output=mask_output,
+                    )
+                    done += 1
+                    if max_step_px is not None:
+                        pred = Prediction(
+                            pred.mask & _dilate(prev, int(max_step_px)),
+                            pred.score,
+                            pred.low_res_logits,
+                        )
                 reason = self._stop_reason(
                     zz,
                     pred,

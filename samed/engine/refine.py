@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .preprocess import mask_bbox
+from .hollow import hole_of, is_hollow, ring_around, ring_in_box, wall_thickness
+from .preprocess import _dilate, mask_bbox
 
 if TYPE_CHECKING:  # pragma: no cover
     from .session import Prediction, Session
@@ -77,6 +78,7 @@ def refine_slice(
     prev_mask: np.ndarray | None,
     prior_mask: np.ndarray | None = None,
     box_margin: float = 2.0,
+    object_box: np.ndarray | list[float] | None = None,
 ) -> Prediction:
     """Refine slice z after a click (the last of ``points``) given the slice's previous mask.
 
@@ -92,6 +94,11 @@ def refine_slice(
         prior_mask: when ``prev_mask`` is empty, a neighbouring slice's (Y, X) mask: a positive
             click beyond the object's current end is then predicted like a propagation step from
             it (its box, widened to the click, and its logits) so that it extends the object.
+            A hollow ``prior_mask`` (:func:`samed.engine.hollow.is_hollow`) also tells a negative
+            click at the core of this slice's mask that the object is a wall around that core.
+        object_box: the box the user drew for this object on another slice (XYXY px; used when
+            this slice has none): a negative click at the core of a mask it encloses with room
+            to spare means the wall around it (see below).
 
     Returns:
         A :class:`~samed.engine.Prediction`. A negative click's mask is a subset of ``prev_mask``
@@ -99,7 +106,13 @@ def refine_slice(
         contains the click. One exception resolves an ambiguous box: a negative click at the core
         of the mask on a slice with a ``box`` (at least half as deep inside as the component's
         centre) gives the best of SAM's multimask outputs for the box and all points that honours
-        every point (e.g. the myocardial ring instead of the LV cavity), when one does.
+        every point, when one does. Before that, a hollow object is recognised (the myocardial
+        ring around the LV cavity a box returns; :mod:`samed.engine.hollow`): when the clicked
+        core is (nearly) the whole mask, its neighbour's mask is hollow, the slice takes a wall
+        as thick as the neighbour's around the core; else when the slice's box (or
+        ``object_box``) encloses the core with room on every side, the box's inscribed ellipse
+        without the core. A positive click on a hollow mask never fills its hole unless it lies
+        in it.
     """
     from .results import Prediction
 
@@ -153,6 +166,22 @@ def refine_slice(
         if positive and not mask[cy, cx]:
             mask = mask | _smallest_containing(session, z, cx, cy, positive_only=True)
         return Prediction(mask, pred.score, pred.low_res_logits)
+    if not positive and _at_core(prev, cx, cy):
+        wall = _wall_around(prev, cx, cy, box if box is not None else object_box, prior_mask)
+        if wall is not None and _honours(wall, points, point_labels):
+            return Prediction(wall, 1.0, mask_to_logits(wall, session))
+    if not positive and prev[cy, cx] and is_hollow(prev):
+        # a negative click on a wall: the wall is not there; take it away around the click, as
+        # deep as the click lies in it (the decoder answers walls with what fills them), but
+        # keep the 1 px lining of its core, so that it stays a wall
+        from scipy.ndimage import distance_transform_edt
+
+        depth = float(distance_transform_edt(np.pad(prev, 1))[1:-1, 1:-1][cy, cx])
+        lining = _dilate(hole_of(prev), 1) & prev  # kept: the wall stays closed around its core
+        mask = prev & ~(_disc((h, w), (cx, cy), max(1.5, depth)) & ~lining)
+        if mask[cy, cx]:  # the click is on the lining itself
+            mask[cy, cx] = False
+        return Prediction(mask, 1.0, mask_to_logits(mask, session))
     if not positive and box is not None and _at_core(prev, cx, cy):
         # a negative click at the centre of a box slice's mask: the box meant another object
         # (e.g. the myocardial ring around the LV cavity it returned); the slice takes the best
@@ -182,6 +211,10 @@ def refine_slice(
         add = _agreed_addition(session, z, prev, pred.mask, eff_box, points, point_labels, cx, cy)
         if not add.any():  # no answer contains the click: SAM's region at the click
             add = _smallest_containing(session, z, cx, cy, positive_only=True)
+        if is_hollow(prev):  # a click on the wall never fills the core it surrounds
+            hole = hole_of(prev)
+            if not hole[cy, cx]:
+                add = add & ~hole
         mask = prev | add
         mask[cy, cx] = True
     else:
@@ -378,3 +411,33 @@ def _smallest_containing(
         if m[cy, cx] and (best is None or m.sum() < best.sum()):
             best = m
     return best if best is not None else _disc((h, w), (cx, cy), 2.0)
+
+
+def _wall_around(
+    prev: np.ndarray,
+    cx: int,
+    cy: int,
+    box: np.ndarray | list[float] | None,
+    prior: np.ndarray | None,
+) -> np.ndarray | None:
+    """The hollow object a negative click at (cx, cy), the core of ``prev``, points at (see
+    :func:`refine_slice`), or None when the slice does not look like one: the clicked component
+    must be >= 80 % of the mask; then a wall as thick as a hollow ``prior`` (the neighbour's
+    mask) around it, else the ellipse of a ``box`` that encloses it with room on every side."""
+    core = _component_at(prev, cx, cy)
+    if int(core.sum()) < 0.8 * int(prev.sum()) or is_hollow(prev):
+        return None  # not one blob (or already a wall: a click on it corrects the wall)
+    if prior is not None and is_hollow(prior):
+        wall = ring_around(core, wall_thickness(prior))
+    elif box is not None:
+        wall = ring_in_box(box, core)
+    else:
+        return None
+    return wall if int(wall.sum()) >= 10 else None
+
+
+def _honours(mask: np.ndarray, points: np.ndarray, point_labels: np.ndarray) -> bool:
+    """Whether a (Y, X) mask contains every positive point and no negative one."""
+    h, w = mask.shape
+    xy = np.clip(np.round(points).astype(int), 0, [w - 1, h - 1])
+    return bool(np.all(mask[xy[:, 1], xy[:, 0]] == (point_labels == 1)))

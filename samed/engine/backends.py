@@ -251,7 +251,7 @@ def _torch_mixed(encoder: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """bf16 autocast with every convolution (``Conv2d``, the fused :class:`~.cpu.ConvGELU`) run
     in fp32, on a copy of ``encoder``: the Linear layers and the attention take bf16, the
     convolutions, whose bf16 rounding moved the automatic adapters' class maps most (measured on
-    the calibration slices, docs/BENCHMARKS.md "Session 8"), stay exact."""
+    the calibration slices, docs/BENCHMARKS.md "Session 8"), stay in fp32."""
     import copy
 
     from .cpu import ConvGELU

@@ -20,7 +20,8 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
         help="encoder precision: on CUDA autocast (auto = fp16, measured closest to fp32 and "
         "fastest); on the CPU auto = fp32, or measured once per machine and model with "
         "--backend auto (never int8 unless asked for); fp32, bf16 (native-bf16 CPUs), int8 "
-        "(OpenVINO, NNCF quantisation on first use: minutes)",
+        "(OpenVINO, NNCF quantisation on first use: minutes), mixed (torch bf16 with the "
+        "convolutions in fp32, native-bf16 CPUs)",
     )
     p.add_argument(
         "--backend",

@@ -168,20 +168,22 @@ POSTPROCESS_CHOICES = ("adapter", "none", "largest_component")
 #: ``--precision`` values of the CLIs and the ``Session(amp=...)`` each stands for
 #: (see :mod:`samed.precision`).
 #: On the CPU the same value picks the encoder precision of :mod:`samed.engine.backends`
-#: (``auto`` measured, ``fp32``, ``bf16``, ``int8``); ``int8`` on CUDA runs the default fp16.
+#: (``auto`` measured, ``fp32``, ``bf16``, ``int8``, ``mixed`` = bf16 with the convolutions in
+#: fp32); ``int8`` and ``mixed`` on CUDA run the default fp16.
 PRECISIONS: dict[str, bool | str] = {
     "auto": True,
     "fp32": False,
     "fp16": "fp16",
     "bf16": "bf16",
     "int8": True,
+    "mixed": True,
 }
 
 #: ``--backend`` values of the CLIs / ``load_model(backend=...)``: how the image encoder runs on
 #: the CPU (:mod:`samed.engine.backends`); CUDA always runs torch.
 BACKENDS = ("auto", "torch", "openvino")
 #: ``precision=`` values of ``load_model`` on the CPU.
-CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8", "mixed")
 
 
 def default_backend() -> str:

@@ -1,5 +1,5 @@
 """The *Encoder* row of the widget's Model box: the CPU image-encoder backend
-(``auto|torch|openvino``) and precision (``auto|fp32|bf16|int8``) of
+(``auto|torch|openvino``) and precision (``auto|fp32|bf16|int8|mixed``) of
 :func:`samed.model.load_model`, wired to :class:`~napari_samed._session.Settings`.
 
 Changing either drops the loaded model (it is part of ``Settings.model_key``) and loads it again
@@ -29,6 +29,7 @@ _PRECISION_TIPS = {
     "fp32": "float32",
     "bf16": "bfloat16, only on CPUs with native bf16 (AVX512-BF16 / AMX); else fp32",
     "int8": "OpenVINO int8 (NNCF, calibrated on real CT/MRI slices; a few minutes on first use)",
+    "mixed": "torch bf16 with the convolutions in float32 (native-bf16 CPUs; else fp32)",
 }
 
 

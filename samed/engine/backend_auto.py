@@ -5,10 +5,12 @@ The measurement (a first use costs one OpenVINO conversion, shared by its fp32 a
 candidates, and a few encoder passes per candidate; afterwards nothing but loading the chosen one):
 
 * candidates (:func:`auto_candidates`): those of the request that this CPU runs natively, in the
-  order of their expected speed from the CPU's flags (:func:`expected_order`). ``openvino-int8``
-  is measured only when int8 is asked for (``precision="int8"``): its NNCF quantisation costs
-  minutes on a 2-core CPU, and where it was measured it missed the accuracy bar (box Dice 0.9899,
-  embeddings 21 % off torch fp32; docs/BENCHMARKS.md, issue #15);
+  order of their expected speed from the CPU's flags (:func:`expected_order`); with native bf16
+  also ``torch-mixed`` (bf16 autocast with the convolutions in fp32: the bf16 rounding of the
+  convolutions is what moved automatic adapters' class maps most; docs/BENCHMARKS.md session
+  8). ``openvino-int8`` is measured only when int8 is asked for (``precision="int8"``): its
+  NNCF quantisation costs minutes on a 2-core CPU, and where it was measured it missed the
+  accuracy bar (box Dice 0.9899, embeddings 21 % off torch fp32; docs/BENCHMARKS.md, issue #15);
 
 * calibration slices (:func:`calibration_inputs`): real CT and MRI training slices (BTCV, ACDC,
   CHAOS T2 train splits; never a held-out case) from ``$SAMED_CALIBRATION_DATA`` or the
@@ -378,15 +380,15 @@ def measure(
 def expected_order(candidates: list[str]) -> list[str]:
     """``candidates`` sorted by their expected speed on this CPU, fastest first, from the flags of
     :func:`samed.engine.backends.cpu_features` and the figures in docs/BENCHMARKS.md: with native
-    bf16 OpenVINO bf16, torch bf16, OpenVINO int8, OpenVINO fp32; without it OpenVINO int8 (VNNI),
-    OpenVINO fp32; torch fp32 last. Only the order of the measurement and of its notice; the
-    choice is measured."""
+    bf16 OpenVINO bf16, torch bf16, OpenVINO int8, torch mixed (bf16 with fp32 convolutions),
+    OpenVINO fp32; without it OpenVINO int8 (VNNI), OpenVINO fp32; torch fp32 last. Only the
+    order of the measurement and of its notice; the choice is measured."""
     from .backends import native_bf16
 
     rank = (
-        ["openvino-bf16", "torch-bf16", "openvino-int8", "openvino-fp32"]
+        ["openvino-bf16", "torch-bf16", "openvino-int8", "torch-mixed", "openvino-fp32"]
         if native_bf16()
-        else ["openvino-int8", "openvino-fp32", "openvino-bf16", "torch-bf16"]
+        else ["openvino-int8", "openvino-fp32", "openvino-bf16", "torch-bf16", "torch-mixed"]
     )
     rank.append("torch-fp32")
     return sorted(candidates, key=lambda c: rank.index(c) if c in rank else len(rank))

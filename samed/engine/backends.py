@@ -1,4 +1,5 @@
-"""Image-encoder backends on the CPU: torch fp32 / bf16 autocast, OpenVINO fp32 / bf16 / int8.
+"""Image-encoder backends on the CPU: torch fp32 / bf16 autocast / mixed (bf16 autocast with the
+convolutions in fp32), OpenVINO fp32 / bf16 / int8.
 
 On a CPU the image encoder is nearly all of the time of a batch run, and the fastest way to run
 it depends on the CPU: bf16 is fast where the CPU has native bf16 (AVX512-BF16, AMX) and ~40x
@@ -9,8 +10,8 @@ the one chosen as ``model.encoder_backend`` (an :class:`EncoderBackend`), and
 mask decoder always stay in torch (the fast decoder).
 
 :func:`set_encoder_backend` resolves a request (``backend`` ``auto|torch|openvino``,
-``precision`` ``auto|fp32|bf16|int8``): a request that this machine cannot run (OpenVINO not
-installed, bf16 on a CPU without native bf16, int8 without int8 instructions) falls back to
+``precision`` ``auto|fp32|bf16|int8|mixed``): a request that this machine cannot run (OpenVINO
+not installed, bf16 on a CPU without native bf16, int8 without int8 instructions) falls back to
 torch fp32 with a one-line notice on stderr; ``auto`` measures the candidates once per machine
 and model (:mod:`samed.engine.backend_auto`) and picks the fastest one that meets the accuracy
 bar, never one slower than torch fp32.
@@ -63,7 +64,14 @@ __all__ = [
 # BACKENDS (``backend=`` of load_model, ``--backend`` of the CLIs) and CPU_PRECISIONS live in
 # the torch-free samed.registry and are re-exported here
 #: Every encoder candidate, ``<backend>-<precision>``.
-CANDIDATES = ("torch-fp32", "torch-bf16", "openvino-fp32", "openvino-bf16", "openvino-int8")
+CANDIDATES = (
+    "torch-fp32",
+    "torch-bf16",
+    "torch-mixed",
+    "openvino-fp32",
+    "openvino-bf16",
+    "openvino-int8",
+)
 _FLAGS_OF_INTEREST = (
     "avx2",
     "fma",
@@ -163,7 +171,8 @@ class EncoderBackend:
 
     Attributes:
         backend: ``"torch"`` or ``"openvino"``.
-        precision: ``"fp32"``, ``"bf16"`` or ``"int8"``.
+        precision: ``"fp32"``, ``"bf16"``, ``"int8"`` or ``"mixed"`` (torch bf16 autocast with
+            every convolution in fp32, :func:`_torch_mixed`).
         chosen_by: ``"request"`` (asked for), ``"auto"`` (measured) or ``"fallback"`` (the
             request could not run here; see ``note``).
         note: why this candidate (a fallback's reason, auto's measurement), or "".
@@ -234,6 +243,42 @@ def _torch_bf16(encoder: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return encoder(x).float()
+
+    return run
+
+
+def _torch_mixed(encoder: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """bf16 autocast with every convolution (``Conv2d``, the fused :class:`~.cpu.ConvGELU`) run
+    in fp32, on a copy of ``encoder``: the Linear layers and the attention take bf16, the
+    convolutions, whose bf16 rounding moved the automatic adapters' class maps most (measured on
+    the calibration slices, docs/BENCHMARKS.md "Session 8"), stay in fp32."""
+    import copy
+
+    from .cpu import ConvGELU
+
+    enc = copy.deepcopy(encoder).eval()
+
+    def fp32_island(mod: nn.Module) -> None:
+        fwd = mod.forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", enabled=False):
+                return fwd(x.float())
+
+        mod.forward = forward  # type: ignore[method-assign]
+
+    def walk(parent: nn.Module) -> None:
+        for child in parent.children():
+            if isinstance(child, (nn.Conv2d, ConvGELU)):
+                fp32_island(child)  # a ConvGELU's own Conv2d runs inside it, in fp32
+            else:
+                walk(child)
+
+    walk(enc)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return enc(x).float()
 
     return run
 
@@ -364,8 +409,10 @@ def unsupported_reason(backend: str, precision: str) -> str:
     """Why the candidate ``backend-precision`` cannot run on this machine ("" when it can)."""
     if backend == "openvino" and not openvino_available():
         return "OpenVINO is not installed (pip install 'samed[openvino]')"
-    if precision == "bf16" and not native_bf16():
+    if precision in ("bf16", "mixed") and not native_bf16():
         return "this CPU has no native bf16 (avx512_bf16 / amx_bf16), where bf16 is ~40x slower"
+    if precision == "mixed" and backend != "torch":
+        return "mixed (bf16 with fp32 convolutions) runs through torch only"
     if precision == "int8" and backend == "torch":
         return "int8 runs through OpenVINO only (torch dynamic int8 gains nothing here)"
     if precision == "int8" and not native_int8():
@@ -397,6 +444,8 @@ def build_candidate(
     be = EncoderBackend(backend, precision).bind(model)
     if name == "torch-bf16":
         be.run = _torch_bf16(model.image_encoder)
+    elif name == "torch-mixed":
+        be.run = _torch_mixed(model.image_encoder)
     elif backend == "openvino":
         be.run = _openvino_run(model, precision, calibration, cache)
     return be
@@ -415,7 +464,7 @@ def set_encoder_backend(
         model: a :class:`SamModel` on the CPU in eval mode (on CUDA nothing is attached: the
             Session's autocast decides there; a non-fp32 CPU request then prints a notice).
         backend: ``"auto"``, ``"torch"`` or ``"openvino"``.
-        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"int8"`` (``"fp16"``, a CUDA
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"``, ``"int8"`` or ``"mixed"`` (``"fp16"``, a CUDA
             precision, means ``"fp32"`` on the CPU, with a notice).
         cache_dir: True for :func:`backend_cache_dir`, a folder, or None/False for no disk
             cache (converted models and ``auto`` choices are then redone every time).
@@ -442,7 +491,7 @@ def set_encoder_backend(
         else (Path(cache_dir) if cache_dir not in (None, False) else None)
     )
     if model.device.type != "cpu":
-        if backend == "openvino" or precision == "int8":
+        if backend == "openvino" or precision in ("int8", "mixed"):
             notice(
                 f"backend={backend} precision={precision} is a CPU option; on "
                 f"{model.device} the encoder runs in torch with CUDA autocast"

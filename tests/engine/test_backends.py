@@ -67,6 +67,7 @@ def no_cache(monkeypatch, tmp_path):
         pytest.param("openvino-fp32", 0.999, marks=needs_openvino),
         pytest.param("openvino-bf16", 0.95, marks=[needs_openvino, needs_bf16]),
         pytest.param("torch-bf16", 0.95, marks=needs_bf16),
+        pytest.param("torch-mixed", 0.95, marks=needs_bf16),
     ],
 )
 def test_candidate_masks_match_torch_fp32_tiny(make_tiny_model, no_cache, name, min_dice):
@@ -239,17 +240,17 @@ def test_auto_candidates_follow_the_cpu_flags_and_leave_int8_to_a_request(monkey
     runnable, wanted = auto_candidates("auto", "auto")
     assert "openvino-int8" not in wanted and runnable[-1] == "torch-fp32"
     assert runnable == (
-        ["openvino-bf16", "torch-bf16", "openvino-fp32", "torch-fp32"]
+        ["openvino-bf16", "torch-bf16", "torch-mixed", "openvino-fp32", "torch-fp32"]
         if ov
-        else ["torch-bf16", "torch-fp32"]
+        else ["torch-bf16", "torch-mixed", "torch-fp32"]
     )
     runnable, _ = auto_candidates("auto", "int8")
     assert runnable == (["openvino-int8", "torch-fp32"] if ov else ["torch-fp32"])
     # an AVX2-only CPU: never a bf16 candidate (~40x slower there), never int8 (no VNNI)
     monkeypatch.setenv("SAMED_CPU_FLAGS", "avx2,fma")
-    for precision in ("auto", "bf16", "int8"):
+    for precision in ("auto", "bf16", "int8", "mixed"):
         runnable, _ = auto_candidates("auto", precision)
-        assert not [c for c in runnable if c.endswith(("bf16", "int8"))], runnable
+        assert not [c for c in runnable if c.endswith(("bf16", "int8", "mixed"))], runnable
     assert auto_candidates("auto", "auto")[0] == (
         ["openvino-fp32", "torch-fp32"] if ov else ["torch-fp32"]
     )
@@ -333,3 +334,92 @@ def test_auto_checks_an_automatic_adapter_on_its_automatic_output(
     assert pick(res) == "openvino-fp32"
     remove_adapter(model)
     assert accuracy_check(model) == "box"
+
+
+@needs_bf16
+def test_torch_mixed_runs_the_convolutions_in_fp32_and_the_rest_in_bf16(make_tiny_model):
+    """torch-mixed: every convolution (plain or the fused conv + GELU) gives float32, the Linear
+    layers bf16; torch-bf16 gives bf16 for both; the model's own encoder stays fp32 (issue #15)."""
+    from samed.engine.cpu import ConvGELU, optimize_for_inference
+
+    seen: list[tuple[str, torch.dtype]] = []
+
+    def hook(mod, args, out):
+        if isinstance(mod, (torch.nn.Conv2d, ConvGELU, torch.nn.Linear)) and torch.is_tensor(out):
+            kind = "linear" if isinstance(mod, torch.nn.Linear) else "conv"
+            seen.append((kind, out.dtype))
+
+    model = optimize_for_inference(make_tiny_model("tinyvit"))
+    assert any(isinstance(m, ConvGELU) for m in model.image_encoder.modules())
+    x = torch.rand(1, 3, 256, 256)
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        dtypes = {}
+        for name in ("torch-mixed", "torch-bf16", "torch-fp32"):
+            seen.clear()
+            be = build_candidate(model, name)
+            with torch.inference_mode():
+                e = (be.run or model.image_encoder)(x)
+            assert e.dtype == torch.float32
+            dtypes[name] = {k: {d for kk, d in seen if kk == k} for k in ("conv", "linear")}
+    finally:
+        handle.remove()
+    assert dtypes["torch-mixed"] == {"conv": {torch.float32}, "linear": {torch.bfloat16}}
+    assert torch.bfloat16 in dtypes["torch-bf16"]["conv"]
+    assert dtypes["torch-fp32"] == {"conv": {torch.float32}, "linear": {torch.float32}}
+
+
+@needs_bf16
+def test_auto_picks_torch_mixed_only_when_it_passes(
+    make_tiny_model, no_cache, monkeypatch, tmp_path
+):
+    """torch-mixed is a real ``auto`` candidate on a native-bf16 CPU: measured beside the others
+    on the automatic check, picked only when it meets the bar and is faster, and recorded in
+    choices.json, the model's backend and the Session's cache key like any candidate."""
+    from samed.engine.backend_auto import MIN_DICE, MIN_GAIN, MIN_MEAN_DICE, measure, pick
+    from samed.lora import LoraConfig, apply_lora
+
+    root = tmp_path / "calib"
+    root.mkdir()
+    (root / "acdc").symlink_to(shared_path("acdc"))
+    monkeypatch.setenv("SAMED_CALIBRATION_DATA", str(root))
+    monkeypatch.setenv("SAMED_NO_OPENVINO", "1")  # torch candidates only: fast
+    model = make_tiny_model("tinyvit", seed=3)
+    apply_lora(model, LoraConfig(mode="automatic", num_classes=3))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.mask_decoder.output_hypernetworks_mlps.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    be = set_encoder_backend(model, "auto", "auto")
+    (entry,) = json.loads((no_cache / "choices.json").read_text()).values()
+    res = entry["results"]
+    assert set(res) == {"torch-bf16", "torch-mixed", "torch-fp32"}
+    assert res["torch-mixed"]["check"] == "automatic" and res["torch-mixed"]["class_dice"]
+    for name, r in res.items():  # ok means: the bar and faster than torch fp32
+        if name != "torch-fp32":
+            assert r["ok"] == (
+                r["mean_dice"] >= MIN_MEAN_DICE
+                and r["min_dice"] >= MIN_DICE
+                and r["s_per_slice"] * MIN_GAIN <= res["torch-fp32"]["s_per_slice"]
+            )
+    assert entry["choice"] == pick(res) == be.name and be.chosen_by == "auto"
+    vol = np.random.default_rng(0).random((2, 40, 50)).astype(np.float32)
+    assert Session(model, vol, cache_dir=None).encoder == be.label
+    # the same candidate with embeddings that move the classes is refused, however fast
+    encoder = model.image_encoder
+    memo: dict = {}
+
+    def fake(shift: int):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            key = (shift, tuple(x.shape), float(x.double().sum()))
+            if key not in memo:
+                memo[key] = torch.roll(encoder(x), shift, dims=-1)
+            return memo[key]
+
+        return run
+
+    for shift, picked in ((12, "torch-fp32"), (0, "torch-mixed")):
+        built = {"torch-mixed": EncoderBackend("torch", "mixed", run=fake(shift))}
+        res = measure(model, ["torch-mixed", "torch-fp32"], built=built)
+        assert pick(res) == picked, res["torch-mixed"]
+        assert res["torch-mixed"]["ok"] == (picked == "torch-mixed")

@@ -83,7 +83,7 @@ def test_bad_name_is_refused_before_training(panel_widget):
     assert "adapter name" in panel.status.text()
 
 
-def test_short_dock_cuts_the_layer_list_not_the_fields(panel_widget):
+def test_short_dock_cuts_the_layer_list_not_the_fields(panel_widget, qtbot):
     """A dock shorter than the widget wants squeezes the panel below its minimum: in the session-7
     benchmark window (1400 x 1494) it got 279 px, and the Name/Mode form's rows overlapped (Mode's
     text was cut). At that height, while training, every field and button keeps its full height,
@@ -104,6 +104,9 @@ def test_short_dock_cuts_the_layer_list_not_the_fields(panel_widget):
     assert panel.layers_list.height() >= 2 * panel.layers_list.sizeHintForRow(0)
     assert panel.status.height() >= panel.status.heightForWidth(panel.status.width())
     assert panel.status.toolTip() == text
+    # the image layers started a model load in a worker: let it end inside this test (a worker
+    # left running past the viewer's close disturbs later tests' model-loading timing)
+    qtbot.waitUntil(lambda: not widget.model_loading, timeout=120_000)
 
 
 def test_stop_keeps_a_loadable_adapter(panel_widget, qtbot, make_tiny_volume):

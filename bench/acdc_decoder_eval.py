@@ -82,8 +82,9 @@ def val_embeddings(
 
 
 def score_adapter(adapter: str | Path, cases: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean 3D Dice (RV/MYO/LV) over ``cases`` from cached embeddings: raw and largest
-    component."""
+    """Mean 3D Dice (RV/MYO/LV) over ``cases`` from cached embeddings: raw, largest component
+    on all three classes, and ``recorded``: the clean-up the adapter's metadata.json records
+    (what ``Session.automatic`` applies: largest component on the listed classes only)."""
     import torch
 
     from samed.evaluate.metrics import dice
@@ -92,8 +93,13 @@ def score_adapter(adapter: str | Path, cases: list[dict[str, Any]]) -> dict[str,
     from samed.postprocess import keep_largest_component
 
     model = load_model("litemedsam", adapter=str(adapter))
-    res: dict[str, list[float]] = {"raw": [], "largest_component": []}
-    per_class: dict[str, dict[str, list[float]]] = {"raw": {}, "largest_component": {}}
+    meta = Path(adapter) / "metadata.json"
+    spec = json.loads(meta.read_text()).get("postprocessing") if meta.is_file() else None
+    lcc = spec.get("largest_component") if isinstance(spec, dict) else None
+    recorded = [1, 2, 3] if lcc is True else sorted(int(k) for k in lcc) if lcc else []
+    kinds = ("raw", "largest_component", "recorded")
+    res: dict[str, list[float]] = {k: [] for k in kinds}
+    per_class: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
     names = {1: "RV", 2: "MYO", 3: "LV"}
     with torch.inference_mode():
         for c in cases:
@@ -106,6 +112,7 @@ def score_adapter(adapter: str | Path, cases: list[dict[str, Any]]) -> dict[str,
             for kind, p in (
                 ("raw", pred),
                 ("largest_component", keep_largest_component(pred, [1, 2, 3])),
+                ("recorded", keep_largest_component(pred, recorded) if recorded else pred),
             ):
                 d = {n: dice(p == k, c["gt"] == k) for k, n in names.items()}
                 res[kind].append(float(np.nanmean(list(d.values()))))
@@ -115,7 +122,12 @@ def score_adapter(adapter: str | Path, cases: list[dict[str, Any]]) -> dict[str,
         "adapter": str(adapter),
         "mean_dice_raw": float(np.mean(res["raw"])),
         "mean_dice_largest_component": float(np.mean(res["largest_component"])),
-        "per_class_raw": {n: float(np.nanmean(v)) for n, v in per_class["raw"].items()},
+        "mean_dice_recorded": float(np.mean(res["recorded"])),
+        "recorded_largest_component": [names[k] for k in recorded],
+        **{
+            f"per_class_{kind}": {n: float(np.nanmean(v)) for n, v in per_class[kind].items()}
+            for kind in kinds
+        },
         "volumes": len(cases),
     }
 

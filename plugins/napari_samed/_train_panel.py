@@ -25,7 +25,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -89,6 +88,11 @@ class TrainPanel(QGroupBox):
         self.layers_list = QListWidget()
         self.layers_list.setToolTip("Accepted Labels layers to learn from (each with its image)")
         self.layers_list.setMaximumHeight(110)
+        # A dock shorter than the widget makes Qt squeeze its tallest parts below their minimum
+        # (items taller than a cap are cut to it). So the panel has no tall block of fields (a
+        # form's rows would overlap, as Mode's text did): one row per line, and the list, which
+        # scrolls, is the part that gives; its minimum is two rows, which keeps the panel short.
+        self.layers_list.setMinimumHeight(2 * self.fontMetrics().height() + 12)
         lay.addWidget(QLabel("Annotations (Labels layers):"))
         lay.addWidget(self.layers_list)
         row = QHBoxLayout()
@@ -98,7 +102,6 @@ class TrainPanel(QGroupBox):
         row.addWidget(self.folder_edit, 1)
         row.addWidget(self.browse_btn)
         lay.addLayout(row)
-        form = QFormLayout()
         self.name_edit = QLineEdit("my-adapter")
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(["automatic", "prompted"])
@@ -107,10 +110,16 @@ class TrainPanel(QGroupBox):
         self.minutes_spin.setValue(15.0)
         self.minutes_spin.setSuffix(" min")
         self.minutes_spin.setToolTip("time to the adapter: embedding caching + training")
-        form.addRow("Name", self.name_edit)
-        form.addRow("Mode", self.mode_combo)
-        form.addRow("Time limit", self.minutes_spin)
-        lay.addLayout(form)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Name"))
+        row.addWidget(self.name_edit, 1)
+        row.addWidget(QLabel("Mode"))
+        row.addWidget(self.mode_combo)
+        lay.addLayout(row)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Time limit"))
+        row.addWidget(self.minutes_spin, 1)
+        lay.addLayout(row)
         row = QHBoxLayout()
         self.train_btn = QPushButton("Train adapter")
         self.stop_btn = QPushButton("Stop (keep best)")
@@ -237,6 +246,8 @@ class TrainPanel(QGroupBox):
             target=self._run, args=(folder, name, mode, exports), daemon=True, name="samed-train"
         )
         self._set_running(True)
+        self.progress.setValue(0)
+        self.progress.setFormat("%p%")
         self._say("exporting annotations ..." if exports else "reading the folder ...")
         self._thread.start()
         self._timer.start()
@@ -288,6 +299,7 @@ class TrainPanel(QGroupBox):
 
     def _say(self, text: str, error: bool = False) -> None:
         self.status.setText(text)
+        self.status.setToolTip(text)  # the whole text, also when a short dock cuts the label
         self.status.setStyleSheet("color: #e06c75;" if error else "")
 
     def _drain(self) -> None:
@@ -325,17 +337,20 @@ class TrainPanel(QGroupBox):
             self.events.append(last_step)
         if last_step is not None and self.stop_btn.isEnabled():
             # still running: a step drained together with the end must not hide its message
+            # step and minutes on the bar, so the status needs one line fewer (a short dock cuts
+            # the panel's last lines first)
             self.progress.setValue(100 + int(900 * min(1.0, last_step["fraction"])))
-            self._say(
-                f"step {last_step['step']}  loss {last_step['loss']:.4f}  "
-                f"{last_step['minutes']:.1f} min\n" + getattr(self, "_val_text", "")
+            self.progress.setFormat(
+                f"step {last_step['step']}   {last_step['minutes']:.1f} min   %p%"
             )
+            self._say(f"loss {last_step['loss']:.4f}   " + getattr(self, "_val_text", ""))
 
     def _finished(self, res: dict[str, Any]) -> None:
         self.result = res
         self._timer.stop()
         self._set_running(False)
         self.progress.setValue(1000)
+        self.progress.setFormat("%p%")
         if not res.get("installed"):
             self._say("stopped before the first step: no adapter", error=True)
             return

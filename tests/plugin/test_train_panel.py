@@ -83,6 +83,32 @@ def test_bad_name_is_refused_before_training(panel_widget):
     assert "adapter name" in panel.status.text()
 
 
+def test_short_dock_cuts_the_layer_list_not_the_fields(panel_widget, qtbot):
+    """A dock shorter than the widget wants squeezes the panel below its minimum: in the session-7
+    benchmark window (1400 x 1494) it got 279 px, and the Name/Mode form's rows overlapped (Mode's
+    text was cut). At that height, while training, every field and button keeps its full height,
+    the layer list (which scrolls) still shows two rows and the status line (step and minutes
+    are on the bar) shows all of ACDC's three classes; its whole text is also in the tooltip."""
+    _viewer, widget = panel_widget
+    panel = widget.train_panel
+    text = "loss 0.1234   val Dice 0.850 (best 0.860) at step 100: RV 0.800 MYO 0.850 LV 0.900"
+    panel._say(text)
+    g = panel.geometry()
+    panel.setGeometry(g.x(), g.y(), 412, 279)  # as the widget's layout sized it there
+    assert panel.height() == 279
+    fields = (panel.folder_edit, panel.name_edit, panel.mode_combo, panel.train_btn)
+    for w in (*fields, panel.stop_btn):
+        assert w.height() >= w.minimumSizeHint().height(), (w, w.height())
+    assert panel.mode_combo.geometry().top() >= panel.name_edit.geometry().top()
+    assert panel.minutes_spin.geometry().top() >= panel.mode_combo.geometry().bottom()
+    assert panel.layers_list.height() >= 2 * panel.layers_list.sizeHintForRow(0)
+    assert panel.status.height() >= panel.status.heightForWidth(panel.status.width())
+    assert panel.status.toolTip() == text
+    # the image layers started a model load in a worker: let it end inside this test (a worker
+    # left running past the viewer's close disturbs later tests' model-loading timing)
+    qtbot.waitUntil(lambda: not widget.model_loading, timeout=120_000)
+
+
 def test_stop_keeps_a_loadable_adapter(panel_widget, qtbot, make_tiny_volume):
     from samed.engine import Session
     from samed.lora import load_adapter

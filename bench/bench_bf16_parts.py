@@ -291,18 +291,10 @@ def build_ov_variant(model: object, name: str) -> Callable[[torch.Tensor], torch
             "INFERENCE_NUM_THREADS": torch.get_num_threads(),
         },
     )
-    request = compiled.create_infer_request()
     print(f"{name}: {n_kept} nodes kept f32", flush=True)
+    from samed.engine.backends import openvino_runner
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        out = []
-        for i in range(arr.shape[0]):
-            res = request.infer({0: arr[i : i + 1]})
-            out.append(torch.from_numpy(np.array(next(iter(res.values())), copy=True)))
-        return torch.cat(out)
-
-    return run
+    return openvino_runner(compiled.create_infer_request())
 
 
 @torch.inference_mode()

@@ -390,10 +390,15 @@ def _openvino_run(
             "INFERENCE_NUM_THREADS": threads,
         },
     )
-    request = compiled.create_infer_request()
+    return openvino_runner(compiled.create_infer_request())
+
+
+def openvino_runner(request: object) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``run(images) -> embeddings`` over an OpenVINO infer request of an encoder IR: (B, 3, S,
+    S) float images in, (B, C, h, w) float32 embeddings out, one slice per call (the IR is traced
+    at batch 1: TinyViT's reshapes freeze it)."""
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        # the IR is traced at batch 1 (TinyViT's reshapes freeze it): one slice per call
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
         out = []
         for i in range(arr.shape[0]):

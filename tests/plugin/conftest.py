@@ -67,6 +67,7 @@ class BoxModel:
     adapter_digest = ""
     adapter = None  # SamModel.adapter: no adapter attached
     fast_decoder = False  # its decode takes no image_state
+    num_mask_outputs = 1  # one multimask output, the same as the single one
 
     def __init__(self, encode_seconds: float = 0.02) -> None:
         import torch
@@ -84,7 +85,15 @@ class BoxModel:
         self.encoded += images.shape[0]
         return torch.zeros(images.shape[0], 1, 4, 4)
 
-    def decode(self, emb, boxes=None, points=None, mask_inputs=None, multimask_output=False):
+    def decode(
+        self,
+        emb,
+        boxes=None,
+        points=None,
+        mask_inputs=None,
+        multimask_output=False,
+        all_outputs=False,
+    ):
         import torch
 
         n = self.low_res_size
@@ -99,6 +108,8 @@ class BoxModel:
                     continue
                 disc = (xx - x) ** 2 + (yy - y) ** 2 <= 12.0**2
                 logits[0, 0][disc] = 10.0 if lab == 1 else -10.0
+        if all_outputs:  # SamModel.decode(all_outputs=True): the single, then each multimask
+            return logits.expand(1, 2, n, n).clone(), torch.ones(1, 2)
         return logits, torch.ones(1, 1)
 
 

@@ -392,9 +392,11 @@ def test_propagate_carries_a_painted_wall_as_a_wall(acdc_myo):
     session, myo = acdc_myo
     z0 = int(np.argmax(myo.sum(axis=(1, 2))))
     assert is_hollow(myo[z0])
-    vol = session.propagate_volume(z0, myo[z0], **OPTIONS)
+    vol = session.propagate_volume(z0, myo[z0], walls=True, **OPTIONS)
+    plain = session.propagate_volume(z0, myo[z0], **OPTIONS)  # without walls: box propagation
     reached = [z for z in range(myo.shape[0]) if z != z0 and vol[z].any()]
     assert len(reached) >= 4
     assert sum(is_hollow(vol[z]) for z in reached) >= 0.8 * len(reached)
     others = [z for z in range(myo.shape[0]) if z != z0]
     assert _dice(vol[others], myo[others]) > 0.7
+    assert _dice(plain[others], myo[others]) < 0.3  # the boxes return the cavities

@@ -366,10 +366,19 @@ class Annotator(Undoable[HistoryStep]):
                     del masks[k]
         seed_mask = masks[seed]
 
+        # a hollow mask goes on as a wall (engine.hollow), where the engine knows walls
+        walls = (
+            {"walls": True} if hasattr(self.engine, "repropagate") and "walls" not in kwargs else {}
+        )
+
         def steps() -> Iterator[Any]:
             for d in sides:
                 run = self.engine.propagate(
-                    seed, seed_mask, direction="forward" if d > 0 else "backward", **kwargs
+                    seed,
+                    seed_mask,
+                    direction="forward" if d > 0 else "backward",
+                    **walls,
+                    **kwargs,
                 )
                 for step in run:
                     if step.z == ends[d]:

@@ -40,13 +40,14 @@ class PropagationMixin:
         mask_output: int | None = None,
         max_step_px: int | None = None,
         min_slice_iou: float = 0.0,
+        walls: bool = False,
     ) -> Iterator[PropagationStep]:
         """Carry an object from slice z through the volume, slice by slice.
 
         Each next slice is prompted with the previous slice's mask box (grown by ``box_margin``
-        px) and, if ``use_mask_prompt``, its low-resolution logits; a hollow mask (a wall around
-        a core, :mod:`samed.engine.hollow`) is carried as its core and its wall's thickness
-        (:func:`~samed.engine.hollow.hollow_step`). A direction stops when the
+        px) and, if ``use_mask_prompt``, its low-resolution logits; with ``walls``, a hollow mask
+        (a wall around a core, :mod:`samed.engine.hollow`) is carried as its core and its wall's
+        thickness instead (:func:`~samed.engine.hollow.hollow_step`). A direction stops when the
         mask has fewer than ``min_area`` pixels, its predicted IoU is below ``min_score``, the
         mean intensity inside it (model intensity scale, [0, 1] after windowing) moved more than
         ``max_intensity_shift`` from the starting mask's (SAM always finds *something* in a box;
@@ -72,6 +73,9 @@ class PropagationMixin:
                 overlap strongly, so a sudden change means the box prompt jumped to a
                 neighbouring structure (seen at the liver's inferior tip, which otherwise leaks
                 into the kidney and down the spine).
+            walls: carry hollow masks as walls (the annotator's *Propagate* turns this on; off
+                for batch prompts and for what :mod:`samed.uncertainty` rebuilds, which assume
+                box propagation).
 
         Yields:
             :class:`PropagationStep` per slice reached (the last one of a direction has
@@ -110,7 +114,7 @@ class PropagationMixin:
                 if ahead:
                     for i in range(0, len(ahead), self.batch_size):
                         self._encode(ahead[i : i + self.batch_size])
-                if is_hollow(prev, min_area):  # a wall around a core: its core and thickness
+                if walls and is_hollow(prev, min_area):  # a wall around a core: core + thickness
                     wall = hollow_step(
                         self,
                         zz,

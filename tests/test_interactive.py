@@ -400,3 +400,90 @@ def test_propagate_carries_a_painted_wall_as_a_wall(acdc_myo):
     others = [z for z in range(myo.shape[0]) if z != z0]
     assert _dice(vol[others], myo[others]) > 0.7
     assert _dice(plain[others], myo[others]) < 0.3  # the boxes return the cavities
+
+
+def test_box_wall_reads_the_wall_a_box_slice_says_its_object_has():
+    from samed.engine.hollow import box_wall
+
+    yy, xx = np.mgrid[:100, :100]
+    r2 = (xx - 50) ** 2 + (yy - 50) ** 2
+    core = r2 <= 12**2
+    ring = (r2 <= 20**2) & ~core
+    assert abs(box_wall([30, 30, 70, 70], ring) - 8.0) < 0.5  # resolved to a wall: its own
+    assert box_wall(None, ring) is None  # no box: says nothing
+    # the core SAM returns in a box around a wall is also a correct answer to a loose box:
+    # only read as a wall when asked to
+    assert box_wall([30, 30, 70, 70], core) is None
+    assert abs(box_wall([30, 30, 70, 70], core, unresolved=True) - 8.0) < 1.0
+    assert box_wall([38, 38, 62, 62], core, unresolved=True) is None  # fills its box
+    two = core | ((xx - 85) ** 2 + (yy - 50) ** 2 <= 4**2)
+    assert box_wall([10, 10, 95, 90], two, unresolved=True) is None  # not one blob
+
+
+def test_a_wall_resolved_on_the_box_slice_lets_a_click_elsewhere_give_the_wall(acdc_myo, acdc_case):
+    """Once a negative click has made the box slice a wall, a negative click at the centre of
+    the cavity on a slice without a box (and no hollow neighbour) gives a wall as thick as the
+    box slice's, and re-propagation carries it. Before that resolution, and for an object whose
+    box slice is no wall (the RV), the same click only removes."""
+    from samed.engine.hollow import is_hollow
+
+    session, myo = acdc_myo
+    ann, z0 = _boxed(session, myo)
+    vol = ann.object_mask()
+    far = [k for k in range(myo.shape[0]) if abs(k - z0) >= 2 and vol[k].any() and myo[k].any()]
+    z = max(far, key=lambda k: int(vol[k].sum()))
+    core = ann.masks[z].copy()
+    xy = _centre(core)
+    cut = ann.add_point(z, xy, positive=False)  # the box slice still says nothing of a wall
+    assert not (cut & ~core).any() and not is_hollow(cut)
+    ann.undo()
+    assert np.array_equal(ann.masks[z], core)
+
+    ring0 = ann.add_point(z0, _centre(ann.masks[z0]), positive=False)  # resolved on the box slice
+    assert is_hollow(ring0)
+    after = ann.add_point(z, xy, positive=False)
+    assert is_hollow(after) and not after[int(xy[1]), int(xy[0])] and not (after & core).any()
+    assert _dice(after, myo[z]) > 0.6 > _dice(core, myo[z])
+    ann.propagate(z, **OPTIONS)
+    assert np.array_equal(ann.masks[z], after) and np.array_equal(ann.masks[z0], ring0)
+    assert _dice(ann.object_mask(), myo) > 0.5 > _dice(vol, myo)
+
+    session, rv = acdc_case
+    ann, z0 = _boxed(session, rv)
+    vol = ann.object_mask()
+    z = max((k for k in range(rv.shape[0]) if k != z0 and vol[k].any()), key=lambda k: vol[k].sum())
+    before = ann.masks[z].copy()
+    cut = ann.add_point(z, _centre(before), positive=False)
+    assert not (cut & ~before).any() and not is_hollow(cut)
+
+
+def test_a_negative_click_in_a_leak_of_a_boxed_slice_stays_near_the_click(acdc_case):
+    """A negative click off the core of a box slice's mask (a leak that a loose box let in)
+    removes only near the click: the rest of the object stays (issue #17: a negative click
+    removes a leak and may not wipe the rest of the slice)."""
+    session, rv = acdc_case
+    ann = Annotator(session, np.zeros(rv.shape, np.uint8))
+    z0 = int(np.argmax(rv.sum(axis=(1, 2))))
+    ys, xs = np.nonzero(rv[z0])
+    h, w = rv.shape[1:]
+    ann.add_box(
+        z0,
+        (
+            max(xs.min() - 8, 0),
+            max(ys.min() - 8, 0),
+            min(xs.max() + 8, w - 1),
+            min(ys.max() + 8, h - 1),
+        ),
+    )
+    before = ann.masks[z0].copy()
+    dist = ndimage.distance_transform_edt(np.pad(before, 1))[1:-1, 1:-1]
+    rim = before & (dist >= 2) & (dist <= 0.3 * dist.max())  # off the core, inside the mask
+    leak = rim & ~rv[z0] if (rim & ~rv[z0]).any() else rim
+    yx = np.argwhere(leak)[len(np.argwhere(leak)) // 2]
+    depth = float(dist[yx[0], yx[1]])
+    after = ann.add_point(z0, (float(yx[1]), float(yx[0])), positive=False)
+    removed = before & ~after
+    assert not (after & ~before).any() and not after[yx[0], yx[1]]
+    yy, xx = np.nonzero(removed)
+    assert np.all((xx - yx[1]) ** 2 + (yy - yx[0]) ** 2 <= (1.5 * depth) ** 2 + 1e-6)
+    assert after.sum() >= 0.5 * before.sum()

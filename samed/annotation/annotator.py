@@ -20,6 +20,7 @@ passed in (any object with ``predict`` and ``propagate`` of the same signatures 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,6 +191,7 @@ class Annotator(Undoable[HistoryStep]):
                     point_labels=np.asarray(prompts.labels, dtype=np.int64),
                     prev_mask=previous,
                     prior_mask=self._neighbour_mask(int(z)),
+                    **self._object_wall(int(z), prompts),
                 ),
                 dtype=bool,
             )
@@ -207,6 +209,27 @@ class Annotator(Undoable[HistoryStep]):
             m for k in (z - 1, z + 1) if (m := self._state.masks.get(k)) is not None and m.any()
         ]
         return max(near, key=lambda m: int(m.sum())) if near else None
+
+    def _object_wall(self, z: int, prompts: SlicePrompts) -> dict[str, Any]:
+        """For a click on slice z without a box: the nearest box slice's box and mask, as
+        ``{"object_box": ..., "object_mask": ...}`` (what that box says of the object's wall:
+        :func:`samed.engine.hollow.box_wall`); ``{}`` when there is none or the engine does
+        not take them."""
+        if prompts.box is not None:
+            return {}
+        try:
+            if "object_mask" not in inspect.signature(self.engine.refine).parameters:
+                return {}
+        except (TypeError, ValueError):
+            return {}
+        boxed = [k for k, p in self._state.prompts.items() if p.box is not None and k != z]
+        if not boxed:
+            return {}
+        k = min(boxed, key=lambda k: (abs(k - z), k))
+        mask = self._state.masks.get(k)
+        if mask is None:
+            return {}
+        return {"object_box": list(self._state.prompts[k].box), "object_mask": mask}
 
     def set_prompts(self, z: int, prompts: SlicePrompts, mask: np.ndarray | None = None):
         """Replace the prompts of slice z and predict its mask (one undoable step).

@@ -26,7 +26,15 @@ from .preprocess import _dilate, mask_bbox
 if TYPE_CHECKING:  # pragma: no cover
     from .session import Session
 
-__all__ = ["hole_of", "is_hollow", "wall_thickness", "ring_in_box", "ring_around", "hollow_step"]
+__all__ = [
+    "hole_of",
+    "is_hollow",
+    "wall_thickness",
+    "ring_in_box",
+    "ring_around",
+    "box_wall",
+    "hollow_step",
+]
 
 #: IoU (with the previous slice's core) a multimask answer must gain over the single answer to be
 #: taken as the next core (measured on ACDC: docs/BENCHMARKS.md, session 8)
@@ -96,6 +104,40 @@ def ring_around(core: np.ndarray, thickness: float) -> np.ndarray:
     if not core.any() or thickness < 0.5:
         return np.zeros_like(core)
     return ndimage.binary_dilation(core, structure=_disc(thickness)) & ~core
+
+
+def box_wall(
+    box: np.ndarray | list[float] | None,
+    mask: np.ndarray,
+    band: float = 2.0,
+    min_area: int = 10,
+    *,
+    unresolved: bool = False,
+) -> float | None:
+    """The wall thickness (px) a box slice says its object has, or None when it says nothing.
+
+    A hollow ``mask`` (the user resolved the box to a wall: a negative click at the core of its
+    answer, :func:`ring_in_box`) gives its own :func:`wall_thickness`. With ``unresolved``, a
+    mask that is one blob which the ``box`` encloses with >= ``band`` px free on every side
+    (the core SAM returns for a box around a wall, but also a correct answer to a loose box)
+    gives the thickness of :func:`ring_in_box`. Otherwise None.
+
+    Args:
+        box: (4,) XYXY slice pixels of the box slice, or None (then None).
+        mask: (Y, X) bool, that slice's current mask.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if box is None or int(mask.sum()) < min_area:
+        return None
+    if is_hollow(mask, min_area):
+        return wall_thickness(mask)
+    if not unresolved:
+        return None
+    _, n = ndimage.label(mask)
+    if n != 1:
+        return None
+    ring = ring_in_box(box, mask, band)
+    return wall_thickness(ring) if int(ring.sum()) >= min_area else None
 
 
 def hollow_step(

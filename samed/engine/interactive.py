@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .hollow import hole_of, hollow_step, is_hollow
+from .hollow import box_wall, hole_of, hollow_step, is_hollow
 from .preprocess import mask_bbox
 from .refine import mask_to_logits, refine_slice
 
@@ -343,12 +343,24 @@ class InteractiveMixin:
         prev_mask: np.ndarray | None = None,
         prior_mask: np.ndarray | None = None,
         object_box: np.ndarray | list[float] | None = None,
+        object_mask: np.ndarray | None = None,
     ) -> np.ndarray:
         """Refine slice z after a click (the last of ``points``), given its previous (Y, X) mask:
         see :func:`samed.engine.interactive.refine_slice`. Returns the (Y, X) bool mask (a
         negative click's is inside ``prev_mask``, except where it reveals a hollow object; a
-        positive click's contains it)."""
+        positive click's contains it).
+
+        ``object_box`` with ``object_mask``: the box and current (Y, X) mask of the object's
+        nearest box slice (another slice; used when slice z has no box): the wall thickness
+        that box says the object has (:func:`samed.engine.hollow.box_wall`) lets a negative
+        click at the core of slice z's mask give a wall. ``object_box`` alone: the box's own
+        ellipse on slice z (:func:`refine_slice`)."""
         z = self._check_z(z)  # type: ignore[attr-defined]
+        object_wall = None
+        if object_mask is not None:
+            if object_box is not None:
+                object_wall = box_wall(object_box, np.asarray(object_mask, dtype=bool))
+            object_box = None
         pred = refine_slice(
             self,
             z,
@@ -358,6 +370,7 @@ class InteractiveMixin:
             prev_mask=prev_mask,
             prior_mask=prior_mask,
             object_box=object_box,
+            object_wall=object_wall,
         )
         self.remember_logits(z, pred.mask, pred.low_res_logits)  # type: ignore[attr-defined]
         prev = np.zeros(self.shape[1:], bool) if prev_mask is None else np.asarray(prev_mask, bool)

@@ -39,6 +39,11 @@ __all__ = ["MASK_LOGIT", "mask_to_logits", "refine_slice"]
 #: magnitude of the logits a binary mask is turned into when no decoder logits are known
 MASK_LOGIT = 8.0
 
+#: a negative click reads as "the wall around this core" only this close to the core's centre
+#: (its distance from the mask's edge, as a share of the centre's): a click at the centre of
+#: what a box returned, not at a leak that a loose box let in (docs/BENCHMARKS.md, session 9)
+WALL_CLICK_DEPTH = 0.8
+
 
 def mask_to_logits(mask: np.ndarray, session: Session) -> torch.Tensor:
     """(L, L) float32 low-resolution logits (+-:data:`MASK_LOGIT`) of a (Y, X) bool mask, on the
@@ -79,6 +84,7 @@ def refine_slice(
     prior_mask: np.ndarray | None = None,
     box_margin: float = 2.0,
     object_box: np.ndarray | list[float] | None = None,
+    object_wall: float | None = None,
 ) -> Prediction:
     """Refine slice z after a click (the last of ``points``) given the slice's previous mask.
 
@@ -99,6 +105,10 @@ def refine_slice(
         object_box: the box the user drew for this object on another slice (XYXY px; used when
             this slice has none): a negative click at the core of a mask it encloses with room
             to spare means the wall around it (see below).
+        object_wall: the wall thickness (px) the object's box slice says it has
+            (:func:`samed.engine.hollow.box_wall`; used when this slice has no box and no hollow
+            neighbour): a negative click at the core of this slice's mask, when that mask is one
+            blob, then gives a wall that thick around it.
 
     Returns:
         A :class:`~samed.engine.Prediction`. A negative click's mask is a subset of ``prev_mask``
@@ -111,8 +121,8 @@ def refine_slice(
         core is (nearly) the whole mask, its neighbour's mask is hollow, the slice takes a wall
         as thick as the neighbour's around the core; else when the slice's box (or
         ``object_box``) encloses the core with room on every side, the box's inscribed ellipse
-        without the core. A positive click on a hollow mask never fills its hole unless it lies
-        in it.
+        without the core; else, given ``object_wall``, a wall that thick around the core. A
+        positive click on a hollow mask never fills its hole unless it lies in it.
     """
     from .results import Prediction
 
@@ -166,8 +176,10 @@ def refine_slice(
         if positive and not mask[cy, cx]:
             mask = mask | _smallest_containing(session, z, cx, cy, positive_only=True)
         return Prediction(mask, pred.score, pred.low_res_logits)
-    if not positive and _at_core(prev, cx, cy):
-        wall = _wall_around(prev, cx, cy, box if box is not None else object_box, prior_mask)
+    if not positive and _at_core(prev, cx, cy, WALL_CLICK_DEPTH):
+        wall = _wall_around(
+            prev, cx, cy, box if box is not None else object_box, prior_mask, object_wall
+        )
         if wall is not None and _honours(wall, points, point_labels):
             return Prediction(wall, 1.0, mask_to_logits(wall, session))
     if not positive and prev[cy, cx] and is_hollow(prev):
@@ -182,7 +194,7 @@ def refine_slice(
         if mask[cy, cx]:  # the click is on the lining itself
             mask[cy, cx] = False
         return Prediction(mask, 1.0, mask_to_logits(mask, session))
-    if not positive and box is not None and _at_core(prev, cx, cy):
+    if not positive and box is not None and _at_core(prev, cx, cy, WALL_CLICK_DEPTH):
         # a negative click at the centre of a box slice's mask: the box meant another object
         # (e.g. the myocardial ring around the LV cavity it returned); the slice takes the best
         # of SAM's outputs that honours every click, even where that is not inside the old mask
@@ -219,6 +231,8 @@ def refine_slice(
         mask[cy, cx] = True
     else:
         mask = _least_removal(session, z, prev, pred.mask, eff_box, points, point_labels, cx, cy)
+        if (box is not None or point_labels.any()) and not _at_core(prev, cx, cy, WALL_CLICK_DEPTH):
+            mask = _bounded_removal(prev, mask, cx, cy)
         if mask[cy, cx]:  # remove the region the click lies in, as SAM sees it, if it is a part
             region = _smallest_containing(session, z, cx, cy, positive_only=True) & prev
             if region.any() and region.sum() < 0.5 * prev.sum():
@@ -331,6 +345,19 @@ def _least_removal(
     return prev.copy() if best is None else prev & ~best
 
 
+def _bounded_removal(prev: np.ndarray, mask: np.ndarray, cx: int, cy: int) -> np.ndarray:
+    """``mask`` (a negative click's answer on a slice the user prompted positively) with the
+    removal kept near the click: a click off the core of the object marks a leak there, not
+    the object; only the removed pixels within 1.5x the click's depth in ``prev`` (its
+    distance to the mask's edge) go. (A loose box's answers remove most of the object for a
+    click in its leak: docs/BENCHMARKS.md, session 9.)"""
+    from scipy.ndimage import distance_transform_edt
+
+    removed = prev & ~mask
+    depth = float(distance_transform_edt(np.pad(prev, 1))[1:-1, 1:-1][cy, cx])
+    return prev & ~(removed & _disc(prev.shape, (cx, cy), max(1.5 * depth, 2.0)))
+
+
 def _lobe_at(mask: np.ndarray, cx: int, cy: int) -> np.ndarray:
     """The lobe of ``mask`` around (cx, cy): its component cut at necks narrower than the
     click's own depth (a morphological opening by a disc of ~0.7x the click's distance to the
@@ -360,16 +387,16 @@ def _lobe_at(mask: np.ndarray, cx: int, cy: int) -> np.ndarray:
     return out
 
 
-def _at_core(mask: np.ndarray, cx: int, cy: int) -> bool:
-    """Whether (cx, cy) lies in the core of its component of ``mask``: at least half as far from
-    the component's edge as the component's own centre (and >= 2 px)."""
+def _at_core(mask: np.ndarray, cx: int, cy: int, share: float = 0.5) -> bool:
+    """Whether (cx, cy) lies in the core of its component of ``mask``: at least ``share`` as far
+    from the component's edge as the component's own centre (and >= 2 px)."""
     from scipy.ndimage import distance_transform_edt
 
     part = _component_at(mask, cx, cy)
     if not part.any():
         return False
     dist = distance_transform_edt(np.pad(part, 1))[1:-1, 1:-1]
-    return float(dist[cy, cx]) >= max(0.5 * float(dist.max()), 2.0)
+    return float(dist[cy, cx]) >= max(share * float(dist.max()), 2.0)
 
 
 def _consistent_output(
@@ -419,11 +446,13 @@ def _wall_around(
     cy: int,
     box: np.ndarray | list[float] | None,
     prior: np.ndarray | None,
+    thickness: float | None = None,
 ) -> np.ndarray | None:
     """The hollow object a negative click at (cx, cy), the core of ``prev``, points at (see
     :func:`refine_slice`), or None when the slice does not look like one: the clicked component
     must be >= 80 % of the mask; then a wall as thick as a hollow ``prior`` (the neighbour's
-    mask) around it, else the ellipse of a ``box`` that encloses it with room on every side."""
+    mask) around it, else the ellipse of a ``box`` that encloses it with room on every side,
+    else a wall ``thickness`` px thick (the object's box slice's, :func:`~.hollow.box_wall`)."""
     core = _component_at(prev, cx, cy)
     if int(core.sum()) < 0.8 * int(prev.sum()) or is_hollow(prev):
         return None  # not one blob (or already a wall: a click on it corrects the wall)
@@ -431,6 +460,8 @@ def _wall_around(
         wall = ring_around(core, wall_thickness(prior))
     elif box is not None:
         wall = ring_in_box(box, core)
+    elif thickness is not None:
+        wall = ring_around(core, thickness)
     else:
         return None
     return wall if int(wall.sum()) >= 10 else None

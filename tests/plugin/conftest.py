@@ -7,16 +7,19 @@ package), or wrap pytest in ``xvfb-run -a -s "-screen 0 1600x1200x24"``.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 
 # napari's settings (the plugin writes reader preferences into them) go to a throwaway file, never
 # the user's; must be set before napari.settings is imported.
-os.environ.setdefault(
-    "NAPARI_CONFIG", os.path.join(tempfile.mkdtemp(prefix="samed-napari-"), "settings.yaml")
-)
+if "NAPARI_CONFIG" not in os.environ:
+    _settings_dir = tempfile.mkdtemp(prefix="samed-napari-")
+    atexit.register(shutil.rmtree, _settings_dir, ignore_errors=True)  # ours: made just above
+    os.environ["NAPARI_CONFIG"] = os.path.join(_settings_dir, "settings.yaml")
 # Must be set before the first QApplication exists; offscreen cannot render napari canvases.
 if os.environ.get("QT_QPA_PLATFORM", "") in ("", "offscreen"):
     os.environ["QT_QPA_PLATFORM"] = "xcb"

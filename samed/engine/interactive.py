@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .hollow import box_wall, hole_of, hollow_step, is_hollow
+from .hollow import box_wall, hole_of, hollow_step, is_hollow, ring_around, wall_thickness
 from .preprocess import mask_bbox
 from .refine import mask_to_logits, refine_slice
 
@@ -41,6 +41,10 @@ __all__ = [
     "sdf_blend",
     "simulated_click",
 ]
+
+#: a corrected wall's thickness is carried to the neighbouring walls while it differs from
+#: theirs by more than this share (or 0.5 px)
+WALL_AGREE = 0.1
 
 
 def simulated_click(
@@ -228,7 +232,28 @@ def repropagate(
             existing = np.asarray(masks[zz], dtype=bool) if has(zz) else None
             hollow = is_hollow(prev, min_area)
             if hollow and existing is not None and is_hollow(existing, min_area):
-                break  # the next slice is a wall already: the correction stays where it was made
+                # the next slice is a wall already: carry the corrected wall's thickness around
+                # its own core while the two differ (a click that thinned or thickened the wall)
+                t_new, t_old = wall_thickness(prev), wall_thickness(existing)
+                if abs(t_new - t_old) <= max(0.5, WALL_AGREE * t_old):
+                    break
+                cand = ring_around(hole_of(existing), t_new)
+                # only near where the previous slice changed, as for other objects
+                grow = (cand & ~existing) & _dilate(grow, reach)
+                shrink = (existing & ~cand) & _dilate(shrink, reach)
+                new = (existing | grow) & ~shrink
+                size = int(grow.sum()) + int(shrink.sum())
+                if size < min_area or int(new.sum()) < min_area:
+                    break
+                if size > change_growth * last + max(min_area, 0.05 * int(existing.sum())):
+                    break
+                last = size
+                done += 1
+                logits = mask_to_logits(new, session)
+                session.remember_logits(zz, new, logits)
+                yield PropagationStep(zz, new, d, 1.0, done, total)
+                prev, prev_logits = new, logits
+                continue
             if existing is None and (crossed or not grow0.any()) and not hollow:
                 # only a correction at or beyond the object's end extends it: one that only
                 # removed, or whose change was carried through the object to its end, does not

@@ -189,8 +189,16 @@ def refine_slice(
         from scipy.ndimage import distance_transform_edt
 
         depth = float(distance_transform_edt(np.pad(prev, 1))[1:-1, 1:-1][cy, cx])
-        lining = _dilate(hole_of(prev), 1) & prev  # kept: the wall stays closed around its core
-        mask = prev & ~(_disc((h, w), (cx, cy), max(1.5, depth)) & ~lining)
+        hole = hole_of(prev)
+        lining = _dilate(hole, 1) & prev  # kept: the wall stays closed around its core
+        cut = _disc((h, w), (cx, cy), max(1.5, depth)) & ~lining
+        from_core = distance_transform_edt(~hole)
+        if from_core[cy, cx] > depth:
+            # in the wall's outer part: the wall is thinner here; what lies as far from the core
+            # as the click, or farther, goes too, along the wall near the click
+            reach = 2.0 * wall_thickness(prev) + depth
+            cut |= (from_core >= from_core[cy, cx] - 0.5) & _disc((h, w), (cx, cy), reach)
+        mask = prev & ~cut
         if mask[cy, cx]:  # the click is on the lining itself
             mask[cy, cx] = False
         return Prediction(mask, 1.0, mask_to_logits(mask, session))

@@ -385,11 +385,10 @@ def finetune(
             raise ValueError(f"--resume: {ckpt_path} does not exist")
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         saved_cfg = json.loads(ck["config"])
-        if saved_cfg != cfg.to_dict():
+        now_cfg = json.loads(json.dumps(cfg.to_dict()))  # as stored: e.g. integer label ids -> str
+        if saved_cfg != now_cfg:
             diff = sorted(
-                k
-                for k in set(saved_cfg) | set(cfg.to_dict())
-                if saved_cfg.get(k) != cfg.to_dict().get(k)
+                k for k in set(saved_cfg) | set(now_cfg) if saved_cfg.get(k) != now_cfg.get(k)
             )
             raise ValueError(f"{ckpt_path} was written with another config (sections {diff})")
         with torch.no_grad():

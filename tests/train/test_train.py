@@ -189,6 +189,20 @@ def test_resume_refuses_another_config(tiny_dataset: Path, tmp_path: Path) -> No
         finetune(other, tmp_path / "r", resume=True, log=lambda s: None)
 
 
+def test_resume_accepts_the_same_config_with_remapped_labels(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    # data.labels has integer ids, which the checkpoint's JSON stores as strings
+    labels = {"labels": {1: {"name": "disk", "source": [1]}, 2: {"name": "square", "source": [2]}}}
+    cfg = _cfg(tiny_dataset, data=labels, train={"iterations": 2})
+    assert finetune(cfg, tmp_path / "a", log=lambda s: None, stop_after=1)["interrupted"]
+    res = finetune(cfg, tmp_path / "a", resume=True, log=lambda s: None)
+    assert res["steps"] == 2
+    other = _cfg(tiny_dataset, data=labels, train={"iterations": 2}, optim={"lr": 1e-2})
+    with pytest.raises(ValueError, match="another config"):
+        finetune(other, tmp_path / "a", resume=True, log=lambda s: None)
+
+
 def test_prompted_mode_trains_and_validates(tiny_dataset: Path, tmp_path: Path) -> None:
     cfg = _cfg(
         tiny_dataset,

@@ -25,9 +25,9 @@ candidates, and a few encoder passes per candidate; afterwards nothing but loadi
   labelled slices of real training volumes of the adapter's modality, which the Session
   prepares with the adapter's own intensity, spacing / canvas and orientation
   (:mod:`samed.engine.backend_calibration`; the generic slices above only when no such volume
-  is found), scored per class (:func:`class_dices`: Dice of each class pooled over the slices, classes
-  with fewer than :data:`MIN_CLASS_PIXELS` pixels in both left out), so a backend that changes
-  automatic results is never picked. Either way the Dice values must reach mean >=
+  is found), scored per class (:func:`class_dices`: Dice of each class pooled over the
+  slices, classes with fewer than :data:`MIN_CLASS_PIXELS` pixels in both left out), so a
+  backend that changes automatic results is never picked. Either way the Dice values must reach mean >=
   :data:`MIN_MEAN_DICE` and each >= :data:`MIN_DICE`; the relative L2 error of the embeddings
   is recorded beside it;
 * speed: median of :data:`TIMED_PASSES` batch-1 encoder passes after one warm-up, taken

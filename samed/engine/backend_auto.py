@@ -20,11 +20,14 @@ candidates, and a few encoder passes per candidate; afterwards nothing but loadi
 * accuracy against torch fp32 on :data:`ACCURACY_SLICES` of them (decoder in torch fp32 either
   way), by what the model is used for (:func:`accuracy_check`): for a model without an
   automatic adapter, the box-prompt masks with the ground-truth box (+5 px) of up to 3
-  structures per slice; for an **automatic adapter**, its automatic output (the argmax class
-  map of each slice, as :meth:`samed.engine.Session.automatic` computes it on the native grid),
-  scored per class (:func:`class_dices`: Dice of each class pooled over the slices, classes
-  with fewer than :data:`MIN_CLASS_PIXELS` pixels in both left out), so a backend that changes
-  automatic results is never picked. Either way the Dice values must reach mean >=
+  structures per slice; for an **automatic adapter**, its automatic output: the raw argmax
+  class maps of :meth:`samed.engine.Session.automatic` itself, on :data:`ACCURACY_SLICES`
+  labelled slices of real training volumes of the adapter's modality, which the Session
+  prepares with the adapter's own intensity, spacing / canvas and orientation
+  (:mod:`samed.engine.backend_calibration`; the generic slices above only when no such volume
+  is found), scored per class (:func:`class_dices`: Dice of each class pooled over the
+  slices, classes with fewer than :data:`MIN_CLASS_PIXELS` pixels in both left out), so a
+  backend that changes automatic results is never picked. Either way the Dice values must reach mean >=
   :data:`MIN_MEAN_DICE` and each >= :data:`MIN_DICE`; the relative L2 error of the embeddings
   is recorded beside it;
 * speed: median of :data:`TIMED_PASSES` batch-1 encoder passes after one warm-up, taken
@@ -35,8 +38,9 @@ candidates, and a few encoder passes per candidate; afterwards nothing but loadi
 
 Choices are stored in ``<cache>/choices.json`` keyed by the CPU (model name + flags), the torch
 and OpenVINO versions, the thread count and a digest of the encoder's weights (so a merged adapter
-is its own entry); a model with an automatic adapter adds the check and the adapter's digest (a
-decoder-only adapter leaves the encoder's digest as it was, but is checked on its own output).
+is its own entry); a model with an automatic adapter adds the check, the adapter's digest (a
+decoder-only adapter leaves the encoder's digest as it was, but is checked on its own output)
+and the automatic check's version (:func:`choice_key`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .backend_calibration import (
+    AUTOMATIC_CHECK_VERSION,
+    CALIBRATION_DATASETS,
+    automatic_cases,
+    automatic_outputs,
+    training_cases,
+)
 from .backends import (
     CANDIDATES,
     EncoderBackend,
@@ -78,6 +89,7 @@ __all__ = [
     "auto_candidates",
     "calibration_set",
     "class_dices",
+    "choice_key",
     "choose",
     "expected_order",
     "measure",
@@ -98,7 +110,7 @@ CALIBRATION_SLICES = 32
 #: part of the choices.json key: a change of the accuracy bar or its slices measures again
 #: (2: BTCV / CHAOS training cases by the project's fixed splits, not ACDC alone)
 _BAR_VERSION = 2
-_DATASETS = (("btcv", "CT"), ("acdc", "MR"), ("chaos_t2", "MR"))
+_DATASETS = CALIBRATION_DATASETS
 
 
 def calibration_data_root() -> Path | None:
@@ -130,19 +142,12 @@ def _calibration_set(n: int, root: str) -> tuple[list, str]:
     base = Path(root) if root else None
     per: list[list[tuple[np.ndarray, list]]] = []
     if base is not None:
-        from ..datasets import load_dataset
         from ..io import load_label_map, load_volume
 
         for name, modality in _DATASETS:
             if not (base / name / "dataset.json").is_file():
                 continue
-            ds = load_dataset(base / name)
-            if "train" in ds.splits:
-                cases = ds.split("train")
-            else:  # btcv / chaos_t2 have no splits in dataset.json: the project's fixed ones
-                from ..train.interactive_data import BTCV_VAL, HELD_OUT
-
-                cases = [c for c in ds.cases if c.case_id not in BTCV_VAL | HELD_OUT]
+            cases = training_cases(base, name)
             items: list[tuple[np.ndarray, list]] = []
             for case in cases[:2]:
                 vol = load_volume(case.image)
@@ -289,23 +294,45 @@ def measure(
         (:func:`accuracy_check`), "mean_dice", "min_dice" (over the box masks, or over the
         classes of :func:`class_dices`, then also ``"class_dice": {class: Dice}``),
         "embedding_rel_err", "build_s", "ok": passes the bar}}``; a candidate that failed to
-        build has ``{"error": message, "ok": False}``.
+        build has ``{"error": message, "ok": False}``. With the automatic check, torch fp32's
+        entry also says how the slices were prepared (``"inputs"``: ``"session"``, by
+        :func:`~samed.engine.backend_calibration.automatic_outputs`, or ``"generic"``) and
+        which (``"slices"``: ``"case_id:z"``).
     """
-    items, _ = calibration_set(CALIBRATION_SLICES)
-    step = max(1, len(items) // ACCURACY_SLICES)
-    picked = items[::step][:ACCURACY_SLICES]
-    slices, boxes = [s for s, _ in picked], [b for _, b in picked]
-    x = _encoder_input(model, slices)
-    runs: dict[str, Any] = {"torch-fp32": model.image_encoder}
-    ref = torch.cat([model.image_encoder(x[i : i + 1]) for i in range(len(x))]).float()
     check = accuracy_check(model)
+    cases = (
+        automatic_cases(model, ACCURACY_SLICES, calibration_data_root())
+        if check == "automatic"
+        else []
+    )
+    if cases:  # the adapter's own input: Session.automatic on real volumes of its modality
+        ref_out, x, ref = automatic_outputs(model, cases)
+        prepared = "session"
+    else:
+        items, _ = calibration_set(CALIBRATION_SLICES)
+        step = max(1, len(items) // ACCURACY_SLICES)
+        picked = items[::step][:ACCURACY_SLICES]
+        slices, boxes = [s for s, _ in picked], [b for _, b in picked]
+        x = _encoder_input(model, slices)
+        ref = torch.cat([model.image_encoder(x[i : i + 1]) for i in range(len(x))]).float()
+        prepared = "generic"
 
     def outputs(emb: torch.Tensor) -> list[np.ndarray]:
         if check == "automatic":
             return _automatic_labels(model, emb, slices)
         return _box_masks(model, emb, slices, boxes)
 
-    ref_out = outputs(ref)
+    def candidate_outputs(be: EncoderBackend) -> tuple[list[np.ndarray], torch.Tensor]:
+        if cases:
+            out, _, emb = automatic_outputs(model, cases, be)
+            return out, emb
+        run = be.run if be.run is not None else model.image_encoder
+        emb = torch.cat([run(x[i : i + 1]) for i in range(len(x))]).float()
+        return outputs(emb), emb
+
+    if not cases:
+        ref_out = outputs(ref)
+    runs: dict[str, Any] = {"torch-fp32": model.image_encoder}
     res: dict[str, dict[str, Any]] = {
         "torch-fp32": {
             "check": check,
@@ -315,6 +342,9 @@ def measure(
             "build_s": 0.0,
         }
     }
+    if check == "automatic":
+        res["torch-fp32"]["inputs"] = prepared
+        res["torch-fp32"]["slices"] = [f"{c.case_id}:{z}" for c in cases for z in c.slices]
 
     def calib() -> np.ndarray:
         return calibration_inputs(model)
@@ -334,8 +364,7 @@ def measure(
         if built is not None:
             built[name] = be
         run = be.run if be.run is not None else model.image_encoder
-        emb = torch.cat([run(x[i : i + 1]) for i in range(len(x))]).float()
-        out = outputs(emb)
+        out, emb = candidate_outputs(be)
         extra: dict[str, Any] = {}
         if check == "automatic":
             per_class = class_dices(ref_out, out)
@@ -439,6 +468,19 @@ def _machine_key(model: SamModel) -> dict[str, Any]:
     }
 
 
+def choice_key(model: SamModel, runnable: list[str]) -> str:
+    """The ``choices.json`` key of a measurement of ``runnable`` for ``model`` on this machine:
+    :func:`_machine_key`, the candidates and the bar's version; a model with an automatic
+    adapter adds the check, the adapter's digest and the automatic check's version
+    (:data:`~samed.engine.backend_calibration.AUTOMATIC_CHECK_VERSION`), so that a choice made
+    by an earlier check is measured again rather than reused."""
+    key_obj: dict[str, Any] = {**_machine_key(model), "candidates": runnable, "bar": _BAR_VERSION}
+    if accuracy_check(model) == "automatic":  # its own output is checked: its own entry
+        key_obj["check"] = f"automatic {model.adapter_digest}"
+        key_obj["automatic_check"] = AUTOMATIC_CHECK_VERSION
+    return json.dumps(key_obj, sort_keys=True)
+
+
 def _read_choices(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -477,10 +519,7 @@ def choose(
             note="only torch fp32 runs fast here" + (f" ({why})" if why else ""),
             adapter_digest=model.adapter_digest,
         )
-    key_obj = {**_machine_key(model), "candidates": runnable, "bar": _BAR_VERSION}
-    if accuracy_check(model) == "automatic":  # its own output is checked: its own entry
-        key_obj["check"] = f"automatic {model.adapter_digest}"
-    key = json.dumps(key_obj, sort_keys=True)
+    key = choice_key(model, runnable)
     path = cache / "choices.json" if cache is not None else None
     entry = _read_choices(path).get(key) if path is not None else None
     built: dict[str, EncoderBackend] = {}

@@ -122,7 +122,10 @@ def refine_slice(
         as thick as the neighbour's around the core; else when the slice's box (or
         ``object_box``) encloses the core with room on every side, the box's inscribed ellipse
         without the core; else, given ``object_wall``, a wall that thick around the core. A
-        positive click on a hollow mask never fills its hole unless it lies in it.
+        positive click on a hollow mask never fills its hole unless it lies in it; a negative
+        click in a wall's outer part thins it near the click (what lies as far from the core as
+        the click, or farther). A negative click off the core of a slice with a box or positive
+        points removes only pixels within 1.5x its depth (distance to the mask's edge) of it.
     """
     from .results import Prediction
 

@@ -42,6 +42,7 @@ MODES = ("automatic", "prompted")
 DATA_FORMATS = ("auto", "msd", "folders", "pairs")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "poly", "constant")
+DICE_CLASSES = ("all", "present")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -257,16 +258,32 @@ class LossSection:
     Attributes:
         dice_weight: weight of the soft Dice loss (foreground classes).
         ce_weight: weight of cross-entropy (automatic) / binary CE (prompted).
+        dice_classes: which foreground classes the batch-pooled soft Dice is averaged over:
+            ``all`` (default, every class: a class absent from the batch is pushed towards never
+            being predicted, which starves rare classes such as the adrenal glands) or
+            ``present`` (only the classes with at least one target voxel in the batch; a batch
+            with none gets cross-entropy only).
     """
 
     dice_weight: float = 0.8
     ce_weight: float = 0.2
+    dice_classes: str = "all"
 
     def __post_init__(self) -> None:
         _range("loss", "dice_weight", self.dice_weight, 0.0, 100.0)
         _range("loss", "ce_weight", self.ce_weight, 0.0, 100.0)
         if self.dice_weight + self.ce_weight <= 0:
             _fail("loss", "dice_weight+ce_weight", 0, "a positive sum")
+        if self.dice_classes not in DICE_CLASSES:
+            _fail("loss", "dice_classes", self.dice_classes, ", ".join(DICE_CLASSES))
+
+    def loss_fn_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`samed.train.loop.loss_fn` for this section."""
+        return {
+            "dice_w": self.dice_weight,
+            "ce_w": self.ce_weight,
+            "dice_classes": self.dice_classes,
+        }
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..evaluate.metrics import dice
-from .config import FinetuneConfig
+from .config import DICE_CLASSES, FinetuneConfig
 from .data import SliceSet, VolumeCase, collate, load_cases, sample_rng, thin_slices
 from .model import (
     _attach_lora,
@@ -65,6 +65,7 @@ def loss_fn(
     dice_w: float,
     ce_w: float,
     valid: torch.Tensor | None = None,
+    dice_classes: str = "all",
 ) -> torch.Tensor:
     """Dice + cross-entropy on low-resolution logits.
 
@@ -77,10 +78,14 @@ def loss_fn(
         valid: optional (B, L, L) bool: only these voxels count (cross-entropy averaged over
             them, Dice summed over them); the targets elsewhere must still be valid indices
             and are ignored (e.g. uncertain pseudo-labels, :mod:`samed.train.semi`).
+        dice_classes: ``all``: 1 - Dice averaged over every foreground class; ``present``: only
+            over those with a target voxel (in ``valid``) in the batch, none -> no Dice term.
 
     Returns:
         Scalar loss (float32).
     """
+    if dice_classes not in DICE_CLASSES:
+        raise ValueError(f"dice_classes={dice_classes!r}; allowed: {', '.join(DICE_CLASSES)}")
     logits = logits.float()
     v = None if valid is None else valid.to(logits.device, torch.float32)[:, None]
     if mode == "automatic":
@@ -103,7 +108,12 @@ def loss_fn(
         prob, onehot = prob * v, onehot * v
     inter = (prob * onehot).sum((0, 2, 3))
     denom = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-    dice = 1.0 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
+    per_class = 1.0 - (2 * inter + 1e-5) / (denom + 1e-5)
+    if dice_classes == "present":  # only the classes with a target voxel in the batch
+        keep = (onehot.sum((0, 2, 3)) > 0).float()
+        dice = (per_class * keep).sum() / keep.sum().clamp(min=1.0)
+    else:
+        dice = per_class.mean()
     return dice_w * dice + ce_w * ce
 
 
@@ -513,9 +523,7 @@ def finetune(
                 if pts is not None:
                     pts = (pts[0].to(dev), pts[1].to(dev))
                 logits, _ = model.decode(emb, boxes=batch["boxes"].to(dev), points=pts)
-        loss = loss_fn(
-            logits, batch["targets"].to(dev), cfg.mode, cfg.loss.dice_weight, cfg.loss.ce_weight
-        )
+        loss = loss_fn(logits, batch["targets"].to(dev), cfg.mode, **cfg.loss.loss_fn_kwargs())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip:

@@ -43,6 +43,11 @@ def test_overrides_apply(tmp_path: Path) -> None:
     p.write_text(yaml.safe_dump(BASE))
     cfg = load_config(p, {"train.iterations": 7, "lora.r": 2})
     assert cfg.train.iterations == 7 and cfg.lora.r == 2
+    assert cfg.loss.dice_classes == "all"  # the default keeps every existing config's meaning
+    cfg = load_config(p, {"loss.dice_classes": "present"})
+    assert cfg.loss.dice_classes == "present"
+    assert config_from_dict(cfg.to_dict()).loss.dice_classes == "present"
+    assert cfg.loss.loss_fn_kwargs() == {"dice_w": 0.8, "ce_w": 0.2, "dice_classes": "present"}
 
 
 @pytest.mark.parametrize(
@@ -65,6 +70,7 @@ def test_overrides_apply(tmp_path: Path) -> None:
         ("prompt", "box_margin", [5, 1], "box_margin"),
         ("prompt", "max_points", 0, "max_points"),
         ("loss", "dice_weight", -1, "dice_weight"),
+        ("loss", "dice_classes", "some", "loss.dice_classes"),
         ("optim", "name", "lbfgs", "optim.name"),
         ("optim", "schedule", "step", "optim.schedule"),
         ("optim", "lr", 0, "optim.lr"),

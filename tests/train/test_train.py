@@ -249,3 +249,55 @@ def test_dice_and_schedule() -> None:
     assert lr_factor(0, cfg) == pytest.approx(0.1)
     assert lr_factor(10, cfg) == pytest.approx(1.0)
     assert lr_factor(99, cfg) < 0.01
+
+
+def _absent_class_grad(dice_classes: str, dice_w: float, ce_w: float) -> tuple[float, float]:
+    """Loss and the summed gradient on class 2's logits for a batch of 2 (8 x 8) where class 1
+    is present and class 2 is absent and nearly never predicted (sum of its probability ~5e-5,
+    the regime a rare class reaches after many batches without it)."""
+    t = torch.zeros(2, 8, 8, dtype=torch.long)
+    t[:, 2:5, 2:5] = 1
+    z = torch.zeros(2, 3, 8, 8)
+    z[:, 1][t == 1] = 2.0
+    z[:, 2] = -14.0
+    z.requires_grad_(True)
+    loss = loss_fn(z, t, "automatic", dice_w, ce_w, dice_classes=dice_classes)
+    loss.backward()
+    return float(loss.detach()), float(z.grad[:, 2].sum())
+
+
+def test_dice_over_present_classes_does_not_suppress_an_absent_class() -> None:
+    _, ce_only = _absent_class_grad("all", 0.0, 1.0)  # CE alone: a small push down (> 0)
+    assert ce_only > 0
+    _, all_dice = _absent_class_grad("all", 1.0, 0.0)
+    # 'all': the absent class's Dice term (~1 unless its probability is ~0 everywhere) pushes
+    # its logits down, here by far more than cross-entropy does
+    assert all_dice > 1e4 * ce_only
+    loss_p, present = _absent_class_grad("present", 0.8, 0.2)
+    # 'present': nothing beyond cross-entropy (only class 1's Dice, via the softmax, is left)
+    assert present <= 0.2 * ce_only + 1e-9
+    loss_a, mixed = _absent_class_grad("all", 0.8, 0.2)
+    assert mixed > 1e4 * ce_only and loss_a > loss_p + 0.05
+
+
+def test_dice_classes_present_equals_all_when_every_class_is_present() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, generator=g)
+    t = torch.zeros(2, 8, 8, dtype=torch.long)
+    t[0, :3] = 1
+    t[1, 5:] = 2
+    for mode_t, mode_l, mode in (
+        (t, logits, "automatic"),
+        ((t > 0).long(), logits[:, :1], "prompted"),
+    ):
+        a = loss_fn(mode_l, mode_t, mode, 0.8, 0.2)
+        p = loss_fn(mode_l, mode_t, mode, 0.8, 0.2, dice_classes="present")
+        assert float(p) == pytest.approx(float(a), abs=1e-6)
+    # no foreground at all: 'present' has no Dice term, only cross-entropy
+    empty = torch.zeros(2, 8, 8, dtype=torch.long)
+    ce = torch.nn.functional.cross_entropy(logits, empty)
+    p = loss_fn(logits, empty, "automatic", 0.8, 0.2, dice_classes="present")
+    assert float(p) == pytest.approx(0.2 * float(ce), abs=1e-6)
+    assert float(loss_fn(logits, empty, "automatic", 0.8, 0.2)) > float(p) + 0.5
+    with pytest.raises(ValueError, match="dice_classes"):
+        loss_fn(logits, t, "automatic", 0.8, 0.2, dice_classes="some")

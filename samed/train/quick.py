@@ -415,9 +415,7 @@ def train_quick(
             pts = batch.get("points")
             pts = (pts[0].to(dev), pts[1].to(dev)) if pts is not None else None
             logits, _ = model.decode(emb, boxes=batch["boxes"].to(dev), points=pts)
-        loss = loss_fn(
-            logits, batch["targets"].to(dev), cfg.mode, cfg.loss.dice_weight, cfg.loss.ce_weight
-        )
+        loss = loss_fn(logits, batch["targets"].to(dev), cfg.mode, **cfg.loss.loss_fn_kwargs())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip:

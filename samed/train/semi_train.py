@@ -242,12 +242,7 @@ def train_semi(
         batch = semi_batch(lab, pse, cfg, semi, step)
         logits, _ = model.decode(batch["features"], multimask_output=True)
         loss = loss_fn(
-            logits,
-            batch["targets"],
-            "automatic",
-            cfg.loss.dice_weight,
-            cfg.loss.ce_weight,
-            valid=batch["valid"],
+            logits, batch["targets"], "automatic", valid=batch["valid"], **cfg.loss.loss_fn_kwargs()
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()

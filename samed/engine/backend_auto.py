@@ -28,7 +28,8 @@ candidates, and a few encoder passes per candidate; afterwards nothing but loadi
   is found), scored per class (:func:`class_dices`: Dice of each class pooled over the
   slices, classes with fewer than :data:`MIN_CLASS_PIXELS` pixels in both left out), so a
   backend that changes automatic results is never picked. Either way the Dice values must reach mean >=
-  :data:`MIN_MEAN_DICE` and each >= :data:`MIN_DICE`; the relative L2 error of the embeddings
+  :data:`MIN_MEAN_DICE` and each >= :data:`MIN_DICE` (each class of an automatic adapter >=
+  :data:`MIN_CLASS_DICE_AUTOMATIC`); the relative L2 error of the embeddings
   is recorded beside it;
 * speed: median of :data:`TIMED_PASSES` batch-1 encoder passes after one warm-up, taken
   round-robin over the candidates (a load change hits all alike; at least 3 rounds, fewer than
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCURACY_SLICES",
     "MIN_CLASS_PIXELS",
+    "MIN_CLASS_DICE_AUTOMATIC",
     "MIN_DICE",
     "MIN_GAIN",
     "MIN_MEAN_DICE",
@@ -99,6 +101,10 @@ __all__ = [
 ACCURACY_SLICES = 6
 MIN_MEAN_DICE = 0.99
 MIN_DICE = 0.95
+#: an automatic adapter's every class must agree this well with torch fp32 on the calibration
+#: slices (``MIN_DICE`` let openvino-bf16 through for abdomen-ct at 0.962, and on BTCV val it then
+#: moved a class by 0.045 and a case by 0.18: docs/BENCHMARKS.md, session 9)
+MIN_CLASS_DICE_AUTOMATIC = 0.99
 MIN_GAIN = 1.05
 #: classes smaller than this (pixels, reference + candidate, over the accuracy slices) are left
 #: out of the automatic check (a few flickering pixels of a class absent from the slices)
@@ -400,7 +406,7 @@ def measure(
         r["speedup"] = base_s / r["s_per_slice"]
         r["ok"] = n == "torch-fp32" or bool(
             r["mean_dice"] >= MIN_MEAN_DICE
-            and r["min_dice"] >= MIN_DICE
+            and r["min_dice"] >= (MIN_CLASS_DICE_AUTOMATIC if check == "automatic" else MIN_DICE)
             and r["s_per_slice"] * MIN_GAIN <= base_s
         )
     return res

@@ -44,8 +44,9 @@ __all__ = [
 CALIBRATION_DATASETS = (("btcv", "CT"), ("acdc", "MR"), ("chaos_t2", "MR"))
 #: part of ``auto``'s choices.json key for automatic adapters: 2 = slices prepared by a Session
 #: with the adapter's own preprocessing, of the adapter's modality (1, unversioned: generic
-#: ``intensity="auto"`` slices of CT and MRI on their own pixel grid)
-AUTOMATIC_CHECK_VERSION = 2
+#: ``intensity="auto"`` slices of CT and MRI on their own pixel grid); 3 = the same slices, each
+#: class held to ``backend_auto.MIN_CLASS_DICE_AUTOMATIC``
+AUTOMATIC_CHECK_VERSION = 3
 
 
 def training_cases(root: Path, name: str) -> list[Case]:

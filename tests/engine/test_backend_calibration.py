@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from realdata import shared_path  # noqa: E402
 
 from samed.engine import Session  # noqa: E402
+from samed.engine.backend_calibration import AUTOMATIC_CHECK_VERSION  # noqa: E402
 from samed.engine.backends import native_bf16, set_encoder_backend  # noqa: E402
 
 WINDOW = ["window", -125, 275]
@@ -160,7 +161,11 @@ def test_an_old_automatic_choice_is_measured_again(
     assert "measuring encoder candidates" in capsys.readouterr().err
     data = json.loads((cache / "choices.json").read_text())
     assert len(data) == 2
-    (new,) = (v for k, v in data.items() if json.loads(k).get("automatic_check") == 2)
+    (new,) = (
+        v
+        for k, v in data.items()
+        if json.loads(k).get("automatic_check") == AUTOMATIC_CHECK_VERSION
+    )
     assert new["choice"] == be.name
     ref = new["results"]["torch-fp32"]
     assert ref["inputs"] == "session" and len(ref["slices"]) == 6

@@ -376,7 +376,13 @@ def test_auto_picks_torch_mixed_only_when_it_passes(
     """torch-mixed is a real ``auto`` candidate on a native-bf16 CPU: measured beside the others
     on the automatic check, picked only when it meets the bar and is faster, and recorded in
     choices.json, the model's backend and the Session's cache key like any candidate."""
-    from samed.engine.backend_auto import MIN_DICE, MIN_GAIN, MIN_MEAN_DICE, measure, pick
+    from samed.engine.backend_auto import (
+        MIN_CLASS_DICE_AUTOMATIC,
+        MIN_GAIN,
+        MIN_MEAN_DICE,
+        measure,
+        pick,
+    )
     from samed.lora import LoraConfig, apply_lora
 
     root = tmp_path / "calib"
@@ -399,7 +405,7 @@ def test_auto_picks_torch_mixed_only_when_it_passes(
         if name != "torch-fp32":
             assert r["ok"] == (
                 r["mean_dice"] >= MIN_MEAN_DICE
-                and r["min_dice"] >= MIN_DICE
+                and r["min_dice"] >= MIN_CLASS_DICE_AUTOMATIC
                 and r["s_per_slice"] * MIN_GAIN <= res["torch-fp32"]["s_per_slice"]
             )
     assert entry["choice"] == pick(res) == be.name and be.chosen_by == "auto"

@@ -237,12 +237,10 @@ def repropagate(
                 t_new, t_old = wall_thickness(prev), wall_thickness(existing)
                 if abs(t_new - t_old) <= max(0.5, WALL_AGREE * t_old):
                     break
-                cand = ring_around(hole_of(existing), t_new)
                 # only near where the previous slice changed, as for other objects
-                grow = (cand & ~existing) & _dilate(grow, reach)
-                shrink = (existing & ~cand) & _dilate(shrink, reach)
-                new = (existing | grow) & ~shrink
-                size = int(grow.sum()) + int(shrink.sum())
+                new, grow, shrink, size = _carried(
+                    existing, ring_around(hole_of(existing), t_new), grow, shrink, reach
+                )
                 if size < min_area or int(new.sum()) < min_area:
                     break
                 if size > change_growth * last + max(min_area, 0.05 * int(existing.sum())):
@@ -323,10 +321,7 @@ def repropagate(
             else:
                 # carry only the change: what the prediction adds (removes) within a few px of
                 # what the previous slice's correction added (removed)
-                grow = (new & ~existing) & _dilate(grow, reach)
-                shrink = (existing & ~new) & _dilate(shrink, reach)
-                new = (existing | grow) & ~shrink
-                size = int(grow.sum()) + int(shrink.sum())
+                new, grow, shrink, size = _carried(existing, new, grow, shrink, reach)
                 if size < min_area or not new.any():
                     break  # the change has died out (or would wipe the slice): keep the rest
                 if size > change_growth * last + max(min_area, 0.05 * int(existing.sum())):
@@ -343,6 +338,19 @@ def repropagate(
             prev, prev_logits = new, pred.low_res_logits
     if session.cache_dir is not None:
         session.save_cache()
+
+
+def _carried(
+    existing: np.ndarray, cand: np.ndarray, grow: np.ndarray, shrink: np.ndarray, reach: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(new mask, grow, shrink, size) of carrying a correction onto a slice: ``existing`` (Y, X)
+    with what ``cand`` adds (removes) within ``reach`` px of what the previous slice's
+    correction added (``grow``) or removed (``shrink``); size = grown + shrunk pixels."""
+    from .preprocess import _dilate
+
+    grow = (cand & ~existing) & _dilate(grow, reach)
+    shrink = (existing & ~cand) & _dilate(shrink, reach)
+    return (existing | grow) & ~shrink, grow, shrink, int(grow.sum()) + int(shrink.sum())
 
 
 def mask_digest(mask: np.ndarray) -> bytes:

@@ -37,6 +37,7 @@ __all__ = [
     "adapter_modality",
     "automatic_cases",
     "automatic_outputs",
+    "covering_slices",
     "training_cases",
 ]
 
@@ -45,8 +46,13 @@ CALIBRATION_DATASETS = (("btcv", "CT"), ("acdc", "MR"), ("chaos_t2", "MR"))
 #: part of ``auto``'s choices.json key for automatic adapters: 2 = slices prepared by a Session
 #: with the adapter's own preprocessing, of the adapter's modality (1, unversioned: generic
 #: ``intensity="auto"`` slices of CT and MRI on their own pixel grid); 3 = the same slices, each
-#: class held to ``backend_auto.MIN_CLASS_DICE_AUTOMATIC``
-AUTOMATIC_CHECK_VERSION = 3
+#: class held to ``backend_auto.MIN_CLASS_DICE_AUTOMATIC``; 4 = slices chosen so that every
+#: class of the calibration volumes is shown (:func:`covering_slices`; 3 spread them evenly, and
+#: abdomen-ct's adrenals were too small there to be scored)
+AUTOMATIC_CHECK_VERSION = 4
+#: a class counts as shown on a calibration slice from this many pixels (as the check's
+#: ``backend_auto.MIN_CLASS_PIXELS`` scores a class)
+MIN_PIXELS = 50
 
 
 def training_cases(root: Path, name: str) -> list[Case]:
@@ -95,8 +101,8 @@ class AutomaticCase:
         dataset: the calibration dataset's folder name (``"btcv"``, ``"acdc"``, ``"chaos_t2"``).
         modality: ``"CT"`` or ``"MR"`` (passed to the Session).
         volume: the loaded :class:`samed.io.Volume` (its affine gives spacing and orientation).
-        slices: the z indices (axis 0 of the (Z, Y, X) array) checked, labelled slices spread
-            over the labelled range.
+        slices: the z indices (axis 0 of the (Z, Y, X) array) checked: labelled slices that
+            together show every class (:func:`covering_slices`).
     """
 
     case_id: str
@@ -121,7 +127,8 @@ def automatic_cases(
     slices in all, over the first training cases (:func:`training_cases`) of the calibration
     datasets of its modality (:func:`adapter_modality`; all of them when unknown), taken
     round-robin over those datasets, ``max(2, number of datasets)`` cases, the slices shared out
-    evenly. ``[]`` when ``root`` is None or holds none of those datasets."""
+    evenly and chosen so that together they show every labelled class
+    (:func:`covering_slices`). ``[]`` when ``root`` is None or holds none of those datasets."""
     if root is None or n < 1:
         return []
     from ..io import load_label_map, load_volume
@@ -141,11 +148,50 @@ def automatic_cases(
         k = n // len(picked) + (1 if j < n % len(picked) else 0)
         vol = load_volume(case.image)
         lab = np.asarray(load_label_map(case.label, reference=vol).array)
-        labelled = [z for z in range(lab.shape[0]) if lab[z].any()]
-        zs = _spread(labelled, k)
+        zs = covering_slices(lab, k)  # each volume shows all its classes: more pixels of each
         if zs:
             out.append(AutomaticCase(case.case_id, name, mod, vol, zs))
     return out
+
+
+def covering_slices(
+    lab: np.ndarray, k: int, seen: set[int] | None = None, min_pixels: int = MIN_PIXELS
+) -> list[int]:
+    """``k`` labelled slices of the (Z, Y, X) label map ``lab`` that together show every class.
+
+    Greedy: while a class with at least ``min_pixels`` pixels on some slice is not yet shown
+    (not in ``seen``), take the slice that shows the most such classes, ties broken by the
+    largest pixel count of the least-shown of them (so a small organ such as an adrenal is
+    checked where it is largest); the remaining picks are spread evenly over the labelled
+    slices (:func:`_spread`). ``seen`` (class values already shown by earlier volumes) is
+    updated in place. Returns sorted z indices (axis 0), at most ``k``.
+    """
+    if seen is None:
+        seen = set()
+    labelled = [z for z in range(lab.shape[0]) if lab[z].any()]
+    if k <= 0 or not labelled:
+        return []
+    counts = {}
+    for z in labelled:
+        vals, cnt = np.unique(lab[z], return_counts=True)
+        counts[z] = {
+            int(v): int(c) for v, c in zip(vals, cnt, strict=True) if v and c >= min_pixels
+        }
+    picked: list[int] = []
+    while len(picked) < k:
+        gains = {z: set(c) - seen for z, c in counts.items() if z not in picked}
+        best = max(
+            (z for z in gains if gains[z]),
+            key=lambda z: (len(gains[z]), min(counts[z][c] for c in gains[z]), -z),
+            default=None,
+        )
+        if best is None:
+            break
+        picked.append(best)
+        seen |= gains[best]
+    rest = [z for z in labelled if z not in picked]
+    picked += [z for z in _spread(rest, k - len(picked)) if z not in picked]
+    return sorted(picked)
 
 
 @torch.inference_mode()

@@ -124,6 +124,44 @@ def test_check_slices_follow_the_adapter_modality(make_tiny_model, tmp_path, cal
     assert [c.dataset for c in both] == ["btcv", "acdc"]
 
 
+def test_covering_slices_show_a_class_that_lives_on_one_slice():
+    """A small class present on a single slice, away from the evenly spread positions, is on
+    one of the chosen slices; the other picks are spread; ``seen`` classes need no slice."""
+    from samed.engine.backend_calibration import _spread, covering_slices
+
+    lab = np.zeros((20, 32, 32), np.uint8)
+    lab[2:18, 4:28, 4:28] = 1  # a large organ on every labelled slice
+    lab[3, 10:18, 10:18] = 2  # a small organ (64 px) on slice 3 only
+    assert 3 not in _spread(list(range(2, 18)), 3)  # the old choice never sees class 2
+    zs = covering_slices(lab, 3)
+    assert 3 in zs and len(zs) == 3
+    assert covering_slices(lab, 3, seen={1, 2}) == _spread(list(range(2, 18)), 3)
+    assert covering_slices(lab, 1) == [3]  # the slice showing both classes comes first
+
+
+def test_btcv_check_slices_show_every_organ(make_tiny_model, tmp_path, calib_root):
+    """CT adapter: on each BTCV calibration volume the chosen slices show all 13 organs with at
+    least MIN_PIXELS each (session 9's even spread showed no adrenal on btcv_0005, and abdomen-ct's
+    left adrenal then moved by 0.020 on BTCV val under the backend auto had passed)."""
+    from samed.datasets import load_dataset
+    from samed.engine.backend_auto import calibration_data_root
+    from samed.engine.backend_calibration import MIN_PIXELS, automatic_cases
+    from samed.io import load_label_map
+
+    btcv = load_dataset(shared_path("btcv"))
+    ct = _automatic_model(make_tiny_model, tmp_path, {"intensity": WINDOW, "modality": "CT"})
+    cases = automatic_cases(ct, 6, calibration_data_root())
+    assert [c.case_id for c in cases] == ["btcv_0005", "btcv_0006"]
+    for c in cases:
+        label = next(k.label for k in btcv.cases if k.case_id == c.case_id)
+        lab = np.asarray(load_label_map(label, reference=c.volume).array)
+        shown = set()
+        for z in c.slices:
+            vals, counts = np.unique(lab[z], return_counts=True)
+            shown |= {int(v) for v, n in zip(vals, counts, strict=True) if v and n >= MIN_PIXELS}
+        assert shown == set(range(1, 14)), (c.case_id, c.slices, sorted(shown))
+
+
 def test_automatic_check_key_differs_from_the_old_check(make_tiny_model, tmp_path):
     """The automatic check's choices.json key is not the session-8 one (so its refusals are not
     reused); the box check's key is unchanged (base-model choices keep their entries)."""

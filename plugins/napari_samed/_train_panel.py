@@ -371,7 +371,7 @@ class TrainPanel(QGroupBox):
 
 
 def attach_train_panel(widget: Any, train_options: dict[str, Any] | None = None) -> TrainPanel:
-    """Add a :class:`TrainPanel` at the bottom of the widget's layout and return it."""
+    """Add a :class:`TrainPanel` below the widget's controls (inside its scroll area); return it."""
     panel = TrainPanel(widget, train_options)
-    widget.layout().addWidget(panel)
+    widget.ui.add_panel(panel)
     return panel

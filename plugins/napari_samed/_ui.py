@@ -5,10 +5,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFormLayout,
+    QFrame,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
@@ -16,6 +18,7 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -53,7 +56,19 @@ def build_ui(parent: QWidget) -> SimpleNamespace:
     from samed.registry import CT_WINDOWS, DEFAULT_MODEL, MODEL_KINDS, find_adapters
 
     ui = SimpleNamespace()
-    root = QVBoxLayout(parent)
+    # Everything sits in a vertical scroll area: a dock shorter than the controls' minimum
+    # scrolls instead of squeezing group boxes below their minimum (in a 1400 x 1494 window
+    # Qt cut the Segment box and the Train panel to 279 px and their rows overlapped).
+    outer = QVBoxLayout(parent)
+    outer.setContentsMargins(0, 0, 0, 0)
+    ui.scroll = QScrollArea()
+    ui.scroll.setWidgetResizable(True)
+    ui.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+    ui.scroll.setFrameShape(QFrame.NoFrame)
+    ui.content = QWidget()
+    ui.scroll.setWidget(ui.content)
+    outer.addWidget(ui.scroll)
+    root = QVBoxLayout(ui.content)
 
     model_box = QGroupBox("Model")
     form = QFormLayout(model_box)
@@ -190,6 +205,11 @@ def build_ui(parent: QWidget) -> SimpleNamespace:
     root.addWidget(help_text)
     root.addStretch(1)
 
+    def add_panel(panel: QWidget) -> None:
+        """Add a panel (Train adapter, Uncertainty) below the controls, inside the scroll
+        area and above the closing stretch."""
+        root.insertWidget(root.count() - 1, panel)
+
     def model_bundled(kind: str) -> bool:
         spec = MODEL_KINDS.get(kind)
         return bool(spec and spec.bundled)
@@ -222,6 +242,7 @@ def build_ui(parent: QWidget) -> SimpleNamespace:
         info: Any = adapters.get(name)
         return {int(k): v for k, v in info.labels.items() if int(k)} if info is not None else {}
 
+    ui.add_panel = add_panel
     ui.model_bundled = model_bundled
     ui.adapter_labels = adapter_labels
     ui.refresh_adapters = refresh_adapters

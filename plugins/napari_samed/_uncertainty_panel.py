@@ -238,5 +238,5 @@ class UncertaintyPanel(QGroupBox):
 def attach_uncertainty_panel(widget: Any) -> UncertaintyPanel:
     """Add an :class:`UncertaintyPanel` to the widget's layout and return it."""
     panel = UncertaintyPanel(widget)
-    widget.layout().addWidget(panel)
+    widget.ui.add_panel(panel)
     return panel

@@ -27,7 +27,7 @@ import numpy as np
 
 from .hollow import box_wall, hole_of, hollow_step, is_hollow, ring_around, wall_thickness
 from .preprocess import mask_bbox
-from .refine import mask_to_logits, refine_slice
+from .refine import _logits_for, full_logits, mask_to_logits, refine_slice, tapered
 
 if TYPE_CHECKING:  # pragma: no cover
     from .session import PropagationStep, Session
@@ -136,9 +136,11 @@ def repropagate(
     mask, or at the volume's end / ``max_distance``. Beyond the object's end it extends the object
     only for a correction that added something at or beyond that end (not for one carried through
     the object, nor one that only removed), with :meth:`Session.propagate`'s stop rules and the
-    mask never growing past ``change_growth`` x the previous slice's area + ``min_area`` (an
-    object tapers at its ends). If slice z's mask is empty (a negative click removed it), the
-    existing masks on the side away from the object's keyframes are cleared up to the next one.
+    walk stopping where the mask would grow past ``change_growth`` x the previous slice's area +
+    ``min_area``, and a mask larger than the previous slice's tapered to that area by raising
+    the logit threshold (:func:`samed.engine.refine.tapered`; an object tapers at its ends).
+    If slice z's mask is empty (a negative click removed it), the existing masks on the side
+    away from the object's keyframes are cleared up to the next one.
     A hollow mask (a wall around a core, :func:`samed.engine.hollow.is_hollow`) is carried as
     its core and its wall's thickness (:func:`samed.engine.hollow.hollow_step`) and replaces the
     existing mask of each slice it reaches, until it agrees with it or the core ends.
@@ -312,6 +314,11 @@ def repropagate(
                 )
                 if not reason and int(new.sum()) > change_growth * int(prev.sum()) + min_area:
                     reason = "growth"  # past the object's end it tapers; a growing mask leaks
+                if not reason and int(new.sum()) > int(prev.sum()):
+                    # no larger than the slice before: what the decoder is least sure of goes
+                    new = tapered(new, full_logits(session, pred.low_res_logits), int(prev.sum()))
+                    logits = _logits_for(session, new, pred.low_res_logits)
+                    pred = type(pred)(new, pred.score, logits)
                 if reason:
                     yield PropagationStep(
                         zz, empty, d, pred.score, done, total, stopped=True, reason=reason

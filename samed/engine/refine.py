@@ -11,7 +11,12 @@ click's meaning with the least change that honours it:
   click, or a disc as deep as the click;
 * a **positive** click never wipes the rest of the slice: the previous mask is kept and the
   clicked region added: what the decoder adds with the mask prompt, where at least one of its
-  other answers (the single and each multimask output without the mask prompt) adds it too.
+  other answers (the single and each multimask output without the mask prompt) adds it too;
+  where none contains the click, SAM's smallest region for the click alone, else the pixels the
+  mask-prompted logits rate at least as likely as the click, connected to it, within the box and
+  1.5x the click's distance from the mask (``_logit_region``; before session 11 a 2 px disc).
+  A positive click beyond the object's end is predicted from the neighbouring slice and tapered
+  to no more than that slice's area (:func:`tapered`).
 
 The logits remembered for an edited slice agree with its final mask, so a re-propagation's mask
 prompt carries the edit (:func:`samed.engine.interactive.repropagate`).
@@ -167,7 +172,10 @@ def refine_slice(
         mask = _component_at(pred.mask, cx, cy)
         if not mask.any():
             mask = _smallest_containing(session, z, cx, cy, positive_only=True)
-        return Prediction(mask, pred.score, pred.low_res_logits)
+        else:  # past the object's end it tapers: no larger than the slice it extends
+            full = full_logits(session, pred.low_res_logits)
+            mask = tapered(mask, full, int(prior.sum()), (cx, cy))
+        return Prediction(mask, pred.score, _logits_for(session, mask, pred.low_res_logits))
     if prev is None:
         if box is None and not point_labels.any():
             # only negative clicks on an empty slice: nothing to remove
@@ -233,7 +241,9 @@ def refine_slice(
     if positive:
         add = _agreed_addition(session, z, prev, pred.mask, eff_box, points, point_labels, cx, cy)
         if not add.any():  # no answer contains the click: SAM's region at the click
-            add = _smallest_containing(session, z, cx, cy, positive_only=True)
+            add = _smallest_containing(session, z, cx, cy, positive_only=True, fallback=False)
+        if not add.any():  # nor any region of SAM's for the click alone: what the logits say
+            add = _logit_region(session, pred.low_res_logits, prev, eff_box, cx, cy)
         if is_hollow(prev):  # a click on the wall never fills the core it surrounds
             hole = hole_of(prev)
             if not hole[cy, cx]:
@@ -437,10 +447,10 @@ def _consistent_output(
 
 
 def _smallest_containing(
-    session: Session, z: int, cx: int, cy: int, positive_only: bool
+    session: Session, z: int, cx: int, cy: int, positive_only: bool, fallback: bool = True
 ) -> np.ndarray:
     """The smallest of SAM's multimask outputs for a single positive point at (cx, cy) that
-    contains it (a 2 px disc when none does)."""
+    contains it (when none does, a 2 px disc, or an empty mask when not ``fallback``)."""
     h, w = session.shape[1:]
     best = None
     preds = session.predict_outputs(z, points=[[cx, cy]], point_labels=[1])
@@ -448,7 +458,78 @@ def _smallest_containing(
         m = p.mask
         if m[cy, cx] and (best is None or m.sum() < best.sum()):
             best = m
-    return best if best is not None else _disc((h, w), (cx, cy), 2.0)
+    if best is not None:
+        return best
+    return _disc((h, w), (cx, cy), 2.0) if fallback else np.zeros((h, w), bool)
+
+
+def full_logits(session: Session, logits: torch.Tensor) -> np.ndarray:
+    """(Y, X) float32 logits on slice pixels of (L, L) low-res decoder ``logits``."""
+    from ..model.sam import upscale_logits
+
+    geo = session.geometry
+    low = torch.as_tensor(logits).reshape(1, 1, *logits.shape[-2:]).float()
+    return upscale_logits(low, geo.resized_hw, geo.original_hw, geo.image_size)[0, 0].numpy()
+
+
+def tapered(
+    mask: np.ndarray, logits: np.ndarray, cap: int, at: tuple[int, int] | None = None
+) -> np.ndarray:
+    """``mask`` (Y, X) shrunk to at most ``cap`` pixels by raising the logit threshold: the
+    pixels of ``mask`` whose (Y, X) ``logits`` exceed the lowest threshold that leaves <= ``cap``
+    (with ``at`` = (x, y): the component at that pixel, which is kept). An object past its end
+    tapers: what the decoder is least sure of goes first. ``mask`` itself when it is small
+    enough (or ``at``'s pixel would be lost)."""
+    mask = np.asarray(mask, dtype=bool)
+    if int(mask.sum()) <= cap:
+        return mask
+
+    def part(t: float) -> np.ndarray:
+        m = mask & (logits > t)
+        return _component_at(m, at[0], at[1]) if at is not None else m
+
+    vals = logits[mask]
+    lo, hi = float(vals.min()), float(vals.max() if at is None else logits[at[1], at[0]])
+    if hi <= lo:
+        return mask
+    best = None
+    for _ in range(20):  # bisection on the threshold: the area falls as it rises
+        t = 0.5 * (lo + hi)
+        m = part(t)
+        if m.any() and int(m.sum()) <= cap:
+            best, hi = m, t
+        else:
+            lo = t
+    return mask if best is None else best
+
+
+def _logit_region(
+    session: Session,
+    logits: torch.Tensor,
+    prev: np.ndarray,
+    box: np.ndarray,
+    cx: int,
+    cy: int,
+) -> np.ndarray:
+    """A positive click's addition where none of the decoder's answers contains the click: the
+    pixels outside ``prev`` that the decoder's mask-prompted ``logits`` rate at least as likely
+    as the clicked pixel, connected to the click, inside ``box`` and within 1.5x the click's
+    distance from ``prev`` (the miss the click points at lies between ``prev`` and the click's
+    far side: the simulated user clicks the centre of the miss). Empty when ``prev`` is empty.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    if not prev.any():
+        return np.zeros_like(prev)
+    full = full_logits(session, logits)
+    reach = 1.5 * float(distance_transform_edt(~prev)[cy, cx])
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    inside = np.zeros_like(prev)
+    inside[max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1] = True
+    near = _disc(prev.shape, (cx, cy), max(reach, 2.0))
+    cand = (full >= full[cy, cx]) & ~prev & inside & near
+    cand[cy, cx] = True
+    return _component_at(cand, cx, cy)
 
 
 def _wall_around(

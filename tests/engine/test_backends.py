@@ -128,6 +128,9 @@ def test_unsupported_precision_falls_back_with_a_notice(
 ):
     monkeypatch.setenv("SAMED_CPU_FLAGS", "avx2,fma")  # an AVX2 CPU: no native bf16, no VNNI
     assert "no native bf16" in unsupported_reason("torch", "bf16")
+    if openvino_available():  # int8 without VNNI: refused with what was measured on such a CPU
+        assert "no int8 dot-product" in unsupported_reason("openvino", "int8")
+        assert "0.80-0.94x of OpenVINO fp32" in unsupported_reason("openvino", "int8")
     model = make_tiny_model("tinyvit")
     be = set_encoder_backend(model, "torch", "bf16")
     err = capsys.readouterr().err.strip().splitlines()

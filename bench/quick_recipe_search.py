@@ -47,7 +47,20 @@ CANDIDATES: dict[str, dict] = {
     "aug8-wd0.1": {"train.cache_copies": 8, **STRONG_AUG, "optim.weight_decay": 0.1},
     "aug8-lr5e-4": {"train.cache_copies": 8, **STRONG_AUG, "optim.lr": 5e-4},
     "aug12": {"train.cache_copies": 12, **STRONG_AUG},
+    # session 11 (issue 18): the session-7 defaults without / with the decoder weight average
+    "base": {"train.ema": 0.0, "validation.keep": "best"},
+    "base-last": {"train.ema": 0.0, "validation.keep": "last"},
+    "ema": {"train.ema": 0.99, "validation.keep": "best"},
+    "ema-last": {"train.ema": 0.99, "validation.keep": "last"},
 }
+
+
+def _cpu_model() -> str:
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
 
 
 def _uptime() -> str:
@@ -97,7 +110,9 @@ def main() -> int:
             "overrides": CANDIDATES[name],
             "steps": res["steps"],
             "best_step": res["best_step"],
+            "adapter_step": res.get("adapter_step"),
             "held_back_volume_dice": res["best_mean_dice"],
+            "kept_adapter_held_back_dice": res.get("adapter_mean_dice"),
             "selection_dice_raw": s_sel["mean_dice_raw"],
             "selection_dice_largest_component": s_sel["mean_dice_largest_component"],
             "selection_volumes": s_sel["volumes"],
@@ -116,6 +131,7 @@ def main() -> int:
             "uptime_start": up0,
             "uptime_end": _uptime(),
             "cpu": platform.processor(),
+            "cpu_model": _cpu_model(),
         }
         print(json.dumps(row), flush=True)
         # re-read: another process may have added rows meanwhile

@@ -240,6 +240,9 @@ def split_pairs(
 #: shift 8 %, gamma on half the copies over 0.6-1.7, noise on 30 %) was chosen on the held-back
 #: ACDC labeled_7 patients outside labeled_3 (docs/BENCHMARKS.md, "Train adapter from the
 #: widget, session 7"); it costs no more caching than the session-6 augmentation.
+#: Session 11: the adapter holds an exponential moving average of the decoder weights
+#: (``train.ema: 0.99``), and the best held-back validation is kept (``validation.keep: best``,
+#: what the panel's Stop button promises); docs/BENCHMARKS.md "Session 11".
 QUICK_DEFAULTS: dict[str, Any] = {
     "augment": {
         "flip_prob": 0.0,
@@ -269,8 +272,9 @@ QUICK_DEFAULTS: dict[str, Any] = {
         "log_interval": 20,
         "device": "auto",
         "max_minutes": 15.0,
+        "ema": 0.99,
     },
-    "validation": {"interval": 25, "patience": 0},
+    "validation": {"interval": 25, "patience": 0, "keep": "best"},
 }
 
 

@@ -44,6 +44,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "poly", "constant")
 DICE_CLASSES = ("all", "present")
 DEVICES = ("auto", "cpu", "cuda")
+KEEP = ("best", "last")
 
 
 def _fail(section: str, name: str, value: Any, allowed: str) -> None:
@@ -336,6 +337,11 @@ class TrainSection:
         device: ``auto``, ``cpu`` or ``cuda``.
         max_minutes: stop (validate, checkpoint, export) once training has run this long;
             None = no limit.
+        ema: decay of an exponential moving average of the trained weights, updated after
+            every optimiser step with decay ``min(ema, (1 + t) / (10 + t))`` (``t``: steps
+            done); validation and the saved adapter then use the averaged weights. A number in
+            [0, 1); 0 = off. Read by the quick recipe (:mod:`samed.train.quick`) only;
+            :func:`samed.train.loop.finetune` refuses a non-zero value.
     """
 
     iterations: int = 2000
@@ -349,6 +355,7 @@ class TrainSection:
     log_interval: int = 20
     device: str = "auto"
     max_minutes: float | None = None
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         _int_min("train", "iterations", self.iterations, 1)
@@ -363,6 +370,7 @@ class TrainSection:
             _fail("train", "device", self.device, ", ".join(DEVICES))
         if self.max_minutes is not None:
             _range("train", "max_minutes", self.max_minutes, 0.0, 1e6)
+        _range("train", "ema", self.ema, 0.0, 1.0, closed_hi=False)
 
 
 @dataclass(frozen=True)
@@ -375,12 +383,17 @@ class ValidationSection:
         limit: validate on at most this many volumes (None = all).
         box_margin: prompted mode: pixels added to each side of the ground-truth box
             (slice pixels).
+        keep: which weights become the adapter: ``best`` (the best validation score so far;
+            what a stop keeps) or ``last`` (the final weights, validated once more at the end).
+            Read by the quick recipe (:mod:`samed.train.quick`) only;
+            :func:`samed.train.loop.finetune` always keeps the best and refuses ``last``.
     """
 
     interval: int = 200
     patience: int = 0
     limit: int | None = None
     box_margin: float = 0.0
+    keep: str = "best"
 
     def __post_init__(self) -> None:
         _int_min("validation", "interval", self.interval, 0)
@@ -388,6 +401,8 @@ class ValidationSection:
         if self.limit is not None:
             _int_min("validation", "limit", self.limit, 1)
         _range("validation", "box_margin", self.box_margin, 0.0, 100.0)
+        if self.keep not in KEEP:
+            _fail("validation", "keep", self.keep, ", ".join(KEEP))
 
 
 @dataclass(frozen=True)

@@ -329,10 +329,21 @@ def finetune(
         ``steps``, ``validation``.
 
     Raises:
-        ValueError: invalid data or a checkpoint from another config.
+        ValueError: invalid data, a checkpoint from another config, or ``train.ema`` /
+            ``validation.keep: last`` (quick recipe only).
     """
     from ..model import resolve_device
 
+    if cfg.train.ema:
+        raise ValueError(
+            f"config train.ema={cfg.train.ema!r} is read only by the quick recipe "
+            "(samed.train.quick); allowed here: 0"
+        )
+    if cfg.validation.keep != "best":
+        raise ValueError(
+            f"config validation.keep={cfg.validation.keep!r} is read only by the quick recipe "
+            "(samed.train.quick); allowed here: best"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device or cfg.train.device)

@@ -12,8 +12,11 @@ what caching leaves, at least :data:`MIN_TRAIN_SHARE` of it); learning rate: war
 cosine over that training time (or over ``train.iterations`` without a time limit).
 Validation (every ``validation.interval`` steps) is 3D Dice per held-back volume from the
 cached embeddings — the inference path minus the encoder, which the adapter does not change;
-the best adapter is kept, and a stop (the ``should_stop`` callback, the panel's Stop button)
-keeps it. Automatic mode: each validation
+``validation.keep: best`` keeps the best adapter so far, and a stop (the ``should_stop``
+callback, the panel's Stop button) keeps it; ``last`` keeps the final weights (validated once
+more at the end). ``train.ema`` > 0 trains as usual but averages the trained weights
+(:class:`WeightAverage`, updated after every optimiser step): validation, the kept adapter and
+the snapshots use the average. Automatic mode: each validation
 also decides the largest-component clean-up on the held-back volumes
 (:func:`samed.postprocess.choose_largest_component`), recorded in the exported adapter's
 metadata ``"postprocessing"`` (applied by ``Session.automatic``, ``samed segment``, the plugin).
@@ -30,7 +33,8 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +50,14 @@ from .loop import loss_fn
 from .model import _attach_lora, build_base_model
 from .steps import cached_batch, dice_summary, record_validation, save_trained_adapter
 
-__all__ = ["train_quick", "caching_encoder", "QUICK_LORA_TARGET", "RECIPE"]
+__all__ = [
+    "train_quick",
+    "caching_encoder",
+    "ema_decay",
+    "WeightAverage",
+    "QUICK_LORA_TARGET",
+    "RECIPE",
+]
 
 RECIPE = "decoder"
 #: the least share of ``train.max_minutes`` left to training when caching takes longer
@@ -55,6 +66,54 @@ MIN_TRAIN_SHARE = 0.2
 QUICK_LORA_TARGET = r"image_encoder\.layers\.3\.blocks\.0\.attn\.qkv"
 
 Event = dict[str, Any]
+
+
+def ema_decay(ema: float, t: int) -> float:
+    """The decay of the ``t``-th average update (``t`` = optimiser steps done, 1 after the
+    first): ``min(ema, (1 + t) / (10 + t))``, so the first updates follow the weights closely
+    (2/11 after step 1) and the average starts forgetting the initial weights quickly."""
+    return min(float(ema), (1.0 + t) / (10.0 + t))
+
+
+class WeightAverage:
+    """Exponential moving average of trained parameters, kept on their device.
+
+    ``update(t)`` after optimiser step ``t``: ``avg = d * avg + (1 - d) * w`` with
+    ``d = ema_decay(ema, t)``; the average starts as the weights at construction. ``applied()``
+    puts the average into the parameters for a ``with`` block and restores the trained weights
+    after it (training continues from those; the optimiser never sees the average).
+
+    Args:
+        params: the trained parameters (the order is kept).
+        ema: the decay ceiling, in (0, 1).
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], ema: float) -> None:
+        self.params = list(params)
+        self.ema = float(ema)
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, t: int) -> float:
+        """Fold the current weights in after optimiser step ``t``; returns the decay used."""
+        d = ema_decay(self.ema, t)
+        for a, p in zip(self.average, self.params, strict=True):
+            a.mul_(d).add_(p.detach(), alpha=1.0 - d)
+        return d
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The parameters hold the average inside the block, the trained weights after it."""
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in self.params]
+            for p, a in zip(self.params, self.average, strict=True):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.params, trained, strict=True):
+                    p.copy_(w)
 
 
 def _embed(model: Any, images: list[np.ndarray], batch: int = 4) -> torch.Tensor:
@@ -146,6 +205,21 @@ class _EmbeddingStore(dict):
         self.dirty = False
 
 
+def _no_export(step: int, val: Any) -> None:
+    """``validation.keep: last``: a better validation does not replace the adapter."""
+
+
+def _weights_record(keep: str, ema: float) -> dict[str, Any]:
+    """metadata.json ``"weights"``: which weights the adapter holds."""
+    what = (
+        f"exponential moving average of the trained weights (decay min({ema:g}, (1+t)/(10+t)))"
+        if ema
+        else "the trained weights"
+    )
+    when = "the best held-back validation" if keep == "best" else "the last step"
+    return {"keep": keep, "ema": ema, "description": f"{what} at {when}"}
+
+
 def train_quick(
     cfg: FinetuneConfig,
     out: str | Path,
@@ -166,12 +240,14 @@ def train_quick(
             is replaced by the frozen :data:`QUICK_LORA_TARGET`; ``train.cache_stages`` is
             ignored: the whole encoder is cached).
         out: run folder (created): ``adapter/``, ``metrics.json``, ``finetune.yaml``,
-            ``snapshots/min_<M>/`` (the best adapter so far at each of ``snapshot_minutes``).
+            ``snapshots/min_<M>/`` (the adapter ``validation.keep`` would keep at each of
+            ``snapshot_minutes``: the best so far, or the weights of that moment).
         callback: receives events: ``{"event": "cache", "done", "total"}``,
             ``{"event": "step", "step", "loss", "minutes", "fraction"}``,
             ``{"event": "val", "step", "mean_dice", "per_class", "best", "minutes"}``,
             ``{"event": "done", ...result}``.
-        should_stop: polled every step (and during caching); True stops and keeps the best.
+        should_stop: polled every step (and during caching); True stops and keeps what
+            ``validation.keep`` says (the best so far, or the weights at the stop).
         snapshot_minutes: wall-clock minutes (from the start of caching) at which to copy the
             best adapter so far (for Dice-against-time curves).
         device: overrides ``cfg.train.device``.
@@ -184,8 +260,11 @@ def train_quick(
 
     Returns:
         ``{"out", "adapter" (None if stopped before any step), "steps", "best_step",
-        "best_mean_dice", "stopped", "seconds", "cache_seconds", "cache_encoder" (what computed
-        the embeddings, :func:`caching_encoder`), "validation", "snapshots"}``.
+        "best_mean_dice", "adapter_step" (the step of the kept adapter's weights),
+        "adapter_mean_dice" (its validation; None without), "keep", "ema", "stopped",
+        "seconds", "cache_seconds", "cache_encoder" (what computed the embeddings,
+        :func:`caching_encoder`), "validation", "snapshots"}``. With ``train.ema`` every
+        validation score is the average's.
 
     Raises:
         ValueError: unreadable data, no foreground.
@@ -319,6 +398,19 @@ def train_quick(
     # training gets what caching left, at least MIN_TRAIN_SHARE of the limit
     train_s = max(60 * mm - cache_s, 60 * mm * MIN_TRAIN_SHARE) if mm else None
     state: dict[str, Any] = {"best": -1.0, "best_step": -1, "bad": 0, "val": [], "loss": []}
+    keep, ema = cfg.validation.keep, cfg.train.ema
+    avg = WeightAverage(params, ema) if ema else None
+    # (step, validation) of the adapter on disk; what the average holds, if on
+    saved: dict[str, Any] = {"step": -1, "val": None}
+
+    @contextmanager
+    def kept_weights() -> Iterator[None]:  # the weights validated and saved: the average, if on
+        if avg is None:
+            yield
+        else:
+            with avg.applied():
+                yield
+
     snaps = sorted(float(m) for m in snapshot_minutes)
     snap_done: list[dict[str, Any]] = []
     fg = {k: v for k, v in labels.items() if k != 0}
@@ -356,6 +448,11 @@ def train_quick(
         return res
 
     def export(step: int, val: dict[str, Any] | None) -> None:
+        with kept_weights():
+            _save(step, val)
+        saved.update(step=step, val=val)
+
+    def _save(step: int, val: dict[str, Any] | None) -> None:
         save_trained_adapter(
             model,
             out / "adapter",
@@ -371,12 +468,24 @@ def train_quick(
                 f"{RECIPE}: frozen encoder, {copies} cached embeddings per slice (copy 0 as "
                 "annotated), mask decoder trained (samed.train.quick)"
             ),
-            extra=extra_metadata,
+            extra={"weights": _weights_record(keep, ema), **(extra_metadata or {})},
             postprocessing=None if val is None else val.get("postprocessing"),
         )
 
+    def validate() -> dict[str, Any]:
+        with kept_weights():
+            res = validate_cached() if cfg.mode == "automatic" else validate_prompted()
+        state["last_res"] = (step, res)
+        return res
+
+    def val_of_now() -> dict[str, Any] | None:  # the validation of the current weights, if any
+        at, res = state.get("last_res", (-1, None))
+        return res if at == step else None
+
     def snapshot(mark: float) -> None:
         dst = out / "snapshots" / f"min_{mark:g}"
+        if keep == "last" and step and saved["step"] != step:
+            export(step, val_of_now())  # the weights of now
         if dst.exists():  # only a snapshot's own adapter files; anything else stays (rmdir fails)
             remove_adapter_folder(dst)
         if (out / "adapter").is_dir():
@@ -388,6 +497,7 @@ def train_quick(
                     "path": str(dst),
                     "best_step": state["best_step"],
                     "val_mean_dice": state["best"],
+                    "adapter_step": saved["step"],
                 }
             )
 
@@ -422,6 +532,8 @@ def train_quick(
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         opt.step()
         step += 1
+        if avg is not None:
+            avg.update(step)
         lv = float(loss.detach())
         if not math.isfinite(lv):
             raise FloatingPointError(f"loss became {lv} at step {step}; lower optim.lr")
@@ -441,12 +553,12 @@ def train_quick(
             log(f"step {step} loss={lv:.4f} lr={lr:.2e} {minutes():.1f} min")
         iv = cfg.validation.interval
         if val_cases and iv and step % iv == 0:
-            res = validate_cached() if cfg.mode == "automatic" else validate_prompted()
+            res = validate()
             improved = record_validation(
                 state,
                 res,
                 step,
-                export,
+                export if keep == "best" else _no_export,
                 minutes=round(minutes(), 3),
                 cpu_minutes=round(cpu_minutes(), 3),
             )
@@ -472,7 +584,20 @@ def train_quick(
             snapshot(snaps.pop(0))
         if stop():
             stopped = True
-    if step and (not val_cases or state["best_step"] < 0):
+    if step and keep == "last" and val_cases:
+        if val_of_now() is None:
+            res = validate()  # the kept weights' own score
+            record_validation(
+                state,
+                res,
+                step,
+                _no_export,
+                minutes=round(minutes(), 3),
+                cpu_minutes=round(cpu_minutes(), 3),
+            )
+            log(f"val step {step} (last): mean_dice={res['mean_dice']:.4f}")
+        export(step, val_of_now())
+    elif step and (not val_cases or state["best_step"] < 0):
         export(step, None)  # no validation (or none ran): the last weights
         state["best_step"] = step
     for mark in snaps:  # the run ended before these marks: the final best stands for them
@@ -485,6 +610,10 @@ def train_quick(
         "steps": step,
         "best_step": state["best_step"],
         "best_mean_dice": state["best"] if val_cases else None,
+        "adapter_step": saved["step"] if saved["step"] >= 0 else None,
+        "adapter_mean_dice": None if saved["val"] is None else saved["val"]["mean_dice"],
+        "keep": keep,
+        "ema": ema,
         "stopped": stopped,
         "seconds": round(seconds, 1),
         "cache_seconds": round(cache_s, 1),

@@ -24,6 +24,7 @@ from typing import Any
 from ..lora_config import LoraSettings
 
 __all__ = [
+    "refuse_quick_only",
     "ModelSection",
     "DataSection",
     "LoraSection",
@@ -537,3 +538,18 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         return config_from_dict(raw)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
+
+
+def refuse_quick_only(cfg: FinetuneConfig) -> None:
+    """Raise ValueError when a :class:`FinetuneConfig` sets a key only the
+    quick recipe reads (``train.ema`` != 0, ``validation.keep`` != ``best``)."""
+    if cfg.train.ema:
+        raise ValueError(
+            f"config train.ema={cfg.train.ema!r} is read only by the quick recipe "
+            "(samed.train.quick); allowed here: 0"
+        )
+    if cfg.validation.keep != "best":
+        raise ValueError(
+            f"config validation.keep={cfg.validation.keep!r} is read only by the quick recipe "
+            "(samed.train.quick); allowed here: best"
+        )

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..evaluate.metrics import dice
-from .config import DICE_CLASSES, FinetuneConfig
+from .config import DICE_CLASSES, FinetuneConfig, refuse_quick_only
 from .data import SliceSet, VolumeCase, collate, load_cases, sample_rng, thin_slices
 from .model import (
     _attach_lora,
@@ -329,21 +329,11 @@ def finetune(
         ``steps``, ``validation``.
 
     Raises:
-        ValueError: invalid data, a checkpoint from another config, or ``train.ema`` /
-            ``validation.keep: last`` (quick recipe only).
+        ValueError: invalid data, a checkpoint from another config, or a quick-only key.
     """
+    refuse_quick_only(cfg)
     from ..model import resolve_device
 
-    if cfg.train.ema:
-        raise ValueError(
-            f"config train.ema={cfg.train.ema!r} is read only by the quick recipe "
-            "(samed.train.quick); allowed here: 0"
-        )
-    if cfg.validation.keep != "best":
-        raise ValueError(
-            f"config validation.keep={cfg.validation.keep!r} is read only by the quick recipe "
-            "(samed.train.quick); allowed here: best"
-        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device or cfg.train.device)

@@ -33,7 +33,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from ..lora_config import remove_adapter_folder
 from ..postprocess import choose_largest_component
 from .config import FinetuneConfig
 from .data import SliceSet, load_cases, sample_rng
+from .ema import WeightAverage, ema_decay, weights_record
 from .loop import loss_fn
 from .model import _attach_lora, build_base_model
 from .steps import cached_batch, dice_summary, record_validation, save_trained_adapter
@@ -66,54 +67,6 @@ MIN_TRAIN_SHARE = 0.2
 QUICK_LORA_TARGET = r"image_encoder\.layers\.3\.blocks\.0\.attn\.qkv"
 
 Event = dict[str, Any]
-
-
-def ema_decay(ema: float, t: int) -> float:
-    """The decay of the ``t``-th average update (``t`` = optimiser steps done, 1 after the
-    first): ``min(ema, (1 + t) / (10 + t))``, so the first updates follow the weights closely
-    (2/11 after step 1) and the average starts forgetting the initial weights quickly."""
-    return min(float(ema), (1.0 + t) / (10.0 + t))
-
-
-class WeightAverage:
-    """Exponential moving average of trained parameters, kept on their device.
-
-    ``update(t)`` after optimiser step ``t``: ``avg = d * avg + (1 - d) * w`` with
-    ``d = ema_decay(ema, t)``; the average starts as the weights at construction. ``applied()``
-    puts the average into the parameters for a ``with`` block and restores the trained weights
-    after it (training continues from those; the optimiser never sees the average).
-
-    Args:
-        params: the trained parameters (the order is kept).
-        ema: the decay ceiling, in (0, 1).
-    """
-
-    def __init__(self, params: Iterable[torch.nn.Parameter], ema: float) -> None:
-        self.params = list(params)
-        self.ema = float(ema)
-        self.average = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self, t: int) -> float:
-        """Fold the current weights in after optimiser step ``t``; returns the decay used."""
-        d = ema_decay(self.ema, t)
-        for a, p in zip(self.average, self.params, strict=True):
-            a.mul_(d).add_(p.detach(), alpha=1.0 - d)
-        return d
-
-    @contextmanager
-    def applied(self) -> Iterator[None]:
-        """The parameters hold the average inside the block, the trained weights after it."""
-        with torch.no_grad():
-            trained = [p.detach().clone() for p in self.params]
-            for p, a in zip(self.params, self.average, strict=True):
-                p.copy_(a)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, w in zip(self.params, trained, strict=True):
-                    p.copy_(w)
 
 
 def _embed(model: Any, images: list[np.ndarray], batch: int = 4) -> torch.Tensor:
@@ -207,17 +160,6 @@ class _EmbeddingStore(dict):
 
 def _no_export(step: int, val: Any) -> None:
     """``validation.keep: last``: a better validation does not replace the adapter."""
-
-
-def _weights_record(keep: str, ema: float) -> dict[str, Any]:
-    """metadata.json ``"weights"``: which weights the adapter holds."""
-    what = (
-        f"exponential moving average of the trained weights (decay min({ema:g}, (1+t)/(10+t)))"
-        if ema
-        else "the trained weights"
-    )
-    when = "the best held-back validation" if keep == "best" else "the last step"
-    return {"keep": keep, "ema": ema, "description": f"{what} at {when}"}
 
 
 def train_quick(
@@ -468,7 +410,7 @@ def train_quick(
                 f"{RECIPE}: frozen encoder, {copies} cached embeddings per slice (copy 0 as "
                 "annotated), mask decoder trained (samed.train.quick)"
             ),
-            extra={"weights": _weights_record(keep, ema), **(extra_metadata or {})},
+            extra={"weights": weights_record(keep, ema), **(extra_metadata or {})},
             postprocessing=None if val is None else val.get("postprocessing"),
         )
 

@@ -49,6 +49,13 @@ MASK_LOGIT = 8.0
 #: what a box returned, not at a leak that a loose box let in (docs/BENCHMARKS.md, session 9)
 WALL_CLICK_DEPTH = 0.8
 
+#: a negative click off the core removes only within this many times its depth (its distance to
+#: the mask's edge) of the click: on a slice the user prompted positively (box or positive point)
+#: and on one propagation reached (wider there: a propagated leak can be a whole lobe); measured
+#: on bench/bench_interactive.py (docs/BENCHMARKS.md, sessions 9 and 11)
+PROMPTED_REMOVAL_REACH = 1.5
+UNPROMPTED_REMOVAL_REACH = 2.5
+
 
 def mask_to_logits(mask: np.ndarray, session: Session) -> torch.Tensor:
     """(L, L) float32 low-resolution logits (+-:data:`MASK_LOGIT`) of a (Y, X) bool mask, on the
@@ -129,8 +136,9 @@ def refine_slice(
         without the core; else, given ``object_wall``, a wall that thick around the core. A
         positive click on a hollow mask never fills its hole unless it lies in it; a negative
         click in a wall's outer part thins it near the click (what lies as far from the core as
-        the click, or farther). A negative click off the core of a slice with a box or positive
-        points removes only pixels within 1.5x its depth (distance to the mask's edge) of it.
+        the click, or farther). A negative click off the core removes only pixels within 1.5x
+        its depth (distance to the mask's edge) of it on a slice with a box or positive points,
+        within 2.5x on any other slice.
     """
     from .results import Prediction
 
@@ -252,8 +260,10 @@ def refine_slice(
         mask[cy, cx] = True
     else:
         mask = _least_removal(session, z, prev, pred.mask, eff_box, points, point_labels, cx, cy)
-        if (box is not None or point_labels.any()) and not _at_core(prev, cx, cy, WALL_CLICK_DEPTH):
-            mask = _bounded_removal(prev, mask, cx, cy)
+        if not _at_core(prev, cx, cy, WALL_CLICK_DEPTH):  # a leak: remove only near the click
+            prompted = box is not None or bool(point_labels.any())
+            reach = PROMPTED_REMOVAL_REACH if prompted else UNPROMPTED_REMOVAL_REACH
+            mask = _bounded_removal(prev, mask, cx, cy, reach)
         if mask[cy, cx]:  # remove the region the click lies in, as SAM sees it, if it is a part
             region = _smallest_containing(session, z, cx, cy, positive_only=True) & prev
             if region.any() and region.sum() < 0.5 * prev.sum():
@@ -366,17 +376,19 @@ def _least_removal(
     return prev.copy() if best is None else prev & ~best
 
 
-def _bounded_removal(prev: np.ndarray, mask: np.ndarray, cx: int, cy: int) -> np.ndarray:
-    """``mask`` (a negative click's answer on a slice the user prompted positively) with the
-    removal kept near the click: a click off the core of the object marks a leak there, not
-    the object; only the removed pixels within 1.5x the click's depth in ``prev`` (its
-    distance to the mask's edge) go. (A loose box's answers remove most of the object for a
-    click in its leak: docs/BENCHMARKS.md, session 9.)"""
+def _bounded_removal(
+    prev: np.ndarray, mask: np.ndarray, cx: int, cy: int, reach: float = 1.5
+) -> np.ndarray:
+    """``mask`` (a negative click's answer) with the removal kept near the click: a click off
+    the core of the object marks a leak there, not the object; only the removed pixels within
+    ``reach`` x the click's depth in ``prev`` (its distance to the mask's edge) go. (A loose
+    box's answers remove most of the object for a click in its leak: docs/BENCHMARKS.md,
+    session 9; on propagated slices too: session 11.)"""
     from scipy.ndimage import distance_transform_edt
 
     removed = prev & ~mask
     depth = float(distance_transform_edt(np.pad(prev, 1))[1:-1, 1:-1][cy, cx])
-    return prev & ~(removed & _disc(prev.shape, (cx, cy), max(1.5 * depth, 2.0)))
+    return prev & ~(removed & _disc(prev.shape, (cx, cy), max(reach * depth, 2.0)))
 
 
 def _lobe_at(mask: np.ndarray, cx: int, cy: int) -> np.ndarray:

@@ -294,34 +294,37 @@ def automatic_uncertainty(
     maps = {n: np.zeros(session.shape, np.float32) for n in names} if keep_maps else {}
     unc = np.zeros(session.shape, np.float32)
 
-    def probs_of(emb: torch.Tensor) -> np.ndarray:
+    def probs_of(emb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         logits, _ = model.decode(emb, multimask_output=True)
         full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
-        return full.softmax(1).cpu().numpy()  # (B, C, Y, X)
+        # labels from the logits, as Session.automatic: near-equal logits can round to equal
+        # float32 probabilities, whose argmax would then differ from the automatic pass's
+        return full.softmax(1).cpu().numpy(), full.argmax(1).cpu().numpy()  # (B, C, Y, X), (B, Y, X)
 
     done = 0
     with torch.inference_mode():
         for i in range(0, len(zs), session.batch_size):
             batch = zs[i : i + session.batch_size]
             if grid is not None:  # the adapter's spacing / orientation, as Session.automatic
-                p = canvas_logits(session, batch, grid).softmax(1).numpy()
+                lg = canvas_logits(session, batch, grid)
+                p, top = lg.softmax(1).numpy(), lg.argmax(1).numpy()
                 if method == "flip":
                     pf = canvas_logits(session, batch, grid, mirror=True).softmax(1).numpy()
             else:
                 missing = [z for z in batch if not session.is_embedded(z)]
                 if missing:
                     session._encode(missing)
-                p = probs_of(torch.cat([session.embedding(z) for z in batch]))
+                p, top = probs_of(torch.cat([session.embedding(z) for z in batch]))
                 if method == "flip":
                     x = prepare_slices(
                         np.ascontiguousarray(session.image[batch][..., ::-1]), model.image_size
                     ).to(model.device)
-                    pf = probs_of(model.encode(x).float())[..., ::-1]
+                    pf = probs_of(model.encode(x).float())[0][..., ::-1]
             if method == "flip":
                 members = np.stack([p, pf], 1)  # (B, M, C, Y, X)
             for j, z in enumerate(batch):
                 pj = p[j]
-                raw[z] = pj.argmax(0).astype(np.int16)
+                raw[z] = top[j].astype(np.int16)
                 e = m = None
                 if method == "entropy" or keep_maps:
                     e = entropy_map(pj)

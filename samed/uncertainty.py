@@ -268,7 +268,6 @@ def automatic_uncertainty(
 
     from .engine.canvas import canvas_logits, session_canvas
     from .engine.preprocess import prepare_slices
-    from .model.sam import upscale_logits
     from .postprocess import POSTPROCESS_CHOICES
 
     if method not in METHODS:
@@ -296,10 +295,11 @@ def automatic_uncertainty(
 
     def probs_of(emb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         logits, _ = model.decode(emb, multimask_output=True)
-        full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
+        full = geo.upscale(logits)
         # labels from the logits, as Session.automatic: near-equal logits can round to equal
         # float32 probabilities, whose argmax would then differ from the automatic pass's
-        return full.softmax(1).cpu().numpy(), full.argmax(1).cpu().numpy()  # (B, C, Y, X), (B, Y, X)
+        probs, top = full.softmax(1).cpu().numpy(), full.argmax(1).cpu().numpy()
+        return probs, top  # (B, C, Y, X), (B, Y, X)
 
     done = 0
     with torch.inference_mode():
@@ -373,7 +373,6 @@ def _prompt_probs(
     import torch
 
     from .engine.preprocess import box_to_model, points_to_model
-    from .model.sam import upscale_logits
 
     dev = model.device
     box, points = prompt.get("box"), prompt.get("points")
@@ -404,7 +403,7 @@ def _prompt_probs(
     else:
         logits, _ = model.decode(emb, boxes=boxes_t, points=pts, multimask_output=True)
         logits = logits[:, mask_output : mask_output + 1]
-    full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
+    full = geo.upscale(logits)
     return torch.sigmoid(full[0, 0].float()).cpu().numpy()
 
 

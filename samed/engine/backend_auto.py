@@ -237,14 +237,13 @@ def accuracy_check(model: SamModel) -> str:
 def _automatic_labels(model: SamModel, emb: torch.Tensor, slices: list) -> list[np.ndarray]:
     """(Y, X) argmax class maps of the automatic head on each slice's embedding, upscaled to
     the slice grid as :meth:`samed.engine.Session.automatic` does on the native grid."""
-    from ..model.sam import upscale_logits
     from .preprocess import slice_geometry
 
     out = []
     for i, sl in enumerate(slices):
         geo = slice_geometry(sl.shape, model.image_size)
         logits, _ = model.decode(emb[i : i + 1], multimask_output=True)
-        full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
+        full = geo.upscale(logits)
         out.append(full.argmax(1)[0].cpu().numpy())
     return out
 

@@ -190,7 +190,6 @@ def plain_automatic_iter(
     Yields:
         (z, labels (Y, X) int16 on the source grid, done, total).
     """
-    from ..model.sam import upscale_logits
 
     geo = session.geometry
     done = 0
@@ -201,7 +200,7 @@ def plain_automatic_iter(
             session._encode(missing)
         emb = torch.cat([session.embedding(z) for z in batch])
         logits, _ = session.model.decode(emb, multimask_output=True)
-        full = upscale_logits(logits, geo.resized_hw, geo.original_hw, geo.image_size)
+        full = geo.upscale(logits)
         labels = full.argmax(1).to(torch.int16).cpu().numpy()
         for z, lab in zip(batch, labels, strict=True):
             done += 1

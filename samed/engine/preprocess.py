@@ -51,6 +51,13 @@ class SliceGeometry:
     scale: float
     image_size: int
 
+    def upscale(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, K, L, L) low-res decoder logits -> (B, K, H, W) float32 logits on the slice grid
+        (:func:`samed.model.sam.upscale_logits`: bilinear, padding cropped)."""
+        from ..model.sam import upscale_logits
+
+        return upscale_logits(logits, self.resized_hw, self.original_hw, self.image_size)
+
 
 def slice_geometry(hw: tuple[int, int], image_size: int) -> SliceGeometry:
     """Geometry of LiteMedSAM's ``resize_longest_side`` for a (H, W) slice."""

@@ -477,11 +477,8 @@ def _smallest_containing(
 
 def full_logits(session: Session, logits: torch.Tensor) -> np.ndarray:
     """(Y, X) float32 logits on slice pixels of (L, L) low-res decoder ``logits``."""
-    from ..model.sam import upscale_logits
-
-    geo = session.geometry
     low = torch.as_tensor(logits).reshape(1, 1, *logits.shape[-2:]).float()
-    return upscale_logits(low, geo.resized_hw, geo.original_hw, geo.image_size)[0, 0].numpy()
+    return session.geometry.upscale(low)[0, 0].numpy()
 
 
 def tapered(

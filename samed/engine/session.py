@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..model.fast_decoder import ImageState, decoder_fingerprint
-from ..model.sam import SamModel, upscale_logits
+from ..model.sam import SamModel
 from ..precision import check_amp, encoder_precision
 from .backends import encoder_label
 from .canvas import canvas_automatic_iter, plain_automatic_iter, resampling_record, session_canvas
@@ -399,7 +399,7 @@ class Session(PropagationMixin, InteractiveMixin):
         """The :class:`Prediction` of one (L, L) low-res answer on slice z (upscaled to the slice;
         its logits remembered for :meth:`known_logits`)."""
         geo = self.geometry
-        full = upscale_logits(logits[None, None], geo.resized_hw, geo.original_hw, geo.image_size)
+        full = geo.upscale(logits[None, None])
         mask = (full[0, 0] > threshold).cpu().numpy()
         low_res = logits.float().cpu()
         self.remember_logits(z, mask, low_res)

@@ -359,7 +359,6 @@ def train_quick(
 
     def validate_cached() -> dict[str, Any]:
         from ..engine.preprocess import slice_geometry
-        from ..model.sam import upscale_logits
 
         model.eval()
         rows, cases = [], []
@@ -370,7 +369,7 @@ def train_quick(
                 for z0 in range(0, emb.shape[0], 8):
                     e = emb[z0 : z0 + 8].float().to(dev)
                     lg, _ = model.decode(e, multimask_output=True)
-                    full = upscale_logits(lg, geo.resized_hw, geo.original_hw, geo.image_size)
+                    full = geo.upscale(lg)
                     pred[z0 : z0 + 8] = full.argmax(1).cpu().numpy()
                 scores = {fg[k]: dice(pred == k, v.label == k) for k in fg}
                 rows.append({"case": v.case_id, "dice": scores})

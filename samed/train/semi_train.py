@@ -326,7 +326,6 @@ def score_cached(
     from ..evaluate.metrics import dice
     from ..io import load_label_map, load_volume
     from ..model import load_model
-    from ..model.sam import upscale_logits
     from ..postprocess import keep_largest_component
     from .model import build_base_model
 
@@ -360,7 +359,7 @@ def score_cached(
             pred = np.zeros(gt.shape, np.int16)
             for z0 in range(0, emb.shape[0], 8):
                 lg, _ = model.decode(emb[z0 : z0 + 8].float(), multimask_output=True)
-                full = upscale_logits(lg, geo.resized_hw, geo.original_hw, geo.image_size)
+                full = geo.upscale(lg)
                 pred[z0 : z0 + 8] = full.argmax(1).numpy()
             for kind, p in (
                 ("none", pred),

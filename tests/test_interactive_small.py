@@ -72,3 +72,30 @@ def test_a_positive_click_beyond_the_objects_end_is_no_larger_than_its_neighbour
     after = ann.add_point(end, xy, positive=True)
     assert after[xy[1], xy[0]]
     assert 0 < after.sum() <= neighbour  # before the taper: 24 px beside a 6 px neighbour
+
+
+def test_a_positive_clicks_extension_past_the_end_stays_on_the_click():
+    """hippo_006 posterior: box + propagate stops 7 slices short of the tail; the simulated user's
+    first click (positive, on the last slice with a mask) used to extend the object 2 slices past
+    it into a neighbouring structure 4-5 px off the click (precision 0.16 and 0.10)."""
+    from samed.engine.interactive import EXTENSION_CLICK_REACH, _near, simulated_click
+
+    session, lab = _case("006")
+    gt = lab == 2  # posterior hippocampus
+    z0 = int(np.argmax(gt.sum(axis=(1, 2))))
+    ann = Annotator(session, np.zeros(gt.shape, np.uint8))
+    ann.add_box(z0, _tight_box(gt[z0]))
+    options = {"box_margin": 2.0, "min_area": 10, "max_step_px": 2}  # the widget's
+    ann.propagate(z0, **options)
+    before = ann.object_mask()
+    z, xy, positive = simulated_click(before, gt)
+    end = int(np.nonzero(before.any(axis=(1, 2)))[0].max())
+    assert positive and z == end, "the scenario this test is about: a miss at the object's end"
+    ann.add_point(z, xy, positive=True)
+    ann.propagate(z, **options)
+    after = ann.object_mask()
+    anchor = (int(round(xy[0])), int(round(xy[1])))
+    for k in range(end + 1, gt.shape[0]):
+        if after[k].any():
+            assert _near(after[k], anchor, EXTENSION_CLICK_REACH), f"slice {k} moved off the click"
+    assert _dice(after, gt) >= _dice(before, gt)
